@@ -1,0 +1,179 @@
+"""The `cmkit` command line: a thin layer over the Python API.
+
+User mistakes end in one line on stderr ("cmkit: error: ...") and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from .errors import CmkitError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line and exit status 2 (no usage dump)."""
+
+    def error(self, message):
+        raise CmkitError(message)
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _sigma_list(text: str) -> list[float]:
+    from .noise import parse_sigmas
+    try:
+        return parse_sigmas(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="cmkit", description="Consistency models: train, distill, sample, evaluate.")
+    parser.add_argument("--version", action="version", version=f"cmkit {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("train", help="train an EDM teacher (edm), or a consistency model (cd, ct)")
+    p.add_argument("--method", required=True, choices=("edm", "cd", "ct"))
+    p.add_argument("--data", help="built-in set (moons, 8gaussians, checkerboard, swissroll, gaussian, "
+                   "gmm) or an (N, D) .npy/.npz/.csv file")
+    p.add_argument("--steps", type=int, help="train until this step")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--teacher", help="edm run to distill from (method cd)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--config", help="JSON file of config overrides")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config value, e.g. --set model.width=256 (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--force", action="store_true", help="overwrite the run in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("sample", help="generate samples from a run")
+    p.add_argument("--checkpoint", required=True, help="run directory")
+    p.add_argument("--n", type=int, required=True)
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--steps", type=int, help="consistency steps, or Heun/Euler steps for a teacher")
+    group.add_argument("--sigmas", type=_sigma_list, help="explicit decreasing noise levels s1,s2,...")
+    p.add_argument("--sampler", default="heun", choices=("heun", "euler"), help="teacher runs only")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--noise", help=".npy of (n, dim) standard-normal starting noise (replaces the seed's)")
+    p.add_argument("--out", required=True, help=".npy (data units) or .png (scatter plot, 2-D data)")
+    p.add_argument("--quiet", action="store_true")
+
+    p = sub.add_parser("eval", help="compare a run's samples with held-out data")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data", help="reference data (default: the run's own held-out split)")
+    p.add_argument("--steps", type=_int_list, help="comma list of step counts (default: 1,2 or 18 for a teacher)")
+    p.add_argument("--n", type=int, default=5000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="write the results as JSON")
+    p.add_argument("--quiet", action="store_true")
+
+    p = sub.add_parser("demo", help="train a teacher and a CD model on a 2-D set, evaluate, plot")
+    p.add_argument("--out", default="cmkit-demo")
+    p.add_argument("--data", default="moons")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="overwrite an existing --out")
+    p.add_argument("--quiet", action="store_true")
+    return parser
+
+
+def _version() -> str:
+    from . import __version__
+    return __version__
+
+
+def cmd_train(args) -> None:
+    from .config import build_config
+    from .train import train
+
+    options = {"data.name": args.data, "train.steps": args.steps, "train.batch_size": args.batch_size,
+               "train.lr": args.lr, "train.seed": args.seed}
+    if args.teacher is not None:
+        if args.method != "cd":
+            raise CmkitError("--teacher is only for --method cd")
+        options["teacher"] = args.teacher
+    if args.resume:
+        if args.steps is None:
+            raise CmkitError("--resume needs --steps (the step to train until)")
+        config = {"train": {"steps": args.steps}}
+    else:
+        config = build_config(args.method, config_file=args.config, sets=args.set, **options)
+    out = train(config, args.out, resume=args.resume, force=args.force, progress=not args.quiet)
+    if not args.quiet:
+        print(f"run saved to {out}")
+
+
+def cmd_sample(args) -> None:
+    from .run import load_run
+
+    out = Path(args.out)
+    if out.suffix not in (".npy", ".png"):
+        raise CmkitError(f"--out must end in .npy or .png, got {out.name!r}")
+    if args.n < 1:
+        raise CmkitError(f"--n must be positive, got {args.n}")
+    run = load_run(args.checkpoint)
+    noise = None
+    if args.noise:
+        from .data import load_array
+        noise = load_array(args.noise).astype(np.float32)
+    x = run.sample(args.n, steps=args.steps, sigmas=args.sigmas, seed=args.seed, noise=noise,
+                   sampler=args.sampler)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".npy":
+        np.save(out, x)
+    else:
+        if x.shape[1] != 2:
+            raise CmkitError(f"a .png scatter plot needs 2-D data; this run has {x.shape[1]} dimensions")
+        from .plotting import scatter_panels
+        scatter_panels([(f"{run.method} samples", x)], out)
+    if not args.quiet:
+        print(f"wrote {len(x)} samples to {out}")
+
+
+def cmd_eval(args) -> None:
+    from .evaluate import evaluate_run
+
+    result = evaluate_run(args.checkpoint, data=args.data, steps=args.steps, n=args.n, seed=args.seed)
+    text = json.dumps(result, indent=2)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+    if not args.quiet or not args.out:
+        print(text)
+
+
+def cmd_demo(args) -> None:
+    from .demo import run_demo
+
+    run_demo(args.out, data=args.data, seed=args.seed, force=args.force, progress=not args.quiet)
+
+
+COMMANDS = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        COMMANDS[args.command](args)
+    except CmkitError as e:
+        print(f"cmkit: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("cmkit: interrupted", file=sys.stderr)
+        return 130
+    return 0

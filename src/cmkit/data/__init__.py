@@ -1,0 +1,84 @@
+"""Vector data sets: built-in 2-D sets and (N, D) user files, with a train/held-out split and
+the standardisation that maps data units to model units (std sigma_data per dimension)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..errors import CmkitError
+from .files import SUFFIXES, load_array, validate_array
+from .toys import TOY_SETS, TOY_TRUTH
+
+
+@dataclass
+class VectorData:
+    name: str
+    train: np.ndarray  # (N, D) float64, data units
+    holdout: np.ndarray  # (M, D) float64, data units, never trained on
+
+    @property
+    def dim(self) -> int:
+        return self.train.shape[1]
+
+
+def is_builtin(name: str) -> bool:
+    return name in TOY_SETS
+
+
+def load_vectors(name_or_path: str, *, n: int = 20000, n_holdout: int = 10000,
+                 holdout_fraction: float = 0.1, seed: int = 0) -> VectorData:
+    """A built-in set (``n`` training and ``n_holdout`` held-out points, fixed by ``seed``) or a
+    file, split by a seeded permutation into train and a held-out ``holdout_fraction``."""
+    if is_builtin(name_or_path):
+        rng = np.random.default_rng([seed, 0])
+        holdout_rng = np.random.default_rng([seed, 1])
+        sample = TOY_SETS[name_or_path]
+        return VectorData(name_or_path, sample(n, rng), sample(n_holdout, holdout_rng))
+    if not any(name_or_path.lower().endswith(s) for s in SUFFIXES):
+        known = ", ".join(sorted(TOY_SETS))
+        raise CmkitError(f"unknown data {name_or_path!r}: use a built-in set ({known}) or a .npy/.npz/.csv file")
+    arr = load_array(name_or_path)
+    if not 0 < holdout_fraction < 1:
+        raise CmkitError(f"holdout_fraction must be in (0, 1), got {holdout_fraction}")
+    perm = np.random.default_rng([seed, 2]).permutation(len(arr))
+    n_hold = max(1, int(round(holdout_fraction * len(arr))))
+    if n_hold >= len(arr):
+        raise CmkitError(f"{name_or_path}: too few rows ({len(arr)}) to hold some out for evaluation")
+    return VectorData(name_or_path, arr[perm[n_hold:]], arr[perm[:n_hold]])
+
+
+class Standardizer:
+    """Per-dimension affine map: model = (data - mean) / std * sigma_data, and back.
+
+    Stored in the run's config so samples come back in the data's units."""
+
+    def __init__(self, mean, std, sigma_data: float = 0.5):
+        self.mean = np.asarray(mean, dtype=np.float64)
+        self.std = np.asarray(std, dtype=np.float64)
+        self.sigma_data = sigma_data
+
+    @classmethod
+    def fit(cls, data: np.ndarray, sigma_data: float = 0.5) -> "Standardizer":
+        std = data.std(0)
+        std[std == 0] = 1.0  # a constant column stays constant
+        return cls(data.mean(0), std, sigma_data)
+
+    def to_model(self, data: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy((data - self.mean) / self.std * self.sigma_data).float()
+
+    def to_data(self, x: torch.Tensor) -> np.ndarray:
+        return x.detach().cpu().double().numpy() / self.sigma_data * self.std + self.mean
+
+    def state(self) -> dict:
+        return {"mean": self.mean.tolist(), "std": self.std.tolist(), "sigma_data": self.sigma_data}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "Standardizer":
+        return cls(state["mean"], state["std"], state["sigma_data"])
+
+
+__all__ = ["Standardizer", "TOY_SETS", "TOY_TRUTH", "VectorData", "is_builtin", "load_array",
+           "load_vectors", "validate_array"]

@@ -1,0 +1,62 @@
+"""Vector data from user files: .npy, .npz and .csv arrays of shape (N, D)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import CmkitError
+
+SUFFIXES = (".npy", ".npz", ".csv")
+
+
+def load_array(path: str | Path) -> np.ndarray:
+    """Load an (N, D) array of finite numbers as float64; raise CmkitError naming any problem."""
+    path = Path(path)
+    if not path.exists():
+        raise CmkitError(f"data file not found: {path}")
+    if path.suffix.lower() not in SUFFIXES:
+        raise CmkitError(f"unsupported data file {path.name!r}: use .npy, .npz or .csv, or a built-in set")
+    try:
+        if path.suffix.lower() == ".npy":
+            arr = np.load(path, allow_pickle=False)
+        elif path.suffix.lower() == ".npz":
+            with np.load(path, allow_pickle=False) as archive:
+                keys = [k for k in ("data", "x", "arr_0") if k in archive.files] or archive.files
+                if not keys:
+                    raise CmkitError(f"{path.name} holds no arrays")
+                arr = archive[keys[0]]
+        else:
+            arr = _load_csv(path)
+    except CmkitError:
+        raise
+    except (ValueError, OSError) as e:
+        raise CmkitError(f"cannot read {path.name}: {str(e).splitlines()[0]}") from None
+    return validate_array(arr, path.name)
+
+
+def _load_csv(path: Path) -> np.ndarray:
+    with open(path) as fh:
+        first = fh.readline()
+    try:
+        [float(v) for v in first.strip().split(",")]
+        skip = 0
+    except ValueError:
+        skip = 1  # a header row
+    return np.loadtxt(path, delimiter=",", skiprows=skip, ndmin=2, dtype=np.float64)
+
+
+def validate_array(arr: np.ndarray, name: str) -> np.ndarray:
+    if arr.dtype.kind not in "biuf":
+        raise CmkitError(f"{name}: data must be numeric, got dtype {arr.dtype}")
+    if arr.ndim != 2:
+        raise CmkitError(f"{name}: data must have shape (N, D), got shape {arr.shape}")
+    if arr.shape[0] < 2 or arr.shape[1] < 1:
+        raise CmkitError(f"{name}: need at least 2 rows and 1 column, got shape {arr.shape}")
+    arr = arr.astype(np.float64)
+    bad = ~np.isfinite(arr)
+    if bad.any():
+        row = int(np.argwhere(bad)[0][0])
+        raise CmkitError(f"{name}: data contains NaN or inf ({int(bad.sum())} values, first in row {row})")
+    return arr

@@ -1,0 +1,92 @@
+"""A residual MLP for vector data (2-D toys, tabular rows)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class FourierEmbedding(nn.Module):
+    """Random Fourier features of a scalar time input (fixed, not trained)."""
+
+    def __init__(self, dim: int, scale: float):
+        super().__init__()
+        if dim % 2:
+            raise ValueError(f"embedding dim must be even, got {dim}")
+        self.register_buffer("freqs", torch.randn(dim // 2) * scale)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        angles = 2 * math.pi * t[:, None] * self.freqs[None, :].to(t.dtype)
+        return torch.cat([angles.cos(), angles.sin()], dim=1)
+
+
+class PositionalEmbedding(nn.Module):
+    """Transformer sinusoidal embedding, for inputs on a large range (e.g. 0..1000)."""
+
+    def __init__(self, dim: int, max_positions: float = 10000.0):
+        super().__init__()
+        if dim % 2:
+            raise ValueError(f"embedding dim must be even, got {dim}")
+        half = dim // 2
+        self.register_buffer("freqs", (1 / max_positions) ** (torch.arange(half) / half))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        angles = t[:, None] * self.freqs[None, :].to(t.dtype)
+        return torch.cat([angles.cos(), angles.sin()], dim=1)
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, width: int, emb_dim: int, dropout: float):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.fc1 = nn.Linear(width, width)
+        self.emb = nn.Linear(emb_dim, width)
+        self.dropout = nn.Dropout(dropout)
+        self.fc2 = nn.Linear(width, width)
+
+    def forward(self, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        r = self.fc1(nn.functional.silu(self.norm(h))) + self.emb(emb)
+        r = self.fc2(self.dropout(nn.functional.silu(r)))
+        return h + r
+
+
+class ResidualMLP(nn.Module):
+    """F(x, c_noise, class_labels) for x of shape (B, dim).
+
+    Time enters every residual block through a learned projection of a sinusoidal embedding of
+    c_noise. ``embedding="fourier"`` suits EDM's small-range c_noise (ln(sigma)/4);
+    ``"positional"`` suits OpenAI's 0..1000 range.
+    """
+
+    def __init__(self, dim: int, width: int = 256, depth: int = 4, emb_dim: int = 64,
+                 embedding: str = "fourier", fourier_scale: float = 1.0, dropout: float = 0.0):
+        super().__init__()
+        if dim < 1 or width < 1 or depth < 1:
+            raise ValueError("dim, width and depth must be positive")
+        if embedding == "fourier":
+            self.time_embed = FourierEmbedding(emb_dim, fourier_scale)
+        elif embedding == "positional":
+            self.time_embed = PositionalEmbedding(emb_dim)
+        else:
+            raise ValueError(f"unknown embedding {embedding!r}; use 'fourier' or 'positional'")
+        self.time_mlp = nn.Sequential(nn.Linear(emb_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.inp = nn.Linear(dim, width)
+        self.blocks = nn.ModuleList(ResidualBlock(width, emb_dim, dropout) for _ in range(depth))
+        self.out_norm = nn.LayerNorm(width)
+        self.out = nn.Linear(width, dim)
+
+    def forward(self, x: torch.Tensor, c_noise: torch.Tensor,
+                class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        if x.ndim != 2:
+            raise ValueError(f"ResidualMLP takes (batch, dim) inputs, got shape {tuple(x.shape)}")
+        c_noise = c_noise.to(x.dtype).expand(x.shape[0]) if c_noise.ndim == 0 else c_noise.to(x.dtype)
+        emb = self.time_mlp(self.time_embed(c_noise))
+        if class_labels is not None:
+            raise ValueError("this ResidualMLP is unconditional: class_labels must be None")
+        emb = nn.functional.silu(emb)
+        h = self.inp(x)
+        for block in self.blocks:
+            h = block(h, emb)
+        return self.out(nn.functional.silu(self.out_norm(h)))

@@ -1,0 +1,31 @@
+"""The EDM denoising loss (Karras et al. 2022), the teacher's objective."""
+
+from __future__ import annotations
+
+import torch
+
+from ..noise import broadcast_to_batch
+
+
+class EDMLoss:
+    """lambda(sigma) ||D(x0 + sigma z, sigma) - x0||^2 with ln sigma ~ N(p_mean, p_std^2).
+
+    lambda = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2 makes the loss of the ideal denoiser
+    on N(0, sigma_data^2) data exactly 1 per dimension at every sigma. Returns per-sample losses
+    (mean over dimensions).
+    """
+
+    needs_target = False
+
+    def __init__(self, sigma_data: float = 0.5, p_mean: float = -1.2, p_std: float = 1.2):
+        self.sigma_data, self.p_mean, self.p_std = sigma_data, p_mean, p_std
+
+    def __call__(self, net, x0: torch.Tensor, *, step: int = 0, target=None, generator=None):
+        B = x0.shape[0]
+        ln_sigma = self.p_mean + self.p_std * torch.randn(B, generator=generator)
+        sigma = ln_sigma.exp().to(x0)
+        z = torch.randn(x0.shape, generator=generator).to(x0)
+        weight = (sigma**2 + self.sigma_data**2) / (sigma * self.sigma_data) ** 2
+        denoised = net(x0 + broadcast_to_batch(sigma, x0) * z, sigma)
+        loss = weight * (denoised - x0).pow(2).flatten(1).mean(1)
+        return loss, {}

@@ -1,0 +1,54 @@
+"""Preconditioning: thin wrappers that turn any backbone into a denoiser or a consistency function.
+
+Both wrappers compute  out = c_skip(sigma) x + c_out(sigma) F(c_in(sigma) x, c_noise(sigma))
+and differ only in their coefficients (see `cmkit.noise`). Both take the canonical EDM sigma,
+as a scalar or one value per sample, and accept inputs of any shape (B, ...).
+"""
+
+from __future__ import annotations
+
+import abc
+
+import torch
+from torch import nn
+
+from .noise import C_NOISE, NoiseConfig, broadcast_to_batch, consistency_scalings, edm_scalings
+
+
+class Preconditioned(nn.Module, abc.ABC):
+    def __init__(self, backbone: nn.Module, noise: NoiseConfig = NoiseConfig(), c_noise: str = "edm"):
+        super().__init__()
+        if c_noise not in C_NOISE:
+            raise ValueError(f"unknown c_noise {c_noise!r}; known: {', '.join(C_NOISE)}")
+        self.backbone = backbone
+        self.noise = noise
+        self.c_noise_name = c_noise
+        self.c_noise = C_NOISE[c_noise]
+
+    @abc.abstractmethod
+    def scalings(self, sigma: torch.Tensor):
+        """(c_skip, c_out, c_in) at noise level sigma (shape (B,))."""
+
+    def forward(self, x: torch.Tensor, sigma, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
+        if sigma.ndim == 0:
+            sigma = sigma.expand(x.shape[0])
+        c_skip, c_out, c_in = (broadcast_to_batch(c, x) for c in self.scalings(sigma))
+        F = self.backbone(c_in * x, self.c_noise(sigma), class_labels)
+        return c_skip * x + c_out * F.to(x.dtype)
+
+
+class EDMDenoiser(Preconditioned):
+    """D(x, sigma): the EDM denoiser, an estimate of E[x0 | x_sigma]."""
+
+    def scalings(self, sigma):
+        return edm_scalings(sigma, self.noise.sigma_data)
+
+
+class ConsistencyFunction(Preconditioned):
+    """f(x, sigma): maps a point at noise level sigma to the ODE trajectory's clean end.
+
+    Its coefficients satisfy the boundary condition f(x, sigma_min) = x exactly."""
+
+    def scalings(self, sigma):
+        return consistency_scalings(sigma, self.noise.sigma_data, self.noise.sigma_min)

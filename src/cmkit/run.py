@@ -1,0 +1,121 @@
+"""A trained run as a Python object: rebuild its model from config.json, load its weights, sample.
+
+    run = cmkit.load_run("runs/cd")
+    x = run.sample(1000, steps=2, seed=0)     # numpy array in the data's units
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import checkpoint
+from .data import Standardizer
+from .errors import CmkitError
+from .nets import build_backbone
+from .noise import NoiseConfig, append_zero, karras_sigmas
+from .precond import ConsistencyFunction, EDMDenoiser
+from .sampling import sample_consistency, sample_euler, sample_heun
+
+DIFFUSION_METHODS = ("edm",)
+SAMPLERS = {"heun": sample_heun, "euler": sample_euler}
+
+
+def noise_config(config: dict) -> NoiseConfig:
+    return NoiseConfig(**config["noise"])
+
+
+def build_model(config: dict) -> torch.nn.Module:
+    """The preconditioned network a config describes (random weights)."""
+    backbone = build_backbone(config["model"])
+    wrapper = EDMDenoiser if config["method"] in DIFFUSION_METHODS else ConsistencyFunction
+    return wrapper(backbone, noise_config(config), c_noise=config["model"].get("c_noise", "edm"))
+
+
+def default_consistency_sigmas(steps: int, noise: NoiseConfig) -> list[float]:
+    """Levels for ``steps``-step consistency sampling when none are given: sigma_max, then the
+    remaining levels log-spaced from ``MULTISTEP_HIGH`` down to ``MULTISTEP_LOW`` (capped to the
+    noise range). 2 steps re-noise to 0.8, close to iCT's 0.821 on CIFAR-10."""
+    if steps < 1:
+        raise CmkitError(f"--steps must be at least 1, got {steps}")
+    if steps == 1:
+        return [noise.sigma_max]
+    hi = min(MULTISTEP_HIGH, noise.sigma_max * 0.99)
+    lo = max(MULTISTEP_LOW, noise.sigma_min * 1.01)
+    if steps == 2:
+        return [noise.sigma_max, hi]
+    return [noise.sigma_max] + np.geomspace(hi, lo, steps - 1).tolist()
+
+
+MULTISTEP_HIGH = 0.8
+MULTISTEP_LOW = 0.1
+
+
+class Run:
+    """A run directory loaded for inference (EMA weights unless ``weights`` says otherwise)."""
+
+    def __init__(self, path: str | Path, weights: str = "ema", device: str = "cpu"):
+        self.path = Path(path)
+        self.config = checkpoint.read_run_config(self.path)
+        self.method = self.config["method"]
+        self.noise = noise_config(self.config)
+        self.standardizer = Standardizer.from_state(self.config["standardizer"])
+        self.model = build_model(self.config)
+        try:
+            self.model.load_state_dict(checkpoint.load_weights(self.path, weights))
+        except RuntimeError as e:
+            raise CmkitError(f"{self.path}: weights do not match its config: {str(e).splitlines()[0]}") from None
+        self.model.to(device).eval().requires_grad_(False)
+        self.device = device
+
+    @property
+    def is_diffusion(self) -> bool:
+        return self.method in DIFFUSION_METHODS
+
+    @property
+    def dim(self) -> int:
+        return self.config["model"]["dim"]
+
+    def sigmas_for(self, steps: int | None = None, sigmas: list[float] | None = None) -> torch.Tensor:
+        """The sampler's noise levels: explicit ``sigmas`` win; else a default for ``steps``."""
+        if sigmas is not None:
+            if sigmas[0] > self.noise.sigma_max or sigmas[-1] < self.noise.sigma_min:
+                raise CmkitError(f"--sigmas must lie in [{self.noise.sigma_min}, {self.noise.sigma_max}]")
+            levels = torch.tensor(sigmas, dtype=torch.float32)
+            return append_zero(levels) if self.is_diffusion else levels
+        if self.is_diffusion:
+            steps = 18 if steps is None else steps
+            if steps < 1:
+                raise CmkitError(f"--steps must be at least 1, got {steps}")
+            grid = karras_sigmas(max(steps, 2), self.noise.sigma_min, self.noise.sigma_max, self.noise.rho)
+            return append_zero(grid[:1] if steps == 1 else grid)
+        return torch.tensor(default_consistency_sigmas(1 if steps is None else steps, self.noise))
+
+    def sample(self, n: int, *, steps: int | None = None, sigmas: list[float] | None = None,
+               seed: int = 0, noise: np.ndarray | torch.Tensor | None = None, sampler: str = "heun",
+               batch_size: int = 100_000) -> np.ndarray:
+        """``n`` samples in data units. ``noise`` (n, dim) standard normal replaces the seed's."""
+        levels = self.sigmas_for(steps, sigmas).to(self.device)
+        if sampler not in SAMPLERS:
+            raise CmkitError(f"unknown sampler {sampler!r}; known: {', '.join(SAMPLERS)}")
+        gen = torch.Generator().manual_seed(seed)
+        if noise is None:
+            noise = torch.randn(n, self.dim, generator=gen)
+        noise = torch.as_tensor(noise, dtype=torch.float32)
+        if noise.shape != (n, self.dim):
+            raise CmkitError(f"noise must have shape ({n}, {self.dim}), got {tuple(noise.shape)}")
+        out = []
+        for chunk in noise.split(batch_size):
+            x = chunk.to(self.device) * levels[0]
+            if self.is_diffusion:
+                out.append(SAMPLERS[sampler](self.model, x, levels))
+            else:
+                out.append(sample_consistency(self.model, x, levels, sigma_min=self.noise.sigma_min,
+                                              generator=gen))
+        return self.standardizer.to_data(torch.cat(out))
+
+
+def load_run(path: str | Path, weights: str = "ema", device: str = "cpu") -> Run:
+    return Run(path, weights=weights, device=device)
