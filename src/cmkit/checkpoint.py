@@ -40,7 +40,7 @@ def prepare_run_dir(path: str | Path, *, resume: bool, force: bool) -> Path:
     if resume and force:
         raise CmkitError("--resume and --force exclude each other")
     if resume:
-        if not (path / CHECKPOINT / "state.json").is_file():
+        if not (checkpoint_dir(path) / "state.json").is_file():
             raise CmkitError(f"cannot resume: {path} holds no checkpoint")
         return path
     if path.exists() and (not path.is_dir() or any(path.iterdir())):

@@ -174,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cmkit: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("cmkit: interrupted", file=sys.stderr)
+        print("cmkit: interrupted; a training run continues from its last checkpoint with --resume",
+              file=sys.stderr)
         return 130
     return 0

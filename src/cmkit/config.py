@@ -43,7 +43,8 @@ def merge(base: dict, update: dict, where: str = "") -> dict:
     for key, value in update.items():
         name = f"{where}{key}"
         if key not in out:
-            raise CmkitError(f"unknown config key {name!r}")
+            known = ", ".join(where + k for k in out) or "none"
+            raise CmkitError(f"unknown config key {name!r} (known here: {known})")
         if isinstance(out[key], dict) and isinstance(value, dict):
             out[key] = merge(out[key], value, name + ".")
         else:
@@ -79,5 +80,10 @@ def build_config(method: str, *, config_file: str | None = None, sets: list[str]
         if value is not None:
             config = merge(config, parse_set(f"{dotted}={json.dumps(value)}"))
     for assignment in sets:
-        config = merge(config, parse_set(assignment))
+        update = parse_set(assignment)
+        inherited = {"model", "noise"} & set(update) - set(config)
+        if inherited:
+            raise CmkitError(f"unknown config key {assignment.split('=')[0]!r}: method {method} takes "
+                             f"its {' and '.join(sorted(inherited))} settings from the teacher run")
+        config = merge(config, update)
     return config

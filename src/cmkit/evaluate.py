@@ -14,8 +14,7 @@ from .run import Run, load_run
 
 
 def reference_data(run: Run, data: str | None):
-    """(train, held-out) arrays to compare against: the run's own split unless ``data`` names
-    other data, whose held-out split (a built-in set) or whole file is then the reference."""
+    """The data to compare against: the run's own train/held-out split, or that of ``data``."""
     d = run.config["data"]
     own = data is None or data == d["name"]
     vectors = load_vectors(d["name"] if own else data, n=d["n"], n_holdout=d["n_holdout"],

@@ -156,36 +156,32 @@ def train(config: dict, out: str | Path, *, resume: bool = False, force: bool = 
 
     bar = tqdm(range(start, train_cfg["steps"]), initial=start, total=train_cfg["steps"],
                disable=not progress, desc=f"train {config['method']}", dynamic_ncols=True)
-    try:
-        with open(metrics_path, "a") as log:
-            for step in bar:
-                batch = x_train[torch.randint(len(x_train), (train_cfg["batch_size"],), generator=gen)]
-                loss_per_sample, extra = objective(net, batch.to(device), step=step, target=target,
-                                                   generator=gen)
-                loss = loss_per_sample.mean()
-                if not torch.isfinite(loss):
-                    raise CmkitError(f"loss became {loss.item()} at step {step}; the last checkpoint is "
-                                     "intact: lower --lr or check the data")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), train_cfg["grad_clip"] or math.inf)
-                for group in optimizer.param_groups:
-                    group["lr"] = train_cfg["lr"] * min(1.0, (step + 1) / max(1, train_cfg["lr_warmup"]))
-                optimizer.step()
-                if target is not None:
-                    ema_update(target, net, objective.target_rate(step))
-                ema_update(ema, net, ema_rate(train_cfg["ema_rate"], step))
-                done = step + 1
-                if done % train_cfg["log_every"] == 0 or done == train_cfg["steps"]:
-                    record = {"step": done, "loss": loss.item(), "grad_norm": grad_norm.item(), **extra}
-                    log.write(json.dumps(record) + "\n")
-                    log.flush()
-                    bar.set_postfix(loss=f"{record['loss']:.4f}")
-                if done % train_cfg["save_every"] == 0 and done != train_cfg["steps"]:
-                    save(done)
-    except KeyboardInterrupt:
-        # A step may be half applied: keep the last complete checkpoint rather than save this state.
-        raise CmkitError("interrupted: continue from the last checkpoint with --resume") from None
+    with open(metrics_path, "a") as log:
+        for step in bar:
+            batch = x_train[torch.randint(len(x_train), (train_cfg["batch_size"],), generator=gen)]
+            loss_per_sample, extra = objective(net, batch.to(device), step=step, target=target,
+                                               generator=gen)
+            loss = loss_per_sample.mean()
+            if not torch.isfinite(loss):
+                raise CmkitError(f"loss became {loss.item()} at step {step}; the last checkpoint is "
+                                 "intact: lower --lr or check the data")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), train_cfg["grad_clip"] or math.inf)
+            for group in optimizer.param_groups:
+                group["lr"] = train_cfg["lr"] * min(1.0, (step + 1) / max(1, train_cfg["lr_warmup"]))
+            optimizer.step()
+            if target is not None:
+                ema_update(target, net, objective.target_rate(step))
+            ema_update(ema, net, ema_rate(train_cfg["ema_rate"], step))
+            done = step + 1
+            if done % train_cfg["log_every"] == 0 or done == train_cfg["steps"]:
+                record = {"step": done, "loss": loss.item(), "grad_norm": grad_norm.item(), **extra}
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+                bar.set_postfix(loss=f"{record['loss']:.4f}")
+            if done % train_cfg["save_every"] == 0 and done != train_cfg["steps"]:
+                save(done)
     save(train_cfg["steps"])
     bar.close()
     return out

@@ -1,0 +1,123 @@
+"""Bad input ends in one line on stderr, exit status 2, no traceback, and nothing overwritten."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from helpers import TINY, TINY_TRAIN, cli, tree_digest
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("cmkit: error: ") and "Traceback" not in err[0]
+    return err[0]
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "teacher"
+    assert cli("train", "--method", "edm", "--data", "moons", "--steps", 3, "--out", out, *TINY) == 0
+    return out
+
+
+def _bad_file(tmp_path, name, arr):
+    path = tmp_path / name
+    np.save(path, arr)
+    return path
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--method", "edm", "--data", "missing.npy"], "not found"),
+    (["--method", "edm", "--data", "data.txt"], "unknown data"),
+    (["--method", "edm", "--data", "spirals"], "unknown data 'spirals'"),
+    (["--method", "nope", "--data", "moons"], "invalid choice: 'nope'"),
+    (["--method", "edm", "--data", "moons", "--bogus", "1"], "unrecognized arguments: --bogus"),
+    (["--method", "edm", "--data", "moons", "--set", "model.widht=3"], "unknown config key 'model.widht'"),
+    (["--method", "edm", "--data", "moons", "--set", "train.steps"], "key=value"),
+    (["--method", "cd", "--data", "moons"], "needs a teacher"),
+    (["--method", "edm", "--data", "moons", "--steps", "0"], "train.steps must be a positive integer"),
+    (["--method", "edm", "--data", "moons", "--teacher", "x"], "--teacher is only for --method cd"),
+    (["--method", "edm", "--data", "moons", "--config", "none.json"], "config file not found"),
+])
+def test_bad_train_input(tmp_path, capsys, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data.txt").write_text("1,2\n")
+    assert cli("train", *args, "--out", tmp_path / "run", "--quiet") == 2
+    assert message in _error_line(capsys)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("arr, message", [
+    (np.zeros((4, 2, 2)), "must have shape (N, D)"),
+    (np.array([[0.0, np.nan], [1.0, 2.0]]), "NaN or inf"),
+    (np.array([[0.0, -np.inf], [1.0, 2.0]]), "NaN or inf"),
+])
+def test_bad_data_files(tmp_path, capsys, arr, message):
+    path = _bad_file(tmp_path, "bad.npy", arr)
+    assert cli("train", "--method", "edm", "--data", path, "--out", tmp_path / "run") == 2
+    assert message in _error_line(capsys)
+
+
+def test_existing_run_is_never_overwritten(teacher, capsys):
+    before = tree_digest(teacher)
+    assert cli("train", "--method", "edm", "--data", "moons", "--steps", 3, "--out", teacher, *TINY) == 2
+    assert "already exists" in _error_line(capsys)
+    assert tree_digest(teacher) == before
+
+
+def test_force_refuses_to_delete_a_non_run_directory(tmp_path, capsys):
+    (tmp_path / "precious.txt").write_text("keep me")
+    assert cli("train", "--method", "edm", "--data", "moons", "--steps", 2, "--out", tmp_path, "--force", *TINY) == 2
+    assert "not a cmkit run directory" in _error_line(capsys)
+    assert (tmp_path / "precious.txt").read_text() == "keep me"
+
+
+def test_cd_teacher_must_be_an_edm_run(tmp_path, teacher, capsys):
+    assert cli("train", "--method", "cd", "--data", "moons", "--teacher", tmp_path, "--steps", 2,
+               "--out", tmp_path / "cd", *TINY_TRAIN) == 2
+    assert "not a cmkit run directory" in _error_line(capsys)
+    assert cli("train", "--method", "cd", "--data", "gaussian", "--teacher", teacher, "--steps", 2,
+               "--out", tmp_path / "cd2", *TINY_TRAIN) == 0  # same dimension: allowed
+    assert cli("train", "--method", "cd", "--data", "moons", "--teacher", teacher, "--steps", 2,
+               "--set", "model.width=8", "--out", tmp_path / "cd3", *TINY_TRAIN) == 2
+    assert "takes its model settings from the teacher run" in _error_line(capsys)
+
+
+def test_resume_without_checkpoint(tmp_path, capsys):
+    assert cli("train", "--method", "edm", "--data", "moons", "--steps", 2, "--out", tmp_path / "x", "--resume") == 2
+    assert "holds no checkpoint" in _error_line(capsys)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--n", "5", "--out", "x.txt"], "must end in .npy or .png"),
+    (["--n", "0", "--out", "x.npy"], "--n must be positive"),
+    (["--n", "5", "--sigmas", "1,2", "--out", "x.npy"], "strictly decreasing"),
+    (["--n", "5", "--sigmas", "200", "--out", "x.npy"], "must lie in"),
+    (["--n", "5", "--steps", "2", "--sigmas", "1", "--out", "x.npy"], "not allowed with argument"),
+])
+def test_bad_sample_input(tmp_path, teacher, capsys, args, message):
+    assert cli("sample", "--checkpoint", teacher, *args) == 2
+    assert message in _error_line(capsys)
+
+
+def test_sample_from_missing_run(tmp_path, capsys):
+    assert cli("sample", "--checkpoint", tmp_path / "none", "--n", 3, "--out", tmp_path / "x.npy") == 2
+    assert "not a cmkit run directory" in _error_line(capsys)
+
+
+def test_noise_file_of_wrong_shape(tmp_path, teacher, capsys):
+    np.save(tmp_path / "z.npy", np.zeros((4, 3)))
+    assert cli("sample", "--checkpoint", teacher, "--n", 4, "--noise", tmp_path / "z.npy",
+               "--out", tmp_path / "x.npy") == 2
+    assert "noise must have shape (4, 2)" in _error_line(capsys)
+
+
+def test_real_process_exit_code_and_single_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "cmkit", "train", "--method", "ct", "--data",
+                           str(tmp_path / "nothing.csv"), "--out", str(tmp_path / "r")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"cmkit: error: data file not found: {tmp_path / 'nothing.csv'}"]

@@ -1,0 +1,66 @@
+"""Small CD and CT models, trained by the real loop on data whose law is known, must map noise to
+that law: mean and covariance for a Gaussian, component weights and likelihood for a mixture."""
+
+import numpy as np
+import pytest
+import torch
+
+import cmkit
+from cmkit.data import TOY_TRUTH
+
+SMALL_MODEL = {"model.width": 64, "model.depth": 2}  # CD inherits its teacher's
+SMALL = {"data.n": 20000, "train.batch_size": 256, "train.log_every": 1000}
+
+
+def _train(tmp_path, method, data, steps, **extra):
+    model = SMALL_MODEL if method != "cd" else {}
+    config = cmkit.build_config(method, **{"data.name": data, "train.steps": steps, **model, **SMALL, **extra})
+    return cmkit.load_run(cmkit.train(config, tmp_path / f"{method}-{data}", progress=False))
+
+
+@pytest.fixture(scope="module")
+def gaussian_runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("gaussian")
+    teacher = _train(tmp, "edm", "gaussian", 1500)
+    return {"teacher": teacher,
+            "cd": _train(tmp, "cd", "gaussian", 1000, teacher=str(teacher.path)),
+            "ct": _train(tmp, "ct", "gaussian", 2000)}
+
+
+@pytest.fixture(scope="module")
+def gmm_runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("gmm")
+    teacher = _train(tmp, "edm", "gmm", 2000)
+    return {"teacher": teacher,
+            "cd": _train(tmp, "cd", "gmm", 1500, teacher=str(teacher.path)),
+            "ct": _train(tmp, "ct", "gmm", 3000)}
+
+
+# Tolerances (data units; the Gaussian has variances 1.0 and 0.5, correlation 0.85).
+MEAN_TOL = {"teacher": 0.05, "cd": 0.08, "ct": 0.15}
+COV_TOL = {"teacher": 0.08, "cd": 0.12, "ct": 0.25}
+
+
+@pytest.mark.parametrize("method", ["teacher", "cd", "ct"])
+def test_gaussian_moments(gaussian_runs, method):
+    run = gaussian_runs[method]
+    truth = TOY_TRUTH["gaussian"]
+    steps = 60 if method == "teacher" else 1  # 18 Heun steps alone leave ~9% covariance error here
+    x = run.sample(20000, steps=steps, seed=1)
+    np.testing.assert_allclose(x.mean(0), truth.mean().numpy(), atol=MEAN_TOL[method])
+    np.testing.assert_allclose(np.cov(x.T), truth.cov().numpy(), atol=COV_TOL[method])
+
+
+@pytest.mark.parametrize("method, steps", [("teacher", 18), ("cd", 1), ("cd", 2), ("ct", 1), ("ct", 2)])
+def test_gaussian_mixture_weights_and_likelihood(gmm_runs, method, steps):
+    truth = TOY_TRUTH["gmm"]
+    x = torch.from_numpy(gmm_runs[method].sample(20000, steps=steps, seed=2))
+    # Assign each sample to its most probable component under the true mixture.
+    comp = torch.distributions.MultivariateNormal(truth.means, covariance_matrix=truth.covs)
+    owner = (comp.log_prob(x[:, None, :]) + truth.weights.log()).argmax(1)
+    share = torch.bincount(owner, minlength=3).double() / len(x)
+    torch.testing.assert_close(share, truth.weights, atol=0.05, rtol=0)
+    # Mean true negative log-likelihood of the samples, beside that of real data (its entropy).
+    data_nll = -truth.log_prob(truth.sample(20000, torch.Generator().manual_seed(3))).mean().item()
+    nll = -truth.log_prob(x).mean().item()
+    assert nll < data_nll + (0.3 if method != "ct" else 0.6), (nll, data_nll)
