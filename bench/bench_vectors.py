@@ -44,7 +44,7 @@ def main() -> None:
     parser.add_argument("--teacher-steps", type=int, default=4000)
     parser.add_argument("--cd-steps", type=int, default=3000)
     parser.add_argument("--ct-steps", type=int, default=4000)
-    parser.add_argument("--n", type=int, default=5000)
+    parser.add_argument("--n", type=int, default=10000)
     args = parser.parse_args()
     out = Path(args.out)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")

@@ -16,11 +16,9 @@ def _error_line(capsys) -> str:
     return err[0]
 
 
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs") / "teacher"
-    assert cli("train", "--method", "edm", "--data", "moons", "--steps", 3, "--out", out, *TINY) == 0
-    return out
+@pytest.fixture
+def teacher(tiny_teacher):
+    return tiny_teacher
 
 
 def _bad_file(tmp_path, name, arr):
@@ -86,8 +84,19 @@ def test_cd_teacher_must_be_an_edm_run(tmp_path, teacher, capsys):
     assert "takes its model settings from the teacher run" in _error_line(capsys)
 
 
+def test_resume_refuses_config_changes_and_other_methods(teacher, capsys):
+    before = tree_digest(teacher)
+    assert cli("train", "--method", "edm", "--steps", 5, "--out", teacher, "--resume", "--lr", 1) == 2
+    assert "only --steps may be given, not --lr" in _error_line(capsys)
+    assert cli("train", "--method", "ct", "--steps", 5, "--out", teacher, "--resume") == 2
+    assert "is a run of method edm, not ct" in _error_line(capsys)
+    assert cli("train", "--method", "edm", "--steps", 5, "--out", teacher, "--resume") == 2
+    assert "already at step 10" in _error_line(capsys)
+    assert tree_digest(teacher) == before
+
+
 def test_resume_without_checkpoint(tmp_path, capsys):
-    assert cli("train", "--method", "edm", "--data", "moons", "--steps", 2, "--out", tmp_path / "x", "--resume") == 2
+    assert cli("train", "--method", "edm", "--steps", 2, "--out", tmp_path / "x", "--resume") == 2
     assert "holds no checkpoint" in _error_line(capsys)
 
 

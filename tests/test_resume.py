@@ -10,11 +10,9 @@ from helpers import TINY, TINY_TRAIN, cli, tree_digest
 STEPS = 8
 
 
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    out = tmp_path_factory.mktemp("teacher") / "run"
-    assert cli("train", "--method", "edm", "--data", "moons", "--steps", 20, "--out", out, *TINY) == 0
-    return out
+@pytest.fixture
+def teacher(tiny_teacher):
+    return tiny_teacher
 
 
 def _interrupt_at(monkeypatch, cls, step_to_fail):

@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--data", help="reference data (default: the run's own held-out split)")
     p.add_argument("--steps", type=_int_list, help="comma list of step counts (default: 1,2 or 18 for a teacher)")
-    p.add_argument("--n", type=int, default=5000)
+    p.add_argument("--n", type=int, default=10000, help="samples per step count (capped by the held-out size)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="write the results as JSON")
     p.add_argument("--quiet", action="store_true")
@@ -110,7 +110,14 @@ def cmd_train(args) -> None:
     if args.resume:
         if args.steps is None:
             raise CmkitError("--resume needs --steps (the step to train until)")
-        config = {"train": {"steps": args.steps}}
+        changed = [flag for flag, value in (("--data", args.data), ("--teacher", args.teacher),
+                                            ("--batch-size", args.batch_size), ("--lr", args.lr),
+                                            ("--seed", args.seed), ("--config", args.config),
+                                            ("--set", args.set or None)) if value is not None]
+        if changed:
+            raise CmkitError(f"--resume continues a run with its saved config; only --steps may be "
+                             f"given, not {', '.join(changed)}")
+        config = {"method": args.method, "train": {"steps": args.steps}}
     else:
         config = build_config(args.method, config_file=args.config, sets=args.set, **options)
     out = train(config, args.out, resume=args.resume, force=args.force, progress=not args.quiet)

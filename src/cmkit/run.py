@@ -34,6 +34,10 @@ def build_model(config: dict) -> torch.nn.Module:
     return wrapper(backbone, noise_config(config), c_noise=config["model"].get("c_noise", "edm"))
 
 
+MULTISTEP_HIGH = 0.8
+MULTISTEP_LOW = 0.1
+
+
 def default_consistency_sigmas(steps: int, noise: NoiseConfig) -> list[float]:
     """Levels for ``steps``-step consistency sampling when none are given: sigma_max, then the
     remaining levels log-spaced from ``MULTISTEP_HIGH`` down to ``MULTISTEP_LOW`` (capped to the
@@ -47,10 +51,6 @@ def default_consistency_sigmas(steps: int, noise: NoiseConfig) -> list[float]:
     if steps == 2:
         return [noise.sigma_max, hi]
     return [noise.sigma_max] + np.geomspace(hi, lo, steps - 1).tolist()
-
-
-MULTISTEP_HIGH = 0.8
-MULTISTEP_LOW = 0.1
 
 
 class Run:
@@ -89,8 +89,9 @@ class Run:
             steps = 18 if steps is None else steps
             if steps < 1:
                 raise CmkitError(f"--steps must be at least 1, got {steps}")
-            grid = karras_sigmas(max(steps, 2), self.noise.sigma_min, self.noise.sigma_max, self.noise.rho)
-            return append_zero(grid[:1] if steps == 1 else grid)
+            if steps == 1:
+                return append_zero(torch.tensor([self.noise.sigma_max]))
+            return append_zero(karras_sigmas(steps, self.noise.sigma_min, self.noise.sigma_max, self.noise.rho))
         return torch.tensor(default_consistency_sigmas(1 if steps is None else steps, self.noise))
 
     def sample(self, n: int, *, steps: int | None = None, sigmas: list[float] | None = None,

@@ -92,106 +92,126 @@ def _check_config(config: dict) -> None:
         raise CmkitError(f"train.ema_rate must be in [0, 1), got {train['ema_rate']!r}")
 
 
+class Trainer:
+    """Everything one run trains with: data, model, EMA, target, objective, optimizer and RNGs.
+
+    ``step()`` performs one optimisation step; ``state()``/``restore()`` round-trip everything
+    that a bit-exact resume needs."""
+
+    def __init__(self, config: dict):
+        _check_config(config)
+        self.config = config
+        teacher = _resolve_teacher(config) if config["method"] == "cd" else None
+        d = config["data"]
+        data = load_vectors(d["name"], n=d["n"], n_holdout=d["n_holdout"],
+                            holdout_fraction=d["holdout_fraction"], seed=d["seed"])
+        if teacher is not None and teacher.dim != data.dim:
+            raise CmkitError(f"data has {data.dim} dimensions but the teacher was trained on {teacher.dim}")
+        if "standardizer" not in config:
+            config["standardizer"] = Standardizer.fit(data.train, config["noise"]["sigma_data"]).state()
+        config["model"]["dim"] = data.dim
+        self.objective = build_objective(config, teacher)
+        self.cfg = cfg = config["train"]
+        self.device = cfg["device"] if cfg["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+
+        torch.manual_seed(cfg["seed"])  # dropout and initialisation
+        self.generator = torch.Generator().manual_seed(cfg["seed"])  # batches and noise
+        self.net = build_model(config)
+        if teacher is not None:
+            teacher.model.to(self.device)
+            if config["objective"]["init_from_teacher"]:
+                self.net.backbone.load_state_dict(teacher.model.backbone.state_dict())
+        self.net.to(self.device).train()
+        self.ema = copy.deepcopy(self.net).eval().requires_grad_(False)
+        self.target = copy.deepcopy(self.net).requires_grad_(False) if self.objective.needs_target else None
+        self.optimizer = build_optimizer(self.net.parameters(), cfg)
+        self.x_train = Standardizer.from_state(config["standardizer"]).to_model(data.train)
+
+    @property
+    def modules(self) -> dict:
+        modules = {"model": self.net, "ema": self.ema}
+        if self.target is not None:
+            modules["target"] = self.target
+        return modules
+
+    def step(self, step: int) -> dict:
+        cfg, gen = self.cfg, self.generator
+        batch = self.x_train[torch.randint(len(self.x_train), (cfg["batch_size"],), generator=gen)]
+        per_sample, extra = self.objective(self.net, batch.to(self.device), step=step, target=self.target,
+                                           generator=gen)
+        loss = per_sample.mean()
+        if not torch.isfinite(loss):
+            raise CmkitError(f"loss became {loss.item()} at step {step}; the last checkpoint is intact: "
+                             "lower --lr or check the data")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), cfg["grad_clip"] or math.inf)
+        for group in self.optimizer.param_groups:
+            group["lr"] = cfg["lr"] * min(1.0, (step + 1) / max(1, cfg["lr_warmup"]))
+        self.optimizer.step()
+        if self.target is not None:
+            ema_update(self.target, self.net, self.objective.target_rate(step))
+        ema_update(self.ema, self.net, ema_rate(cfg["ema_rate"], step))
+        return {"step": step + 1, "loss": loss.item(), "grad_norm": grad_norm.item(), **extra}
+
+    def save(self, out: Path, step: int) -> None:
+        checkpoint.save_checkpoint(out, modules=self.modules, optimizer=self.optimizer, step=step,
+                                   rng={"generator": self.generator.get_state(), "torch": torch.get_rng_state()})
+
+    def restore(self, out: Path) -> int:
+        """Load the latest checkpoint of ``out``; return its step."""
+        step, optim_state, rng = checkpoint.load_training_state(out)
+        for name, module in self.modules.items():
+            module.load_state_dict(checkpoint.load_weights(out, name))
+        self.optimizer.load_state_dict(optim_state)
+        self.generator.set_state(rng["generator"])
+        torch.set_rng_state(rng["torch"])
+        return step
+
+
 def train(config: dict, out: str | Path, *, resume: bool = False, force: bool = False,
           progress: bool = True) -> Path:
     """Train (or, with ``resume``, continue training) the run ``config`` describes into ``out``.
 
     On resume the run's saved config is used, with ``train.steps`` (the step to stop at) taken
-    from ``config``.
+    from ``config``. Ctrl-C leaves the last checkpoint intact (a step may be half applied, so
+    the state at the interruption is not saved).
     """
     out = Path(out)
     if resume:
         checkpoint.prepare_run_dir(out, resume=True, force=False)
-        steps = config["train"]["steps"]
+        steps, method = config["train"]["steps"], config.get("method")
         config = checkpoint.read_run_config(out)
+        if method is not None and method != config["method"]:
+            raise CmkitError(f"{out} is a run of method {config['method']}, not {method}")
         config["train"]["steps"] = steps
-    _check_config(config)
-    teacher = _resolve_teacher(config) if config["method"] == "cd" else None
-    d = config["data"]
-    data = load_vectors(d["name"], n=d["n"], n_holdout=d["n_holdout"],
-                        holdout_fraction=d["holdout_fraction"], seed=d["seed"])
-    if "standardizer" not in config:
-        config["standardizer"] = Standardizer.fit(data.train, config["noise"]["sigma_data"]).state()
-    config["model"]["dim"] = data.dim
-    if teacher is not None and teacher.dim != data.dim:
-        raise CmkitError(f"data has {data.dim} dimensions but the teacher was trained on {teacher.dim}")
-    objective = build_objective(config, teacher)
-    train_cfg = config["train"]
-
-    device = train_cfg["device"]
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    torch.manual_seed(train_cfg["seed"])
-    gen = torch.Generator().manual_seed(train_cfg["seed"])
-    net = build_model(config)
-    if teacher is not None and config["objective"]["init_from_teacher"]:
-        net.backbone.load_state_dict(teacher.model.backbone.state_dict())
-    net.to(device).train()
-    if teacher is not None:
-        teacher.model.to(device)
-    ema = copy.deepcopy(net).eval().requires_grad_(False)
-    target = copy.deepcopy(net).requires_grad_(False) if objective.needs_target else None
-    optimizer = build_optimizer(net.parameters(), train_cfg)
-    x_train = Standardizer.from_state(config["standardizer"]).to_model(data.train)
-
+    trainer = Trainer(config)
+    total = config["train"]["steps"]
     start = 0
-    metrics_path = out / "metrics.jsonl"
     if resume:
-        start, optim_state, rng = checkpoint.load_training_state(out)
-        for name, module in _modules(net, ema, target).items():
-            module.load_state_dict(checkpoint.load_weights(out, name))
-        optimizer.load_state_dict(optim_state)
-        gen.set_state(rng["generator"])
-        torch.set_rng_state(rng["torch"])
-        _truncate_metrics(metrics_path, start)
-        if start >= train_cfg["steps"]:
+        start = trainer.restore(out)
+        if start >= total:
             raise CmkitError(f"{out} is already at step {start}; pass --steps above it to train further")
+        _truncate_metrics(out / "metrics.jsonl", start)
     else:
         checkpoint.prepare_run_dir(out, resume=False, force=force)
     checkpoint.atomic_write_text(out / "config.json", json.dumps(config, indent=2) + "\n")
 
-    def save(step: int):
-        checkpoint.save_checkpoint(out, modules=_modules(net, ema, target), optimizer=optimizer,
-                                   step=step, rng={"generator": gen.get_state(), "torch": torch.get_rng_state()})
-
-    bar = tqdm(range(start, train_cfg["steps"]), initial=start, total=train_cfg["steps"],
-               disable=not progress, desc=f"train {config['method']}", dynamic_ncols=True)
-    with open(metrics_path, "a") as log:
+    cfg = config["train"]
+    with open(out / "metrics.jsonl", "a") as log, \
+            tqdm(range(start, total), initial=start, total=total, disable=not progress,
+                 desc=f"train {config['method']}", dynamic_ncols=True) as bar:
         for step in bar:
-            batch = x_train[torch.randint(len(x_train), (train_cfg["batch_size"],), generator=gen)]
-            loss_per_sample, extra = objective(net, batch.to(device), step=step, target=target,
-                                               generator=gen)
-            loss = loss_per_sample.mean()
-            if not torch.isfinite(loss):
-                raise CmkitError(f"loss became {loss.item()} at step {step}; the last checkpoint is "
-                                 "intact: lower --lr or check the data")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), train_cfg["grad_clip"] or math.inf)
-            for group in optimizer.param_groups:
-                group["lr"] = train_cfg["lr"] * min(1.0, (step + 1) / max(1, train_cfg["lr_warmup"]))
-            optimizer.step()
-            if target is not None:
-                ema_update(target, net, objective.target_rate(step))
-            ema_update(ema, net, ema_rate(train_cfg["ema_rate"], step))
-            done = step + 1
-            if done % train_cfg["log_every"] == 0 or done == train_cfg["steps"]:
-                record = {"step": done, "loss": loss.item(), "grad_norm": grad_norm.item(), **extra}
+            record = trainer.step(step)
+            done = record["step"]
+            if done % cfg["log_every"] == 0 or done == total:
                 log.write(json.dumps(record) + "\n")
                 log.flush()
                 bar.set_postfix(loss=f"{record['loss']:.4f}")
-            if done % train_cfg["save_every"] == 0 and done != train_cfg["steps"]:
-                save(done)
-    save(train_cfg["steps"])
-    bar.close()
+            if done % cfg["save_every"] == 0 and done != total:
+                trainer.save(out, done)
+    trainer.save(out, total)
     return out
-
-
-def _modules(net, ema, target) -> dict:
-    modules = {"model": net, "ema": ema}
-    if target is not None:
-        modules["target"] = target
-    return modules
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
