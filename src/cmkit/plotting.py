@@ -29,6 +29,6 @@ def scatter_panels(panels: list[tuple[str, np.ndarray]], path: str | Path, limit
         ax.set_yticks([])
     fig.tight_layout()
     tmp = Path(path).with_name(Path(path).name + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
+    fig.savefig(tmp, dpi=120, bbox_inches="tight")
     plt.close(fig)
     tmp.replace(path)

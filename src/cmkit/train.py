@@ -207,7 +207,7 @@ def train(config: dict, out: str | Path, *, resume: bool = False, force: bool = 
             if done % cfg["log_every"] == 0 or done == total:
                 log.write(json.dumps(record) + "\n")
                 log.flush()
-                bar.set_postfix(loss=f"{record['loss']:.4f}")
+                bar.set_postfix(loss=f"{record['loss']:.4g}")
             if done % cfg["save_every"] == 0 and done != total:
                 trainer.save(out, done)
     trainer.save(out, total)
