@@ -39,6 +39,13 @@ def _bad_file(tmp_path, name, arr):
     (["--method", "edm", "--data", "moons", "--steps", "0"], "train.steps must be a positive integer"),
     (["--method", "edm", "--data", "moons", "--teacher", "x"], "--teacher is only for --method cd"),
     (["--method", "edm", "--data", "moons", "--config", "none.json"], "config file not found"),
+    (["--method", "edm", "--data", "moons", "--set", "noise.sigma_min=-1"], "invalid config: need 0 < sigma_min"),
+    (["--method", "ct", "--data", "moons", "--set", "objective.s0=1"], "invalid config: need total_steps"),
+    (["--method", "edm", "--data", "moons", "--set", "model.embedding=foo"], "unknown embedding 'foo'"),
+    (["--method", "edm", "--data", "moons", "--set", "train.log_every=0"], "train.log_every must be a positive"),
+    (["--method", "edm", "--data", "moons", "--set", "data.n=0"], "data.n must be an integer of at least 2"),
+    (["--method", "edm", "--data", "moons", "--set", "train.ema_rate=x"], "train.ema_rate must be in [0, 1)"),
+    (["--method", "edm", "--resume", "--force", "--steps", "3"], "exclude each other"),
 ])
 def test_bad_train_input(tmp_path, capsys, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)
@@ -73,7 +80,34 @@ def test_force_refuses_to_delete_a_non_run_directory(tmp_path, capsys):
     assert (tmp_path / "precious.txt").read_text() == "keep me"
 
 
+def test_force_never_deletes_what_the_run_needs(tmp_path, teacher, capsys):
+    import shutil
+    copy = tmp_path / "teacher"
+    shutil.copytree(teacher, copy)
+    before = tree_digest(copy)
+    assert cli("train", "--method", "cd", "--data", "moons", "--teacher", copy, "--steps", 2,
+               "--out", copy, "--force", *TINY_TRAIN) == 2
+    assert "which this run needs" in _error_line(capsys)
+    assert tree_digest(copy) == before
+
+
+def test_corrupted_run_config(tmp_path, teacher, capsys):
+    import shutil
+    broken = tmp_path / "broken"
+    shutil.copytree(teacher, broken)
+    (broken / "config.json").write_text('{"method": "edm"}')
+    assert cli("sample", "--checkpoint", broken, "--n", 3, "--out", tmp_path / "x.npy") == 2
+    assert "config.json is incomplete or invalid" in _error_line(capsys)
+    (broken / "config.json").write_text("{not json")
+    assert cli("sample", "--checkpoint", broken, "--n", 3, "--out", tmp_path / "x.npy") == 2
+    assert "is not valid JSON" in _error_line(capsys)
+
+
 def test_cd_teacher_must_be_an_edm_run(tmp_path, teacher, capsys):
+    assert cli("train", "--method", "ct", "--data", "moons", "--steps", 2, "--out", tmp_path / "ct", *TINY) == 0
+    assert cli("train", "--method", "cd", "--data", "moons", "--teacher", tmp_path / "ct", "--steps", 2,
+               "--out", tmp_path / "cd-of-ct", *TINY_TRAIN) == 2
+    assert "is a ct run; cd needs an edm teacher" in _error_line(capsys)
     assert cli("train", "--method", "cd", "--data", "moons", "--teacher", tmp_path, "--steps", 2,
                "--out", tmp_path / "cd", *TINY_TRAIN) == 2
     assert "not a cmkit run directory" in _error_line(capsys)
@@ -117,11 +151,20 @@ def test_sample_from_missing_run(tmp_path, capsys):
     assert "not a cmkit run directory" in _error_line(capsys)
 
 
-def test_noise_file_of_wrong_shape(tmp_path, teacher, capsys):
+def test_bad_noise_files(tmp_path, teacher, capsys):
     np.save(tmp_path / "z.npy", np.zeros((4, 3)))
-    assert cli("sample", "--checkpoint", teacher, "--n", 4, "--noise", tmp_path / "z.npy",
-               "--out", tmp_path / "x.npy") == 2
-    assert "noise must have shape (4, 2)" in _error_line(capsys)
+    np.save(tmp_path / "b.npy", np.zeros((4, 2), dtype=bool))
+    for name, message in (("z.npy", "noise must have shape (4, 2)"), ("b.npy", "must hold finite floats"),
+                          ("none.npy", "must be an existing .npy file")):
+        assert cli("sample", "--checkpoint", teacher, "--n", 4, "--noise", tmp_path / name,
+                   "--out", tmp_path / "x.npy") == 2
+        assert message in _error_line(capsys)
+
+
+def test_unwritable_output_is_one_line(tmp_path, teacher, capsys):
+    (tmp_path / "dir.npy").mkdir()
+    assert cli("sample", "--checkpoint", teacher, "--n", 4, "--out", tmp_path / "dir.npy") == 2
+    _error_line(capsys)
 
 
 def test_real_process_exit_code_and_single_line(tmp_path):

@@ -64,6 +64,10 @@ def test_same_seed_same_samples_and_noise_file_parity(runs, tmp_path):
         assert cli("sample", "--checkpoint", runs / name, "--n", 50, "--noise", tmp_path / "z.npy",
                    "--out", c, "--quiet") == 0
         np.testing.assert_array_equal(np.load(a), np.load(c))  # the seed's noise is that same draw
+        if name == "cd":  # multistep: re-noising draws must not depend on where the start came from
+            run = cmkit.load_run(runs / name)
+            np.testing.assert_array_equal(run.sample(50, steps=3, seed=7),
+                                          run.sample(50, steps=3, seed=7, noise=noise))
         other = cmkit.load_run(runs / name).sample(50, seed=8)
         assert not np.allclose(np.load(a), other)
 

@@ -97,7 +97,8 @@ def test_consistency_sampler_calls_model_once_per_level_and_is_seeded():
     torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("bad", [[1.0, 2.0], [1.0, 1.0], [-1.0]])
-def test_samplers_reject_bad_sigmas(bad):
+@pytest.mark.parametrize("sampler", [sample_consistency, sample_heun, sample_euler])
+@pytest.mark.parametrize("bad", [[1.0, 2.0], [1.0, 1.0], [-1.0, -2.0], [0.0, 0.0]])
+def test_samplers_reject_bad_sigmas(sampler, bad):
     with pytest.raises(ValueError):
-        sample_consistency(lambda x, s, c=None: x, torch.zeros(1, 2), torch.tensor(bad))
+        sampler(lambda x, s, c=None: x, torch.zeros(1, 2), torch.tensor(bad))

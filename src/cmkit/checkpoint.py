@@ -34,8 +34,21 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def prepare_run_dir(path: str | Path, *, resume: bool, force: bool) -> Path:
-    """Create a run directory; refuse to touch an existing one without resume or force."""
+RUN_ENTRIES = {"config.json", "config.json.tmp", "metrics.jsonl", "metrics.jsonl.tmp", CHECKPOINT,
+               ".checkpoint.tmp", ".checkpoint.old"}
+
+
+def is_run_dir(path: Path) -> bool:
+    """A directory cmkit made: a config.json and nothing but run files."""
+    return (path.is_dir() and (path / "config.json").is_file()
+            and all(entry.name in RUN_ENTRIES for entry in path.iterdir()))
+
+
+def prepare_run_dir(path: str | Path, *, resume: bool, force: bool, protect: tuple = ()) -> Path:
+    """Create a run directory; refuse to touch an existing one without resume or force.
+
+    ``--force`` deletes only a directory holding nothing but a cmkit run's files, and never one
+    that is or contains a path in ``protect`` (the working directory, the teacher, the data)."""
     path = Path(path)
     if resume and force:
         raise CmkitError("--resume and --force exclude each other")
@@ -47,8 +60,14 @@ def prepare_run_dir(path: str | Path, *, resume: bool, force: bool) -> Path:
         if not force:
             raise CmkitError(f"run directory {path} already exists: pass --resume to continue it "
                              "or --force to overwrite it")
-        if not path.is_dir() or not (path / "config.json").is_file():
-            raise CmkitError(f"--force refuses to delete {path}: it is not a cmkit run directory")
+        if not is_run_dir(path):
+            raise CmkitError(f"--force refuses to delete {path}: it is not a cmkit run directory "
+                             "(or holds other files)")
+        target = path.resolve()
+        for kept in (Path.cwd(), *protect):
+            kept = Path(kept).resolve()
+            if kept == target or target in kept.parents:
+                raise CmkitError(f"--force refuses to delete {path}: it holds {kept}, which this run needs")
         shutil.rmtree(path)
     path.mkdir(parents=True, exist_ok=True)
     return path
@@ -103,6 +122,8 @@ def save_checkpoint(run_dir: Path, *, modules: dict, optimizer, step: int, rng: 
     save_file({k: v.contiguous() for k, v in rng.items()}, str(tmp / "rng.safetensors"))
     (tmp / "state.json").write_text(json.dumps({"step": step, "modules": sorted(modules)}))
     final, old = run_dir / CHECKPOINT, run_dir / ".checkpoint.old"
+    if not final.exists() and old.exists():
+        os.replace(old, final)  # an earlier swap was cut short: its old copy is the only one
     if old.exists():
         shutil.rmtree(old)
     if final.exists():

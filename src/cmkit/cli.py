@@ -134,10 +134,7 @@ def cmd_sample(args) -> None:
     if args.n < 1:
         raise CmkitError(f"--n must be positive, got {args.n}")
     run = load_run(args.checkpoint)
-    noise = None
-    if args.noise:
-        from .data import load_array
-        noise = load_array(args.noise).astype(np.float32)
+    noise = _load_noise(args.noise) if args.noise else None
     x = run.sample(args.n, steps=args.steps, sigmas=args.sigmas, seed=args.seed, noise=noise,
                    sampler=args.sampler)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -150,6 +147,19 @@ def cmd_sample(args) -> None:
         scatter_panels([(f"{run.method} samples", x)], out)
     if not args.quiet:
         print(f"wrote {len(x)} samples to {out}")
+
+
+def _load_noise(path: str) -> np.ndarray:
+    if not Path(path).is_file() or not path.endswith(".npy"):
+        raise CmkitError(f"--noise must be an existing .npy file, got {path!r}")
+    try:
+        noise = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise CmkitError(f"cannot read noise file {path}: {e}") from None
+    if noise.dtype.kind != "f" or noise.ndim != 2 or not np.isfinite(noise).all():
+        raise CmkitError(f"noise file {path} must hold finite floats of shape (n, dim), "
+                         f"got {noise.dtype} {noise.shape}")
+    return noise.astype(np.float32)
 
 
 def cmd_eval(args) -> None:
@@ -179,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
         COMMANDS[args.command](args)
     except CmkitError as e:
         print(f"cmkit: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # unwritable --out, a full disk, a path that is a directory
+        print(f"cmkit: error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("cmkit: interrupted; a training run continues from its last checkpoint with --resume",

@@ -17,6 +17,7 @@ from .plotting import scatter_panels
 from .run import load_run
 from .train import train
 
+DEMO_ENTRIES = {"teacher", "cd", "metrics.json", "demo.png"}
 TEACHER_STEPS = 4000
 CD_STEPS = 3000
 
@@ -24,10 +25,12 @@ CD_STEPS = 3000
 def run_demo(out: str | Path, *, data: str = "moons", seed: int = 0, force: bool = False,
              progress: bool = True) -> dict:
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise CmkitError(f"--out {out} is a file, not a directory")
     if out.exists() and any(out.iterdir()):
         if not force:
             raise CmkitError(f"{out} already exists: pass --force to overwrite it, or another --out")
-        if not (out / "metrics.json").is_file() and not (out / "teacher").is_dir():
+        if not (set(p.name for p in out.iterdir()) <= DEMO_ENTRIES and (out / "teacher" / "config.json").is_file()):
             raise CmkitError(f"--force refuses to delete {out}: it is not a cmkit demo directory")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -53,6 +53,8 @@ def evaluate_run(checkpoint: str, *, data: str | None = None, steps: list[int] |
         raise CmkitError(f"--n must be at least 2, got {n}")
     run = load_run(checkpoint)
     vectors = reference_data(run, data)
+    if len(vectors.holdout) < 2:
+        raise CmkitError(f"{vectors.name} holds out {len(vectors.holdout)} row(s); evaluation needs at least 2")
     truth = TOY_TRUTH.get(vectors.name)
     reference = vectors.holdout[np.random.default_rng([seed, 4]).permutation(len(vectors.holdout))[:n]]
     result = {"checkpoint": str(checkpoint), "method": run.method, "data": vectors.name,

@@ -59,10 +59,13 @@ class Run:
     def __init__(self, path: str | Path, weights: str = "ema", device: str = "cpu"):
         self.path = Path(path)
         self.config = checkpoint.read_run_config(self.path)
-        self.method = self.config["method"]
-        self.noise = noise_config(self.config)
-        self.standardizer = Standardizer.from_state(self.config["standardizer"])
-        self.model = build_model(self.config)
+        try:
+            self.method = self.config["method"]
+            self.noise = noise_config(self.config)
+            self.standardizer = Standardizer.from_state(self.config["standardizer"])
+            self.model = build_model(self.config)
+        except (KeyError, ValueError, TypeError) as e:
+            raise CmkitError(f"{self.path}/config.json is incomplete or invalid ({type(e).__name__}: {e})") from None
         try:
             self.model.load_state_dict(checkpoint.load_weights(self.path, weights))
         except RuntimeError as e:
@@ -102,9 +105,10 @@ class Run:
         if sampler not in SAMPLERS:
             raise CmkitError(f"unknown sampler {sampler!r}; known: {', '.join(SAMPLERS)}")
         gen = torch.Generator().manual_seed(seed)
-        if noise is None:
-            noise = torch.randn(n, self.dim, generator=gen)
-        noise = torch.as_tensor(noise, dtype=torch.float32)
+        # Always draw the seed's starting noise, so that re-noising in multistep sampling uses
+        # the same later draws whether or not ``noise`` replaces this one.
+        seed_noise = torch.randn(n, self.dim, generator=gen)
+        noise = seed_noise if noise is None else torch.as_tensor(noise, dtype=torch.float32)
         if noise.shape != (n, self.dim):
             raise CmkitError(f"noise must have shape ({n}, {self.dim}), got {tuple(noise.shape)}")
         out = []

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -19,7 +20,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint
 from .config import METHODS
-from .data import Standardizer, load_vectors
+from .data import Standardizer, is_builtin, load_vectors
 from .errors import CmkitError
 from .objectives import ConsistencyDistillationLoss, ConsistencyTrainingLoss, EDMLoss
 from .run import Run, build_model, noise_config
@@ -35,6 +36,8 @@ def _resolve_teacher(config: dict) -> Run:
         raise CmkitError(f"teacher {path} is a {teacher.method} run; cd needs an edm teacher")
     config["teacher"] = str(Path(path).resolve())
     for key in ("noise", "model", "standardizer"):
+        if key in config and config[key] != teacher.config[key]:  # a resumed run
+            raise CmkitError(f"teacher {path} has changed since this run started (its {key} differs)")
         config[key] = copy.deepcopy(teacher.config[key])
     return teacher
 
@@ -83,12 +86,15 @@ def _check_config(config: dict) -> None:
         raise CmkitError(f"unknown method {config['method']!r}; known: {', '.join(METHODS)}")
     if not config["data"]["name"]:
         raise CmkitError("no data given: pass --data NAME_OR_PATH")
-    for key in ("steps", "batch_size"):
-        if not isinstance(train[key], int) or train[key] < 1:
+    for key in ("steps", "batch_size", "log_every", "save_every"):
+        if not isinstance(train[key], int) or isinstance(train[key], bool) or train[key] < 1:
             raise CmkitError(f"train.{key} must be a positive integer, got {train[key]!r}")
+    for key in ("n", "n_holdout"):
+        if not isinstance(config["data"][key], int) or config["data"][key] < 2:
+            raise CmkitError(f"data.{key} must be an integer of at least 2, got {config['data'][key]!r}")
     if not (isinstance(train["lr"], (int, float)) and train["lr"] > 0):
         raise CmkitError(f"train.lr must be positive, got {train['lr']!r}")
-    if not 0 <= train["ema_rate"] < 1:
+    if not (isinstance(train["ema_rate"], (int, float)) and 0 <= train["ema_rate"] < 1):
         raise CmkitError(f"train.ema_rate must be in [0, 1), got {train['ema_rate']!r}")
 
 
@@ -100,16 +106,25 @@ class Trainer:
 
     def __init__(self, config: dict):
         _check_config(config)
-        self.config = config
         teacher = _resolve_teacher(config) if config["method"] == "cd" else None
         d = config["data"]
         data = load_vectors(d["name"], n=d["n"], n_holdout=d["n_holdout"],
                             holdout_fraction=d["holdout_fraction"], seed=d["seed"])
         if teacher is not None and teacher.dim != data.dim:
             raise CmkitError(f"data has {data.dim} dimensions but the teacher was trained on {teacher.dim}")
+        if not is_builtin(d["name"]):
+            d["name"] = str(Path(d["name"]).resolve())  # so eval finds it from any directory
         if "standardizer" not in config:
             config["standardizer"] = Standardizer.fit(data.train, config["noise"]["sigma_data"]).state()
         config["model"]["dim"] = data.dim
+        self.config = config
+        self.protected = [p for p in (config.get("teacher"), None if is_builtin(d["name"]) else d["name"]) if p]
+        try:
+            self._build(config, teacher, data.train)
+        except (ValueError, TypeError, KeyError) as e:
+            raise CmkitError(f"invalid config: {e}") from None
+
+    def _build(self, config: dict, teacher: Run | None, train_data) -> None:
         self.objective = build_objective(config, teacher)
         self.cfg = cfg = config["train"]
         self.device = cfg["device"] if cfg["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
@@ -125,7 +140,7 @@ class Trainer:
         self.ema = copy.deepcopy(self.net).eval().requires_grad_(False)
         self.target = copy.deepcopy(self.net).requires_grad_(False) if self.objective.needs_target else None
         self.optimizer = build_optimizer(self.net.parameters(), cfg)
-        self.x_train = Standardizer.from_state(config["standardizer"]).to_model(data.train)
+        self.x_train = Standardizer.from_state(config["standardizer"]).to_model(train_data)
 
     @property
     def modules(self) -> dict:
@@ -179,7 +194,7 @@ def train(config: dict, out: str | Path, *, resume: bool = False, force: bool = 
     """
     out = Path(out)
     if resume:
-        checkpoint.prepare_run_dir(out, resume=True, force=False)
+        checkpoint.prepare_run_dir(out, resume=True, force=force)
         steps, method = config["train"]["steps"], config.get("method")
         config = checkpoint.read_run_config(out)
         if method is not None and method != config["method"]:
@@ -192,9 +207,13 @@ def train(config: dict, out: str | Path, *, resume: bool = False, force: bool = 
         start = trainer.restore(out)
         if start >= total:
             raise CmkitError(f"{out} is already at step {start}; pass --steps above it to train further")
-        _truncate_metrics(out / "metrics.jsonl", start)
+        _truncate_metrics(out / "metrics.jsonl", start, config["train"]["log_every"])
+        horizon = config["objective"].get("total_steps")
+        if progress and config["method"] == "ct" and horizon != total:
+            print(f"cmkit: note: the CT curriculum keeps its horizon objective.total_steps = {horizon}",
+                  file=sys.stderr)
     else:
-        checkpoint.prepare_run_dir(out, resume=False, force=force)
+        checkpoint.prepare_run_dir(out, resume=False, force=force, protect=tuple(trainer.protected))
     checkpoint.atomic_write_text(out / "config.json", json.dumps(config, indent=2) + "\n")
 
     cfg = config["train"]
@@ -214,9 +233,17 @@ def train(config: dict, out: str | Path, *, resume: bool = False, force: bool = 
     return out
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop log lines past the checkpoint being resumed, so the log matches an unbroken run."""
+def _truncate_metrics(path: Path, step: int, log_every: int) -> None:
+    """Make the log read as an unbroken run's would: drop lines past the checkpoint being resumed,
+    a closing line at that step that was off the log_every rhythm, and a torn last line."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            logged = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            continue
+        if logged < step or (logged == step and step % log_every == 0):
+            kept.append(line)
     checkpoint.atomic_write_text(path, "".join(line + "\n" for line in kept))
