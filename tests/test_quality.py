@@ -16,22 +16,22 @@ def _train(tmp_path, method, data, steps, **extra):
     return cmkit.load_run(cmkit.train(config, tmp_path / f"{method}-{data}", progress=False))
 
 
+def _pipeline(tmp_path_factory, data, teacher_steps, cd_steps, ct_steps):
+    tmp = tmp_path_factory.mktemp(data)
+    teacher = _train(tmp, "edm", data, teacher_steps)
+    return {"teacher": teacher,
+            "cd": _train(tmp, "cd", data, cd_steps, teacher=str(teacher.path)),
+            "ct": _train(tmp, "ct", data, ct_steps)}
+
+
 @pytest.fixture(scope="module")
 def gaussian_runs(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("gaussian")
-    teacher = _train(tmp, "edm", "gaussian", 1500)
-    return {"teacher": teacher,
-            "cd": _train(tmp, "cd", "gaussian", 1000, teacher=str(teacher.path)),
-            "ct": _train(tmp, "ct", "gaussian", 3000)}
+    return _pipeline(tmp_path_factory, "gaussian", 1500, 1000, 3000)
 
 
 @pytest.fixture(scope="module")
 def gmm_runs(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("gmm")
-    teacher = _train(tmp, "edm", "gmm", 2000)
-    return {"teacher": teacher,
-            "cd": _train(tmp, "cd", "gmm", 2000, teacher=str(teacher.path)),
-            "ct": _train(tmp, "ct", "gmm", 3000)}
+    return _pipeline(tmp_path_factory, "gmm", 2000, 2000, 3000)
 
 
 # Tolerances (data units; the Gaussian has variances 1.0 and 0.5, covariance 0.6). CT, the

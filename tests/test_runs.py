@@ -84,6 +84,19 @@ def test_multistep_uses_the_given_levels(runs, monkeypatch):
     assert seen == pytest.approx([80.0, 0.8])
 
 
+def test_churn_from_the_command_line_is_seeded_and_teacher_only(runs, tmp_path, capsys):
+    outs = [tmp_path / f"c{i}.npy" for i in range(3)]
+    for out, seed in zip(outs, (1, 1, 2)):
+        assert cli("sample", "--checkpoint", runs / "edm", "--n", 20, "--steps", 10, "--s-churn", 20,
+                   "--seed", seed, "--out", out, "--quiet") == 0
+    np.testing.assert_array_equal(np.load(outs[0]), np.load(outs[1]))
+    assert not np.allclose(np.load(outs[0]), np.load(outs[2]))
+    plain = cmkit.load_run(runs / "edm").sample(20, steps=10, seed=1)
+    assert not np.allclose(np.load(outs[0]), plain)  # churn did change the trajectory
+    assert cli("sample", "--checkpoint", runs / "cd", "--n", 5, "--s-churn", 5, "--out", outs[0]) == 2
+    assert "only to the Heun sampler of a teacher run" in capsys.readouterr().err
+
+
 def test_png_scatter_plot(runs, tmp_path):
     assert cli("sample", "--checkpoint", runs / "cd", "--n", 200, "--out", tmp_path / "s.png", "--quiet") == 0
     data = (tmp_path / "s.png").read_bytes()

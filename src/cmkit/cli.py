@@ -69,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--steps", type=int, help="consistency steps, or Heun/Euler steps for a teacher")
     group.add_argument("--sigmas", type=_sigma_list, help="explicit decreasing noise levels s1,s2,...")
     p.add_argument("--sampler", default="heun", choices=("heun", "euler"), help="teacher runs only")
+    p.add_argument("--s-churn", type=float, default=0.0, help="Heun stochastic churn (EDM S_churn; teacher runs)")
+    p.add_argument("--s-tmin", type=float, default=0.0, help="churn only at sigma >= this")
+    p.add_argument("--s-tmax", type=float, default=float("inf"), help="churn only at sigma <= this")
+    p.add_argument("--s-noise", type=float, default=1.0, help="churn noise scale (EDM S_noise)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--noise", help=".npy of (n, dim) standard-normal starting noise (replaces the seed's)")
     p.add_argument("--out", required=True, help=".npy (data units) or .png (scatter plot, 2-D data)")
@@ -135,8 +139,9 @@ def cmd_sample(args) -> None:
         raise CmkitError(f"--n must be positive, got {args.n}")
     run = load_run(args.checkpoint)
     noise = _load_noise(args.noise) if args.noise else None
+    churn = {"s_churn": args.s_churn, "s_tmin": args.s_tmin, "s_tmax": args.s_tmax, "s_noise": args.s_noise}
     x = run.sample(args.n, steps=args.steps, sigmas=args.sigmas, seed=args.seed, noise=noise,
-                   sampler=args.sampler)
+                   sampler=args.sampler, **(churn if args.s_churn else {}))
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".npy":
         np.save(out, x)

@@ -99,11 +99,14 @@ class Run:
 
     def sample(self, n: int, *, steps: int | None = None, sigmas: list[float] | None = None,
                seed: int = 0, noise: np.ndarray | torch.Tensor | None = None, sampler: str = "heun",
-               batch_size: int = 100_000) -> np.ndarray:
-        """``n`` samples in data units. ``noise`` (n, dim) standard normal replaces the seed's."""
+               batch_size: int = 100_000, **churn) -> np.ndarray:
+        """``n`` samples in data units. ``noise`` (n, dim) standard normal replaces the seed's.
+        ``churn`` (s_churn, s_tmin, s_tmax, s_noise) goes to the Heun sampler of a teacher run."""
         levels = self.sigmas_for(steps, sigmas).to(self.device)
         if sampler not in SAMPLERS:
             raise CmkitError(f"unknown sampler {sampler!r}; known: {', '.join(SAMPLERS)}")
+        if churn and not (self.is_diffusion and sampler == "heun"):
+            raise CmkitError("stochastic churn applies only to the Heun sampler of a teacher run")
         gen = torch.Generator().manual_seed(seed)
         # Always draw the seed's starting noise, so that re-noising in multistep sampling uses
         # the same later draws whether or not ``noise`` replaces this one.
@@ -115,7 +118,8 @@ class Run:
         for chunk in noise.split(batch_size):
             x = chunk.to(self.device) * levels[0]
             if self.is_diffusion:
-                out.append(SAMPLERS[sampler](self.model, x, levels))
+                extra = {**churn, "generator": gen} if churn else {}
+                out.append(SAMPLERS[sampler](self.model, x, levels, **extra))
             else:
                 out.append(sample_consistency(self.model, x, levels, sigma_min=self.noise.sigma_min,
                                               generator=gen))
