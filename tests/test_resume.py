@@ -1,6 +1,8 @@
 """Exact resume: an interrupted run continued with --resume ends bit for bit where an unbroken
 run does (weights, EMA, target, optimizer, RNG and the metrics log), on CPU."""
 
+import json
+
 import pytest
 
 import cmkit.objectives.consistency as consistency
@@ -59,3 +61,21 @@ def test_resume_extends_a_finished_run(tmp_path):
     assert cli(*args, "--steps", 4, "--out", tmp_path / "split") == 0
     assert cli("train", "--method", "edm", "--steps", 8, "--out", tmp_path / "split", "--resume", "--quiet") == 0
     assert _comparable(tmp_path / "straight") == _comparable(tmp_path / "split")
+
+
+def test_nan_loss_stops_training_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):
+    original = edm.EDMLoss.__call__
+
+    def poisoned(self, *args, step=0, **kwargs):
+        loss, extra = original(self, *args, step=step, **kwargs)
+        return (loss * float("nan") if step == 5 else loss), extra
+
+    monkeypatch.setattr(edm.EDMLoss, "__call__", poisoned)
+    run = tmp_path / "run"
+    assert cli("train", "--method", "edm", "--data", "moons", "--steps", 8, "--set", "train.save_every=4",
+               "--out", run, *TINY) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["cmkit: error: loss became nan at step 5; the last checkpoint is intact: lower --lr or check the data"]
+    monkeypatch.undo()
+    assert json.loads((run / "checkpoint" / "state.json").read_text())["step"] == 4
+    assert cli("train", "--method", "edm", "--steps", 8, "--out", run, "--resume", "--quiet") == 0

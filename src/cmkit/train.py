@@ -101,7 +101,7 @@ def _check_config(config: dict) -> None:
 class Trainer:
     """Everything one run trains with: data, model, EMA, target, objective, optimizer and RNGs.
 
-    ``step()`` performs one optimisation step; ``state()``/``restore()`` round-trip everything
+    ``step()`` performs one optimisation step; ``save()``/``restore()`` round-trip everything
     that a bit-exact resume needs."""
 
     def __init__(self, config: dict):
