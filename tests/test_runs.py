@@ -129,3 +129,19 @@ def test_checkpoint_swap_recovers_the_old_copy(runs, tmp_path):
     shutil.copytree(runs / "edm", run)
     (run / "checkpoint").rename(run / ".checkpoint.old")  # as if cut between the two renames
     assert cmkit.load_run(run).sample(2).shape == (2, 2)
+
+
+def test_tabular_csv_pipeline_returns_samples_in_data_units(tmp_path):
+    # 5-D data on very different scales: samples must come back in those units.
+    rng = np.random.default_rng(0)
+    scale, shift = np.array([1.0, 2.0, 3.0, 4.0, 5.0]), np.array([10.0, 0.0, -10.0, 100.0, 0.0])
+    np.savetxt(tmp_path / "tab.csv", rng.standard_normal((3000, 5)) * scale + shift, delimiter=",",
+               header="a,b,c,d,e", comments="")
+    assert cli("train", "--method", "edm", "--data", tmp_path / "tab.csv", "--steps", 400,
+               "--out", tmp_path / "t", "--quiet") == 0
+    x = cmkit.load_run(tmp_path / "t").sample(4000, steps=18, seed=0)
+    assert x.shape == (4000, 5)
+    np.testing.assert_allclose(x.mean(0), shift, atol=0.15 * scale.max())
+    np.testing.assert_allclose(x.std(0), scale, rtol=0.2)
+    result = evaluate_run(str(tmp_path / "t"), steps=[18], n=300)
+    assert result["n"] == 300 and result["data"] == str(tmp_path / "tab.csv")
