@@ -44,7 +44,14 @@ def _bad_file(tmp_path, name, arr):
     (["--method", "edm", "--data", "moons", "--set", "model.embedding=foo"], "unknown embedding 'foo'"),
     (["--method", "edm", "--data", "moons", "--set", "train.log_every=0"], "train.log_every must be a positive"),
     (["--method", "edm", "--data", "moons", "--set", "data.n=0"], "data.n must be an integer of at least 2"),
-    (["--method", "edm", "--data", "moons", "--set", "train.ema_rate=x"], "train.ema_rate must be in [0, 1)"),
+    (["--method", "edm", "--data", "moons", "--set", "train.ema_rate=x"], "'train.ema_rate' takes a float, got 'x'"),
+    (["--method", "edm", "--data", "moons", "--set", "train.ema_rate=1.5"], "train.ema_rate must be in [0, 1)"),
+    (["--method", "edm", "--data", "moons", "--set", "train=5"], "section 'train' must be a JSON object"),
+    (["--method", "edm", "--data", "moons", "--set", "train.betas=[0.9]"], "takes a list of length 2"),
+    (["--method", "edm", "--data", "moons", "--set", "train.grad_clip=-1"], "train.grad_clip must be >= 0"),
+    (["--method", "edm", "--data", "moons", "--set", "train.device=gpu"], "train.device must be cpu, cuda"),
+    (["--method", "edm", "--data", "moons", "--set", "method=ct"], "chosen with --method"),
+    (["--method", "edm", "--data", "moons", "--seed", "-1"], "seeds are integers in [0, 2^63)"),
     (["--method", "edm", "--resume", "--force", "--steps", "3"], "exclude each other"),
 ])
 def test_bad_train_input(tmp_path, capsys, monkeypatch, args, message):
@@ -91,13 +98,36 @@ def test_force_never_deletes_what_the_run_needs(tmp_path, teacher, capsys):
     assert tree_digest(copy) == before
 
 
+def test_outputs_never_land_in_a_run_directory(teacher, capsys):
+    before = tree_digest(teacher)
+    assert cli("sample", "--checkpoint", teacher, "--n", 3, "--out", teacher / "config.json.npy") == 2
+    assert "refusing to write" in _error_line(capsys)
+    assert cli("eval", "--checkpoint", teacher, "--n", 20, "--out", teacher / "config.json") == 2
+    assert "refusing to write" in _error_line(capsys)
+    assert tree_digest(teacher) == before
+
+
+def test_corrupt_weights_and_churn_settings(tmp_path, teacher, capsys):
+    import shutil
+    broken = tmp_path / "broken"
+    shutil.copytree(teacher, broken)
+    (broken / "checkpoint" / "ema.safetensors").write_bytes(b"garbage")
+    assert cli("sample", "--checkpoint", broken, "--n", 3, "--out", tmp_path / "x.npy") == 2
+    assert "unreadable or corrupt" in _error_line(capsys)
+    assert cli("sample", "--checkpoint", teacher, "--n", 3, "--s-churn", -5, "--out", tmp_path / "x.npy") == 2
+    assert "s_churn and s_noise must be >= 0" in _error_line(capsys)
+
+
 def test_corrupted_run_config(tmp_path, teacher, capsys):
     import shutil
     broken = tmp_path / "broken"
     shutil.copytree(teacher, broken)
-    (broken / "config.json").write_text('{"method": "edm"}')
+    (broken / "config.json").write_text('{"method": "edm", "train": {}}')
     assert cli("sample", "--checkpoint", broken, "--n", 3, "--out", tmp_path / "x.npy") == 2
     assert "config.json is incomplete or invalid" in _error_line(capsys)
+    (broken / "config.json").write_text('[1, 2]')
+    assert cli("train", "--method", "edm", "--steps", 20, "--out", broken, "--resume") == 2
+    assert "is not a cmkit run config" in _error_line(capsys)
     (broken / "config.json").write_text("{not json")
     assert cli("sample", "--checkpoint", broken, "--n", 3, "--out", tmp_path / "x.npy") == 2
     assert "is not valid JSON" in _error_line(capsys)
@@ -115,7 +145,7 @@ def test_cd_teacher_must_be_an_edm_run(tmp_path, teacher, capsys):
                "--out", tmp_path / "cd2", *TINY_TRAIN) == 0  # same dimension: allowed
     assert cli("train", "--method", "cd", "--data", "moons", "--teacher", teacher, "--steps", 2,
                "--set", "model.width=8", "--out", tmp_path / "cd3", *TINY_TRAIN) == 2
-    assert "takes its model settings from the teacher run" in _error_line(capsys)
+    assert "takes those settings from the teacher run" in _error_line(capsys)
 
 
 def test_resume_refuses_config_changes_and_other_methods(teacher, capsys):

@@ -21,6 +21,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import CmkitError
@@ -79,9 +80,12 @@ def read_run_config(path: str | Path) -> dict:
     if not cfg.is_file():
         raise CmkitError(f"{path} is not a cmkit run directory (no config.json)")
     try:
-        return json.loads(cfg.read_text())
+        config = json.loads(cfg.read_text())
     except json.JSONDecodeError as e:
         raise CmkitError(f"{cfg} is not valid JSON: {e}") from None
+    if not isinstance(config, dict) or not isinstance(config.get("train"), dict):
+        raise CmkitError(f"{cfg} is not a cmkit run config")
+    return config
 
 
 def _state_dict(module: torch.nn.Module) -> dict:
@@ -145,13 +149,19 @@ def load_weights(run_dir: Path, name: str) -> dict:
     path = checkpoint_dir(run_dir) / f"{name}.safetensors"
     if not path.is_file():
         raise CmkitError(f"{run_dir} has no {name} weights (no {path.name} in its checkpoint)")
-    return load_file(str(path))
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise CmkitError(f"{path} is unreadable or corrupt: {e}") from None
 
 
 def load_training_state(run_dir: Path):
     """(step, optimizer state dict, rng tensors) of the latest checkpoint."""
     ckpt = checkpoint_dir(run_dir)
-    step = json.loads((ckpt / "state.json").read_text())["step"]
-    optim = _optimizer_from_files(load_file(str(ckpt / "optimizer.safetensors")),
-                                  json.loads((ckpt / "optimizer.json").read_text()))
-    return step, optim, load_file(str(ckpt / "rng.safetensors"))
+    try:
+        step = json.loads((ckpt / "state.json").read_text())["step"]
+        optim = _optimizer_from_files(load_file(str(ckpt / "optimizer.safetensors")),
+                                      json.loads((ckpt / "optimizer.json").read_text()))
+        return step, optim, load_file(str(ckpt / "rng.safetensors"))
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError) as e:
+        raise CmkitError(f"the checkpoint in {run_dir} is unreadable or corrupt: {e}") from None

@@ -32,6 +32,16 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"seeds are integers in [0, 2^63), got {value}")
+    return value
+
+
 def _sigma_list(text: str) -> list[float]:
     from .noise import parse_sigmas
     try:
@@ -54,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", help="edm run to distill from (method cd)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=_seed, help="training seed (batches, noise, initialisation)")
     p.add_argument("--config", help="JSON file of config overrides")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config value, e.g. --set model.width=256 (repeatable)")
@@ -64,33 +74,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sample", help="generate samples from a run")
     p.add_argument("--checkpoint", required=True, help="run directory")
-    p.add_argument("--n", type=int, required=True)
+    p.add_argument("--n", type=int, required=True, help="number of samples")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--steps", type=int, help="consistency steps, or Heun/Euler steps for a teacher")
     group.add_argument("--sigmas", type=_sigma_list, help="explicit decreasing noise levels s1,s2,...")
-    p.add_argument("--sampler", default="heun", choices=("heun", "euler"), help="teacher runs only")
+    p.add_argument("--sampler", choices=("heun", "euler"), help="teacher runs only (default heun)")
     p.add_argument("--s-churn", type=float, default=0.0, help="Heun stochastic churn (EDM S_churn; teacher runs)")
     p.add_argument("--s-tmin", type=float, default=0.0, help="churn only at sigma >= this")
     p.add_argument("--s-tmax", type=float, default=float("inf"), help="churn only at sigma <= this")
     p.add_argument("--s-noise", type=float, default=1.0, help="churn noise scale (EDM S_noise)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0, help="fixes the samples (default 0)")
     p.add_argument("--noise", help=".npy of (n, dim) standard-normal starting noise (replaces the seed's)")
     p.add_argument("--out", required=True, help=".npy (data units) or .png (scatter plot, 2-D data)")
     p.add_argument("--quiet", action="store_true")
 
     p = sub.add_parser("eval", help="compare a run's samples with held-out data")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True, help="run directory")
     p.add_argument("--data", help="reference data (default: the run's own held-out split)")
     p.add_argument("--steps", type=_int_list, help="comma list of step counts (default: 1,2 or 18 for a teacher)")
     p.add_argument("--n", type=int, default=10000, help="samples per step count (capped by the held-out size)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0, help="sampling and subsampling seed")
     p.add_argument("--out", help="write the results as JSON")
     p.add_argument("--quiet", action="store_true")
 
     p = sub.add_parser("demo", help="train a teacher and a CD model on a 2-D set, evaluate, plot")
-    p.add_argument("--out", default="cmkit-demo")
-    p.add_argument("--data", default="moons")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="cmkit-demo", help="output directory (default cmkit-demo)")
+    p.add_argument("--data", default="moons", help="a built-in 2-D set (default moons)")
+    p.add_argument("--seed", type=_seed, default=0, help="training and sampling seed")
     p.add_argument("--force", action="store_true", help="overwrite an existing --out")
     p.add_argument("--quiet", action="store_true")
     return parser
@@ -138,10 +148,13 @@ def cmd_sample(args) -> None:
     if args.n < 1:
         raise CmkitError(f"--n must be positive, got {args.n}")
     run = load_run(args.checkpoint)
+    _refuse_to_clobber(out, run)
+    if args.sampler and not run.is_diffusion:
+        raise CmkitError("--sampler applies to teacher (edm) runs; consistency runs use --steps or --sigmas")
     noise = _load_noise(args.noise) if args.noise else None
     churn = {"s_churn": args.s_churn, "s_tmin": args.s_tmin, "s_tmax": args.s_tmax, "s_noise": args.s_noise}
     x = run.sample(args.n, steps=args.steps, sigmas=args.sigmas, seed=args.seed, noise=noise,
-                   sampler=args.sampler, **(churn if args.s_churn else {}))
+                   sampler=args.sampler or "heun", **(churn if args.s_churn else {}))
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".npy":
         np.save(out, x)
@@ -152,6 +165,13 @@ def cmd_sample(args) -> None:
         scatter_panels([(f"{run.method} samples", x)], out)
     if not args.quiet:
         print(f"wrote {len(x)} samples to {out}")
+
+
+def _refuse_to_clobber(out: Path, run) -> None:
+    """Outputs never land inside a run directory or on the run's data file."""
+    target = out.resolve()
+    if run.path.resolve() in target.parents or str(target) == run.config["data"]["name"]:
+        raise CmkitError(f"refusing to write {out}: it is inside the run directory or is the run's data")
 
 
 def _load_noise(path: str) -> np.ndarray:
@@ -169,7 +189,10 @@ def _load_noise(path: str) -> np.ndarray:
 
 def cmd_eval(args) -> None:
     from .evaluate import evaluate_run
+    from .run import load_run
 
+    if args.out:
+        _refuse_to_clobber(Path(args.out), load_run(args.checkpoint))
     result = evaluate_run(args.checkpoint, data=args.data, steps=args.steps, n=args.n, seed=args.seed)
     text = json.dumps(result, indent=2)
     if args.out:

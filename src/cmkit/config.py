@@ -37,17 +37,45 @@ def read_config_file(path: str | Path) -> dict:
     return config
 
 
+# Types of the keys whose default is null (any other key must keep its default's type).
+NULLABLE = {"teacher": str, "data.name": str, "objective.huber_c": float, "objective.total_steps": int,
+            "train.grad_clip": float}
+
+
+def _check_type(name: str, default, value) -> None:
+    """Refuse a value of another type than the default's (ints may stand for floats)."""
+    expected = NULLABLE.get(name) if default is None or name in NULLABLE else type(default)
+    if value is None and name in NULLABLE:
+        return
+    if expected is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif expected is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif expected is list:
+        ok = isinstance(value, list) and len(value) == len(default)
+    else:
+        ok = isinstance(value, expected)
+    if not ok:
+        raise CmkitError(f"config key {name!r} takes a {expected.__name__}"
+                         + (f" of length {len(default)}" if expected is list else "") + f", got {value!r}")
+
+
 def merge(base: dict, update: dict, where: str = "") -> dict:
-    """Deep-merge ``update`` into a copy of ``base``; unknown keys are an error."""
+    """Deep-merge ``update`` into a copy of ``base``; unknown keys and wrong types are errors."""
     out = copy.deepcopy(base)
+    if not isinstance(update, dict):
+        raise CmkitError(f"config section {where.rstrip('.') or 'top level'!r} must be a JSON object, got {update!r}")
     for key, value in update.items():
         name = f"{where}{key}"
         if key not in out:
             known = ", ".join(where + k for k in out) or "none"
             raise CmkitError(f"unknown config key {name!r} (known here: {known})")
-        if isinstance(out[key], dict) and isinstance(value, dict):
+        if name == "method" and value != out[key]:
+            raise CmkitError(f"the method is chosen with --method, not in the config ({value!r})")
+        if isinstance(out[key], dict):
             out[key] = merge(out[key], value, name + ".")
         else:
+            _check_type(name, out[key], value)
             out[key] = copy.deepcopy(value)
     return out
 
@@ -71,19 +99,19 @@ def build_config(method: str, *, config_file: str | None = None, sets: list[str]
                  **options) -> dict:
     """Defaults <- config file <- options (dotted names, None = not given) <- --set."""
     config = default_config(method)
+    updates = []
     if config_file:
         user = read_config_file(config_file)
         if user.get("method", method) != method:
             raise CmkitError(f"{config_file} is for method {user['method']!r}, not {method!r}")
-        config = merge(config, user)
-    for dotted, value in options.items():
-        if value is not None:
-            config = merge(config, parse_set(f"{dotted}={json.dumps(value)}"))
-    for assignment in sets:
-        update = parse_set(assignment)
+        updates.append((config_file, user))
+    updates += [(dotted, parse_set(f"{dotted}={json.dumps(value)}")) for dotted, value in options.items()
+                if value is not None]
+    updates += [(assignment.split("=")[0], parse_set(assignment)) for assignment in sets]
+    for source, update in updates:
         inherited = {"model", "noise"} & set(update) - set(config)
         if inherited:
-            raise CmkitError(f"unknown config key {assignment.split('=')[0]!r}: method {method} takes "
-                             f"its {' and '.join(sorted(inherited))} settings from the teacher run")
+            raise CmkitError(f"{source!r} sets {' and '.join(sorted(inherited))}: method {method} takes "
+                             "those settings from the teacher run")
         config = merge(config, update)
     return config

@@ -117,13 +117,19 @@ class Run:
         out = []
         for chunk in noise.split(batch_size):
             x = chunk.to(self.device) * levels[0]
-            if self.is_diffusion:
-                extra = {**churn, "generator": gen} if churn else {}
-                out.append(SAMPLERS[sampler](self.model, x, levels, **extra))
-            else:
-                out.append(sample_consistency(self.model, x, levels, sigma_min=self.noise.sigma_min,
-                                              generator=gen))
-        return self.standardizer.to_data(torch.cat(out))
+            try:
+                if self.is_diffusion:
+                    extra = {**churn, "generator": gen} if churn else {}
+                    out.append(SAMPLERS[sampler](self.model, x, levels, **extra))
+                else:
+                    out.append(sample_consistency(self.model, x, levels, sigma_min=self.noise.sigma_min,
+                                                  generator=gen))
+            except ValueError as e:
+                raise CmkitError(str(e)) from None
+        samples = torch.cat(out)
+        if not bool(torch.isfinite(samples).all()):
+            raise CmkitError("sampling produced NaN or inf: check the sampler settings and the run's weights")
+        return self.standardizer.to_data(samples)
 
 
 def load_run(path: str | Path, weights: str = "ema", device: str = "cpu") -> Run:

@@ -55,6 +55,8 @@ def sample_heun(denoiser: Model, x: torch.Tensor, sigmas: torch.Tensor,
     gamma = min(s_churn / n_steps, sqrt(2) - 1), by adding fresh noise scaled by s_noise.
     """
     _check_sigmas(sigmas, allow_zero_end=True)
+    if s_churn < 0 or s_noise < 0:
+        raise ValueError(f"s_churn and s_noise must be >= 0, got {s_churn}, {s_noise}")
     n_steps = len(sigmas) - 1
     for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
         gamma = min(s_churn / n_steps, math.sqrt(2) - 1) if s_tmin <= sigma <= s_tmax else 0.0

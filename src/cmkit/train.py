@@ -96,6 +96,16 @@ def _check_config(config: dict) -> None:
         raise CmkitError(f"train.lr must be positive, got {train['lr']!r}")
     if not (isinstance(train["ema_rate"], (int, float)) and 0 <= train["ema_rate"] < 1):
         raise CmkitError(f"train.ema_rate must be in [0, 1), got {train['ema_rate']!r}")
+    if train["grad_clip"] is not None and train["grad_clip"] < 0:
+        raise CmkitError(f"train.grad_clip must be >= 0 (0 or null: no clipping), got {train['grad_clip']!r}")
+    for key, value in (("train.seed", train["seed"]), ("data.seed", config["data"]["seed"])):
+        if not 0 <= value < 2**63:
+            raise CmkitError(f"{key} must be a non-negative integer, got {value!r}")
+    device = train["device"]
+    if device not in ("cpu", "auto") and not device.startswith("cuda"):
+        raise CmkitError(f"train.device must be cpu, cuda, cuda:N or auto, got {device!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise CmkitError(f"train.device is {device!r} but no CUDA device is available (use cpu or auto)")
 
 
 class Trainer:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -37,14 +38,17 @@ def load_array(path: str | Path) -> np.ndarray:
 
 
 def _load_csv(path: Path) -> np.ndarray:
-    with open(path) as fh:
+    with open(path, encoding="utf-8-sig") as fh:  # -sig: spreadsheets write a byte-order mark
         first = fh.readline()
     try:
         [float(v) for v in first.strip().split(",")]
         skip = 0
     except ValueError:
         skip = 1  # a header row
-    return np.loadtxt(path, delimiter=",", skiprows=skip, ndmin=2, dtype=np.float64)
+    with warnings.catch_warnings():  # an empty file is reported below, as one line
+        warnings.simplefilter("ignore")
+        return np.loadtxt(path, delimiter=",", skiprows=skip, ndmin=2, dtype=np.float64,
+                          encoding="utf-8-sig")
 
 
 def validate_array(arr: np.ndarray, name: str) -> np.ndarray:
