@@ -147,8 +147,8 @@ def cmd_sample(args) -> None:
         raise CmkitError(f"--out must end in .npy or .png, got {out.name!r}")
     if args.n < 1:
         raise CmkitError(f"--n must be positive, got {args.n}")
+    _refuse_to_clobber(out, args.checkpoint)
     run = load_run(args.checkpoint)
-    _refuse_to_clobber(out, run)
     if args.sampler and not run.is_diffusion:
         raise CmkitError("--sampler applies to teacher (edm) runs; consistency runs use --steps or --sigmas")
     noise = _load_noise(args.noise) if args.noise else None
@@ -167,10 +167,13 @@ def cmd_sample(args) -> None:
         print(f"wrote {len(x)} samples to {out}")
 
 
-def _refuse_to_clobber(out: Path, run) -> None:
+def _refuse_to_clobber(out: Path, run_dir: str | Path) -> None:
     """Outputs never land inside a run directory or on the run's data file."""
+    from .checkpoint import read_run_config
+
     target = out.resolve()
-    if run.path.resolve() in target.parents or str(target) == run.config["data"]["name"]:
+    data = read_run_config(run_dir).get("data", {}).get("name")
+    if Path(run_dir).resolve() in target.parents or str(target) == data:
         raise CmkitError(f"refusing to write {out}: it is inside the run directory or is the run's data")
 
 
@@ -189,10 +192,9 @@ def _load_noise(path: str) -> np.ndarray:
 
 def cmd_eval(args) -> None:
     from .evaluate import evaluate_run
-    from .run import load_run
 
     if args.out:
-        _refuse_to_clobber(Path(args.out), load_run(args.checkpoint))
+        _refuse_to_clobber(Path(args.out), args.checkpoint)
     result = evaluate_run(args.checkpoint, data=args.data, steps=args.steps, n=args.n, seed=args.seed)
     text = json.dumps(result, indent=2)
     if args.out:
