@@ -165,7 +165,7 @@ def test_resume_without_checkpoint(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--n", "5", "--out", "x.txt"], "must end in .npy or .png"),
+    (["--n", "5", "--out", "x.txt"], "must end in .npy, .npz or .png"),
     (["--n", "0", "--out", "x.npy"], "--n must be positive"),
     (["--n", "5", "--sigmas", "1,2", "--out", "x.npy"], "strictly decreasing"),
     (["--n", "5", "--sigmas", "200", "--out", "x.npy"], "must lie in"),

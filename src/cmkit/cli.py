@@ -42,6 +42,16 @@ def _seed(text: str) -> int:
     return value
 
 
+def _name_list(text: str) -> list[str]:
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
+    return names
+
+
+INCEPTION_ENV = "CMKIT_INCEPTION_WEIGHTS"
+
+
 def _sigma_list(text: str) -> list[float]:
     from .noise import parse_sigmas
     try:
@@ -57,8 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train an EDM teacher (edm), or a consistency model (cd, ct)")
     p.add_argument("--method", required=True, choices=("edm", "cd", "ct"))
-    p.add_argument("--data", help="built-in set (moons, 8gaussians, checkerboard, swissroll, gaussian, "
-                   "gmm) or an (N, D) .npy/.npz/.csv file")
+    p.add_argument("--data", help="a built-in 2-D set (moons, 8gaussians, checkerboard, swissroll, gaussian, "
+                   "gmm), an (N, D) .npy/.npz/.csv file, an image set (fashion-mnist, digits), a folder of "
+                   "PNG/JPEG images or a uint8 image .npy/.npz")
     p.add_argument("--steps", type=int, help="train until this step")
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--teacher", help="edm run to distill from (method cd)")
@@ -84,8 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--s-tmax", type=float, default=float("inf"), help="churn only at sigma <= this")
     p.add_argument("--s-noise", type=float, default=1.0, help="churn noise scale (EDM S_noise)")
     p.add_argument("--seed", type=_seed, default=0, help="fixes the samples (default 0)")
-    p.add_argument("--noise", help=".npy of (n, dim) standard-normal starting noise (replaces the seed's)")
-    p.add_argument("--out", required=True, help=".npy (data units) or .png (scatter plot, 2-D data)")
+    p.add_argument("--noise", help=".npy of (n, *shape) standard-normal starting noise (replaces the seed's)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda if available)")
+    p.add_argument("--out", required=True, help=".npy (data units; images uint8 NHWC), .npz (images: uint8 "
+                   "NHWC under 'images') or .png (image grid, or a scatter plot of 2-D data)")
     p.add_argument("--quiet", action="store_true")
 
     p = sub.add_parser("eval", help="compare a run's samples with held-out data")
@@ -93,8 +106,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="reference data (default: the run's own held-out split)")
     p.add_argument("--steps", type=_int_list, help="comma list of step counts (default: 1,2 or 18 for a teacher)")
     p.add_argument("--n", type=int, default=10000, help="samples per step count (capped by the held-out size)")
+    p.add_argument("--metric", type=_name_list, help="image runs: comma list of fd (classifier Frechet distance), "
+                   "pr (k-NN precision/recall), fid (Inception-v3; needs --inception-weights); default fd")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda if available)")
+    p.add_argument("--inception-weights", help=f"pt_inception-2015-12-05 weights for fid (or ${INCEPTION_ENV})")
     p.add_argument("--seed", type=_seed, default=0, help="sampling and subsampling seed")
     p.add_argument("--out", help="write the results as JSON")
+    p.add_argument("--quiet", action="store_true")
+
+    p = sub.add_parser("train-classifier", help="train the Fashion-MNIST feature classifier of the fd/pr metrics")
+    p.add_argument("--out", required=True, help="output .safetensors file")
+    p.add_argument("--root", help="folder of the Fashion-MNIST IDX files (default: the Debian package's)")
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--quiet", action="store_true")
 
     p = sub.add_parser("demo", help="train a teacher and a CD model on a 2-D set, evaluate, plot")
@@ -143,28 +167,56 @@ def cmd_sample(args) -> None:
     from .run import load_run
 
     out = Path(args.out)
-    if out.suffix not in (".npy", ".png"):
-        raise CmkitError(f"--out must end in .npy or .png, got {out.name!r}")
+    if out.suffix not in (".npy", ".npz", ".png"):
+        raise CmkitError(f"--out must end in .npy, .npz or .png, got {out.name!r}")
     if args.n < 1:
         raise CmkitError(f"--n must be positive, got {args.n}")
     _refuse_to_clobber(out, args.checkpoint)
-    run = load_run(args.checkpoint)
+    run = load_run(args.checkpoint, device=_device(args.device))
     if args.sampler and not run.is_diffusion:
         raise CmkitError("--sampler applies to teacher (edm) runs; consistency runs use --steps or --sigmas")
     noise = _load_noise(args.noise) if args.noise else None
     churn = {"s_churn": args.s_churn, "s_tmin": args.s_tmin, "s_tmax": args.s_tmax, "s_noise": args.s_noise}
     x = run.sample(args.n, steps=args.steps, sigmas=args.sigmas, seed=args.seed, noise=noise,
                    sampler=args.sampler or "heun", **(churn if args.s_churn else {}))
+    write_samples(x, out, image=run.is_image, title=f"{run.method} samples")
+    if not args.quiet:
+        print(f"wrote {len(x)} samples to {out}")
+
+
+def write_samples(x: np.ndarray, out: Path, *, image: bool, title: str = "samples") -> None:
+    """Images (uint8 NCHW) go to a .png grid or uint8 NHWC .npy/.npz; vectors to .npy/.npz or a
+    2-D scatter .png. Written to a temporary name, then renamed."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    if out.suffix == ".npy":
-        np.save(out, x)
-    else:
+    if out.suffix == ".png":
+        if image:
+            from .plotting import save_image_grid
+            save_image_grid(x, out)
+            return
         if x.shape[1] != 2:
             raise CmkitError(f"a .png scatter plot needs 2-D data; this run has {x.shape[1]} dimensions")
         from .plotting import scatter_panels
-        scatter_panels([(f"{run.method} samples", x)], out)
-    if not args.quiet:
-        print(f"wrote {len(x)} samples to {out}")
+        scatter_panels([(title, x)], out)
+        return
+    data = np.ascontiguousarray(x.transpose(0, 2, 3, 1)) if image else x
+    tmp = out.with_name(out.name + ".tmp" + out.suffix)
+    if out.suffix == ".npy":
+        np.save(tmp, data)
+    else:
+        np.savez(tmp, **{"images" if image else "samples": data})
+    tmp.replace(out)
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name != "cpu" and not name.startswith("cuda"):
+        raise CmkitError(f"--device must be cpu, cuda, cuda:N or auto, got {name!r}")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise CmkitError(f"--device {name}: no CUDA device is available")
+    return name
 
 
 def _refuse_to_clobber(out: Path, run_dir: str | Path) -> None:
@@ -184,8 +236,8 @@ def _load_noise(path: str) -> np.ndarray:
         noise = np.load(path, allow_pickle=False)
     except (ValueError, OSError) as e:
         raise CmkitError(f"cannot read noise file {path}: {e}") from None
-    if noise.dtype.kind != "f" or noise.ndim != 2 or not np.isfinite(noise).all():
-        raise CmkitError(f"noise file {path} must hold finite floats of shape (n, dim), "
+    if noise.dtype.kind != "f" or noise.ndim < 2 or not np.isfinite(noise).all():
+        raise CmkitError(f"noise file {path} must hold finite floats of shape (n, *sample_shape), "
                          f"got {noise.dtype} {noise.shape}")
     return noise.astype(np.float32)
 
@@ -195,7 +247,10 @@ def cmd_eval(args) -> None:
 
     if args.out:
         _refuse_to_clobber(Path(args.out), args.checkpoint)
-    result = evaluate_run(args.checkpoint, data=args.data, steps=args.steps, n=args.n, seed=args.seed)
+    import os
+    result = evaluate_run(args.checkpoint, data=args.data, steps=args.steps, n=args.n, seed=args.seed,
+                          metrics=args.metric, device=_device(args.device),
+                          inception_weights=args.inception_weights or os.environ.get(INCEPTION_ENV))
     text = json.dumps(result, indent=2)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -204,13 +259,24 @@ def cmd_eval(args) -> None:
         print(text)
 
 
+def cmd_train_classifier(args) -> None:
+    from .metrics.classifier import train_classifier
+
+    if args.epochs < 1:
+        raise CmkitError(f"--epochs must be positive, got {args.epochs}")
+    result = train_classifier(args.out, root=args.root, epochs=args.epochs, seed=args.seed,
+                              progress=not args.quiet)
+    print(json.dumps(result, indent=2))
+
+
 def cmd_demo(args) -> None:
     from .demo import run_demo
 
     run_demo(args.out, data=args.data, seed=args.seed, force=args.force, progress=not args.quiet)
 
 
-COMMANDS = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "demo": cmd_demo}
+COMMANDS = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "train-classifier": cmd_train_classifier,
+            "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,14 +14,31 @@ from pathlib import Path
 
 from .errors import CmkitError
 
+
+def _is_image_source(name) -> bool:
+    from .data import is_image_source
+    return isinstance(name, str) and is_image_source(name)
+
 METHODS = ("edm", "cd", "ct")
 
 
-def default_config(method: str) -> dict:
+def _packaged(name: str) -> dict:
+    return json.loads(resources.files("cmkit").joinpath("configs", name).read_text())
+
+
+def default_config(method: str, images: bool = False) -> dict:
+    """The method's defaults; for image data with the image overlay (``configs/images.json``)
+    applied: a UNet instead of the MLP, image batch sizes and learning rates."""
     if method not in METHODS:
         raise CmkitError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
-    text = resources.files("cmkit").joinpath("configs", f"{method}.json").read_text()
-    return json.loads(text)
+    config = _packaged(f"{method}.json")
+    if images:
+        overlay = _packaged("images.json")
+        if "model" in config:  # cd takes its model from the teacher
+            config["model"] = overlay["model"]
+        config = merge(config, {"train": overlay["train"]})
+        config = merge(config, overlay["methods"].get(method, {}))
+    return config
 
 
 def read_config_file(path: str | Path) -> dict:
@@ -38,8 +55,10 @@ def read_config_file(path: str | Path) -> dict:
 
 
 # Types of the keys whose default is null (any other key must keep its default's type).
-NULLABLE = {"teacher": str, "data.name": str, "objective.huber_c": float, "objective.total_steps": int,
-            "train.grad_clip": float}
+NULLABLE = {"teacher": str, "data.name": str, "data.resolution": int, "data.root": str,
+            "objective.huber_c": float, "objective.total_steps": int, "train.grad_clip": float,
+            "model.channels": list, "model.layers_per_block": int, "model.attention": list,
+            "model.dropout": float}
 
 
 def _check_type(name: str, default, value) -> None:
@@ -52,12 +71,13 @@ def _check_type(name: str, default, value) -> None:
     elif expected is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif expected is list:
-        ok = isinstance(value, list) and len(value) == len(default)
+        ok = isinstance(value, list) and (default is None or len(value) == len(default))
     else:
         ok = isinstance(value, expected)
     if not ok:
         raise CmkitError(f"config key {name!r} takes a {expected.__name__}"
-                         + (f" of length {len(default)}" if expected is list else "") + f", got {value!r}")
+                         + (f" of length {len(default)}" if expected is list and default is not None else "")
+                         + f", got {value!r}")
 
 
 def merge(base: dict, update: dict, where: str = "") -> dict:
@@ -97,8 +117,8 @@ def parse_set(assignment: str) -> dict:
 
 def build_config(method: str, *, config_file: str | None = None, sets: list[str] = (),
                  **options) -> dict:
-    """Defaults <- config file <- options (dotted names, None = not given) <- --set."""
-    config = default_config(method)
+    """Defaults <- config file <- options (dotted names, None = not given) <- --set. The defaults
+    are the image ones when the data named last (by any of these) is an image source."""
     updates = []
     if config_file:
         user = read_config_file(config_file)
@@ -108,6 +128,8 @@ def build_config(method: str, *, config_file: str | None = None, sets: list[str]
     updates += [(dotted, parse_set(f"{dotted}={json.dumps(value)}")) for dotted, value in options.items()
                 if value is not None]
     updates += [(assignment.split("=")[0], parse_set(assignment)) for assignment in sets]
+    data_names = [u["data"]["name"] for _, u in updates if isinstance(u.get("data"), dict) and "name" in u["data"]]
+    config = default_config(method, images=bool(data_names) and _is_image_source(data_names[-1]))
     for source, update in updates:
         inherited = {"model", "noise"} & set(update) - set(config)
         if inherited:

@@ -32,3 +32,34 @@ def scatter_panels(panels: list[tuple[str, np.ndarray]], path: str | Path, limit
     fig.savefig(tmp, dpi=120, bbox_inches="tight")
     plt.close(fig)
     tmp.replace(path)
+
+
+def image_grid(images: np.ndarray, nrow: int | None = None, padding: int = 2) -> np.ndarray:
+    """Tile uint8 images (N, C, H, W) into one (H', W', C) array, ``nrow`` per row (default
+    about sqrt(N)), with ``padding`` black pixels between them."""
+    n, c, h, w = images.shape
+    nrow = nrow or int(np.ceil(np.sqrt(n)))
+    rows = int(np.ceil(n / nrow))
+    grid = np.zeros((c, rows * (h + padding) + padding, nrow * (w + padding) + padding), dtype=np.uint8)
+    for i, img in enumerate(images):
+        r, col = divmod(i, nrow)
+        top, left = padding + r * (h + padding), padding + col * (w + padding)
+        grid[:, top:top + h, left:left + w] = img
+    return grid.transpose(1, 2, 0)
+
+
+def save_image_grid(images: np.ndarray, path: str | Path, nrow: int | None = None, scale: int | None = None) -> None:
+    """Write a PNG grid of uint8 images (N, C, H, W); small images are enlarged (nearest) so
+    that a grid is at least about 256 pixels wide. Written atomically."""
+    from PIL import Image
+
+    grid = image_grid(images, nrow)
+    scale = scale or max(1, 256 // grid.shape[1])
+    picture = Image.fromarray(grid[..., 0] if grid.shape[2] == 1 else grid)
+    if scale > 1:
+        picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.png")
+    picture.save(tmp)
+    tmp.replace(path)

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from . import checkpoint
-from .data import Standardizer
+from .data import scaler_from_state
 from .errors import CmkitError
 from .nets import build_backbone
 from .noise import NoiseConfig, append_zero, karras_sigmas
@@ -53,6 +53,52 @@ def default_consistency_sigmas(steps: int, noise: NoiseConfig) -> list[float]:
     return [noise.sigma_max] + np.geomspace(hi, lo, steps - 1).tolist()
 
 
+def default_levels(is_diffusion: bool, noise: NoiseConfig, steps: int | None = None) -> torch.Tensor:
+    """Noise levels for ``steps`` steps: a Karras grid plus 0 (18 steps) for a diffusion model,
+    `default_consistency_sigmas` (1 step) for a consistency model."""
+    if not is_diffusion:
+        return torch.tensor(default_consistency_sigmas(1 if steps is None else steps, noise))
+    steps = 18 if steps is None else steps
+    if steps < 1:
+        raise CmkitError(f"--steps must be at least 1, got {steps}")
+    if steps == 1:
+        return append_zero(torch.tensor([noise.sigma_max]))
+    return append_zero(karras_sigmas(steps, noise.sigma_min, noise.sigma_max, noise.rho))
+
+
+@torch.no_grad()
+def generate(model: torch.nn.Module, shape: tuple[int, ...], levels: torch.Tensor, *, is_diffusion: bool,
+             n: int, seed: int = 0, noise: torch.Tensor | None = None, sampler: str = "heun",
+             sigma_min: float = 0.002, batch_size: int = 100_000, **churn) -> torch.Tensor:
+    """``n`` samples in model units from a denoiser (Heun/Euler over ``levels``, which end in 0) or
+    a consistency function (1 step or multistep over ``levels``). One generator drives the
+    starting noise, multistep re-noising and churn, so a seed fixes the samples."""
+    device = next(model.parameters()).device
+    levels = levels.to(device)
+    gen = torch.Generator().manual_seed(seed)
+    # Always draw the seed's starting noise, so that re-noising in multistep sampling uses
+    # the same later draws whether or not ``noise`` replaces this one.
+    seed_noise = torch.randn(n, *shape, generator=gen)
+    noise = seed_noise if noise is None else torch.as_tensor(noise, dtype=torch.float32)
+    if tuple(noise.shape) != (n, *shape):
+        raise CmkitError(f"noise must have shape {(n, *shape)}, got {tuple(noise.shape)}")
+    out = []
+    for chunk in noise.split(batch_size):
+        x = chunk.to(device) * levels[0]
+        try:
+            if is_diffusion:
+                extra = {**churn, "generator": gen} if churn else {}
+                out.append(SAMPLERS[sampler](model, x, levels, **extra).cpu())
+            else:
+                out.append(sample_consistency(model, x, levels, sigma_min=sigma_min, generator=gen).cpu())
+        except ValueError as e:
+            raise CmkitError(str(e)) from None
+    samples = torch.cat(out)
+    if not bool(torch.isfinite(samples).all()):
+        raise CmkitError("sampling produced NaN or inf: check the sampler settings and the run's weights")
+    return samples
+
+
 class Run:
     """A run directory loaded for inference (EMA weights unless ``weights`` says otherwise)."""
 
@@ -62,7 +108,7 @@ class Run:
         try:
             self.method = self.config["method"]
             self.noise = noise_config(self.config)
-            self.standardizer = Standardizer.from_state(self.config["standardizer"])
+            self.scaler = scaler_from_state(self.config["standardizer"])
             self.model = build_model(self.config)
         except (KeyError, ValueError, TypeError) as e:
             raise CmkitError(f"{self.path}/config.json is incomplete or invalid ({type(e).__name__}: {e})") from None
@@ -78,8 +124,17 @@ class Run:
         return self.method in DIFFUSION_METHODS
 
     @property
+    def is_image(self) -> bool:
+        return self.config["standardizer"].get("kind") == "image"
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """One sample's shape: (dim,) for vectors, (C, H, W) for images."""
+        return tuple(self.scaler.shape) if self.is_image else (self.config["model"]["dim"],)
+
+    @property
     def dim(self) -> int:
-        return self.config["model"]["dim"]
+        return int(np.prod(self.shape))
 
     def sigmas_for(self, steps: int | None = None, sigmas: list[float] | None = None) -> torch.Tensor:
         """The sampler's noise levels: explicit ``sigmas`` win; else a default for ``steps``."""
@@ -88,48 +143,25 @@ class Run:
                 raise CmkitError(f"--sigmas must lie in [{self.noise.sigma_min}, {self.noise.sigma_max}]")
             levels = torch.tensor(sigmas, dtype=torch.float32)
             return append_zero(levels) if self.is_diffusion else levels
-        if self.is_diffusion:
-            steps = 18 if steps is None else steps
-            if steps < 1:
-                raise CmkitError(f"--steps must be at least 1, got {steps}")
-            if steps == 1:
-                return append_zero(torch.tensor([self.noise.sigma_max]))
-            return append_zero(karras_sigmas(steps, self.noise.sigma_min, self.noise.sigma_max, self.noise.rho))
-        return torch.tensor(default_consistency_sigmas(1 if steps is None else steps, self.noise))
+        return default_levels(self.is_diffusion, self.noise, steps)
 
     def sample(self, n: int, *, steps: int | None = None, sigmas: list[float] | None = None,
                seed: int = 0, noise: np.ndarray | torch.Tensor | None = None, sampler: str = "heun",
-               batch_size: int = 100_000, **churn) -> np.ndarray:
-        """``n`` samples in data units. ``noise`` (n, dim) standard normal replaces the seed's.
-        ``churn`` (s_churn, s_tmin, s_tmax, s_noise) goes to the Heun sampler of a teacher run."""
-        levels = self.sigmas_for(steps, sigmas).to(self.device)
+               batch_size: int | None = None, **churn) -> np.ndarray:
+        """``n`` samples in data units: float64 (n, dim) for vectors, uint8 (n, C, H, W) for
+        images. ``noise`` (n, *shape) standard normal replaces the seed's. ``churn`` (s_churn,
+        s_tmin, s_tmax, s_noise) goes to the Heun sampler of a teacher run."""
+        levels = self.sigmas_for(steps, sigmas)
         if sampler not in SAMPLERS:
             raise CmkitError(f"unknown sampler {sampler!r}; known: {', '.join(SAMPLERS)}")
         if churn and not (self.is_diffusion and sampler == "heun"):
             raise CmkitError("stochastic churn applies only to the Heun sampler of a teacher run")
-        gen = torch.Generator().manual_seed(seed)
-        # Always draw the seed's starting noise, so that re-noising in multistep sampling uses
-        # the same later draws whether or not ``noise`` replaces this one.
-        seed_noise = torch.randn(n, self.dim, generator=gen)
-        noise = seed_noise if noise is None else torch.as_tensor(noise, dtype=torch.float32)
-        if noise.shape != (n, self.dim):
-            raise CmkitError(f"noise must have shape ({n}, {self.dim}), got {tuple(noise.shape)}")
-        out = []
-        for chunk in noise.split(batch_size):
-            x = chunk.to(self.device) * levels[0]
-            try:
-                if self.is_diffusion:
-                    extra = {**churn, "generator": gen} if churn else {}
-                    out.append(SAMPLERS[sampler](self.model, x, levels, **extra))
-                else:
-                    out.append(sample_consistency(self.model, x, levels, sigma_min=self.noise.sigma_min,
-                                                  generator=gen))
-            except ValueError as e:
-                raise CmkitError(str(e)) from None
-        samples = torch.cat(out)
-        if not bool(torch.isfinite(samples).all()):
-            raise CmkitError("sampling produced NaN or inf: check the sampler settings and the run's weights")
-        return self.standardizer.to_data(samples)
+        if n < 1:
+            raise CmkitError(f"the number of samples must be positive, got {n}")
+        samples = generate(self.model, self.shape, levels, is_diffusion=self.is_diffusion, n=n, seed=seed,
+                           noise=noise, sampler=sampler, sigma_min=self.noise.sigma_min,
+                           batch_size=batch_size or (256 if self.is_image else 100_000), **churn)
+        return self.scaler.to_data(samples)
 
 
 def load_run(path: str | Path, weights: str = "ema", device: str = "cpu") -> Run:

@@ -20,10 +20,14 @@ from tqdm.auto import tqdm
 
 from . import checkpoint
 from .config import METHODS
-from .data import Standardizer, is_builtin, load_vectors
+from .data import ImageData, ImageScaler, Standardizer, is_builtin, load_dataset, random_hflip
 from .errors import CmkitError
 from .objectives import ConsistencyDistillationLoss, ConsistencyTrainingLoss, EDMLoss
-from .run import Run, build_model, noise_config
+from .plotting import save_image_grid
+from .run import Run, build_model, default_levels, generate, noise_config
+
+GRID_SAMPLES = 64  # images in each progress grid (8 x 8)
+GRID_SEED = 0  # the same noise every time, so grids show the model changing, not the noise
 
 
 def _resolve_teacher(config: dict) -> Run:
@@ -61,8 +65,13 @@ def build_optimizer(params, cfg: dict) -> torch.optim.Optimizer:
     optimizers = {"adam": torch.optim.Adam, "radam": torch.optim.RAdam, "adamw": torch.optim.AdamW}
     if cfg["optimizer"] not in optimizers:
         raise CmkitError(f"unknown optimizer {cfg['optimizer']!r}; known: {', '.join(optimizers)}")
+    extra = {}
+    if cfg["fused_optimizer"]:
+        if cfg["optimizer"] == "radam":
+            raise CmkitError("train.fused_optimizer needs adam or adamw (torch has no fused RAdam)")
+        extra["fused"] = True
     return optimizers[cfg["optimizer"]](params, lr=cfg["lr"], betas=tuple(cfg["betas"]),
-                                        weight_decay=cfg["weight_decay"])
+                                        weight_decay=cfg["weight_decay"], **extra)
 
 
 @torch.no_grad()
@@ -86,6 +95,9 @@ def _check_config(config: dict) -> None:
         raise CmkitError(f"unknown method {config['method']!r}; known: {', '.join(METHODS)}")
     if not config["data"]["name"]:
         raise CmkitError("no data given: pass --data NAME_OR_PATH")
+    for key in ("sample_every",):
+        if not isinstance(train[key], int) or isinstance(train[key], bool) or train[key] < 0:
+            raise CmkitError(f"train.{key} must be a non-negative integer (0: never), got {train[key]!r}")
     for key in ("steps", "batch_size", "log_every", "save_every"):
         if not isinstance(train[key], int) or isinstance(train[key], bool) or train[key] < 1:
             raise CmkitError(f"train.{key} must be a positive integer, got {train[key]!r}")
@@ -118,15 +130,24 @@ class Trainer:
         _check_config(config)
         teacher = _resolve_teacher(config) if config["method"] == "cd" else None
         d = config["data"]
-        data = load_vectors(d["name"], n=d["n"], n_holdout=d["n_holdout"],
-                            holdout_fraction=d["holdout_fraction"], seed=d["seed"])
-        if teacher is not None and teacher.dim != data.dim:
-            raise CmkitError(f"data has {data.dim} dimensions but the teacher was trained on {teacher.dim}")
+        data = load_dataset(d)
+        self.images = isinstance(data, ImageData)
+        shape = data.shape if self.images else (data.dim,)
+        if teacher is not None and teacher.shape != shape:
+            raise CmkitError(f"data has shape {shape} but the teacher was trained on {teacher.shape}")
+        if d["hflip"] and not self.images:
+            raise CmkitError("data.hflip applies to images only")
         if not is_builtin(d["name"]):
             d["name"] = str(Path(d["name"]).resolve())  # so eval finds it from any directory
-        if "standardizer" not in config:
-            config["standardizer"] = Standardizer.fit(data.train, config["noise"]["sigma_data"]).state()
-        config["model"]["dim"] = data.dim
+        if self.images:
+            config.setdefault("standardizer", ImageScaler(shape).state())
+            config["model"].update(image_channels=shape[0], resolution=shape[1])
+            if config["model"]["backbone"] != "unet":
+                raise CmkitError(f"image data needs the unet backbone, not {config['model']['backbone']!r}")
+        else:
+            if "standardizer" not in config:
+                config["standardizer"] = Standardizer.fit(data.train, config["noise"]["sigma_data"]).state()
+            config["model"]["dim"] = data.dim
         self.config = config
         self.protected = [p for p in (config.get("teacher"), None if is_builtin(d["name"]) else d["name"]) if p]
         try:
@@ -149,8 +170,16 @@ class Trainer:
         self.net.to(self.device).train()
         self.ema = copy.deepcopy(self.net).eval().requires_grad_(False)
         self.target = copy.deepcopy(self.net).requires_grad_(False) if self.objective.needs_target else None
+        self.memory_format = torch.channels_last if cfg["channels_last"] and self.images else torch.contiguous_format
+        self.net.to(memory_format=self.memory_format)
         self.optimizer = build_optimizer(self.net.parameters(), cfg)
-        self.x_train = Standardizer.from_state(config["standardizer"]).to_model(train_data)
+        # Vectors are standardised once; images stay uint8 (on the device) until a batch is drawn.
+        self.x_train = (train_data.to(self.device) if self.images
+                        else Standardizer.from_state(config["standardizer"]).to_model(train_data))
+        # torch.compile wraps the online network for the objective's forward passes only, so the
+        # saved weights, the EMA and the target keep their plain module names.
+        self.forward_net = torch.compile(self.net) if cfg["compile"] else self.net
+        self.autocast = torch.autocast(torch.device(self.device).type, dtype=torch.bfloat16, enabled=cfg["bf16"])
 
     @property
     def modules(self) -> dict:
@@ -161,10 +190,15 @@ class Trainer:
 
     def step(self, step: int) -> dict:
         cfg, gen = self.cfg, self.generator
-        batch = self.x_train[torch.randint(len(self.x_train), (cfg["batch_size"],), generator=gen)]
-        per_sample, extra = self.objective(self.net, batch.to(self.device), step=step, target=self.target,
-                                           generator=gen)
-        loss = per_sample.mean()
+        batch = self.x_train[torch.randint(len(self.x_train), (cfg["batch_size"],), generator=gen).to(self.device)]
+        if self.images:
+            if self.config["data"]["hflip"]:
+                batch = random_hflip(batch, gen)
+            batch = ImageScaler.to_model(batch).contiguous(memory_format=self.memory_format)
+        with self.autocast:
+            per_sample, extra = self.objective(self.forward_net, batch.to(self.device), step=step,
+                                               target=self.target, generator=gen)
+        loss = per_sample.float().mean()
         if not torch.isfinite(loss):
             raise CmkitError(f"loss became {loss.item()} at step {step}; the last checkpoint is intact: "
                              "lower --lr or check the data")
@@ -178,6 +212,14 @@ class Trainer:
             ema_update(self.target, self.net, self.objective.target_rate(step))
         ema_update(self.ema, self.net, ema_rate(cfg["ema_rate"], step))
         return {"step": step + 1, "loss": loss.item(), "grad_norm": grad_norm.item(), **extra}
+
+    def sample_grid(self, path: Path) -> None:
+        """A grid of EMA samples (1 step for a consistency model, 18 Heun steps for a teacher)."""
+        noise = noise_config(self.config)
+        diffusion = self.config["method"] == "edm"
+        x = generate(self.ema, tuple(self.x_train.shape[1:]), default_levels(diffusion, noise),
+                     is_diffusion=diffusion, n=GRID_SAMPLES, seed=GRID_SEED, sigma_min=noise.sigma_min)
+        save_image_grid(ImageScaler.to_data(x), path)
 
     def save(self, out: Path, step: int) -> None:
         checkpoint.save_checkpoint(out, modules=self.modules, optimizer=self.optimizer, step=step,
@@ -239,6 +281,8 @@ def train(config: dict, out: str | Path, *, resume: bool = False, force: bool = 
                 bar.set_postfix(loss=f"{record['loss']:.4g}")
             if done % cfg["save_every"] == 0 and done != total:
                 trainer.save(out, done)
+            if trainer.images and cfg["sample_every"] and (done % cfg["sample_every"] == 0 or done == total):
+                trainer.sample_grid(out / "samples" / f"step-{done:07d}.png")
     trainer.save(out, total)
     return out
 

@@ -10,6 +10,8 @@ import torch
 
 from ..errors import CmkitError
 from .files import SUFFIXES, load_array, validate_array
+from .images import (IMAGE_SETS, ImageData, ImageScaler, is_image_source, load_images, random_hflip,
+                     read_idx)
 from .toys import TOY_SETS, TOY_TRUTH
 
 
@@ -25,7 +27,26 @@ class VectorData:
 
 
 def is_builtin(name: str) -> bool:
-    return name in TOY_SETS
+    return name in TOY_SETS or name in IMAGE_SETS
+
+
+def load_dataset(d: dict, name: str | None = None) -> VectorData | ImageData:
+    """The data a run's ``data`` config section names (or ``name`` with that section's settings)."""
+    name = name or d["name"]
+    if is_image_source(name):
+        return load_images(name, resolution=d["resolution"], fit=d["fit"], root=d["root"],
+                           holdout_fraction=d["holdout_fraction"], seed=d["seed"])
+    if d["resolution"] is not None or d["hflip"]:
+        raise CmkitError(f"data.resolution and data.hflip apply to images; {name!r} is vector data")
+    return load_vectors(name, n=d["n"], n_holdout=d["n_holdout"], holdout_fraction=d["holdout_fraction"],
+                        seed=d["seed"])
+
+
+def scaler_from_state(state: dict):
+    """The data <-> model map a run's config stores: an ImageScaler or a Standardizer."""
+    if state.get("kind") == "image":
+        return ImageScaler(state["shape"])
+    return Standardizer.from_state(state)
 
 
 def load_vectors(name_or_path: str, *, n: int = 20000, n_holdout: int = 10000,
@@ -80,5 +101,6 @@ class Standardizer:
         return cls(state["mean"], state["std"], state["sigma_data"])
 
 
-__all__ = ["Standardizer", "TOY_SETS", "TOY_TRUTH", "VectorData", "is_builtin", "load_array",
-           "load_vectors", "validate_array"]
+__all__ = ["IMAGE_SETS", "ImageData", "ImageScaler", "Standardizer", "TOY_SETS", "TOY_TRUTH", "VectorData",
+           "is_builtin", "is_image_source", "load_array", "load_dataset", "load_images", "load_vectors",
+           "random_hflip", "read_idx", "scaler_from_state", "validate_array"]

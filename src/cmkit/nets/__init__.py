@@ -12,6 +12,7 @@ from typing import Protocol
 import torch
 
 from .mlp import ResidualMLP
+from .unet import PRESETS as UNET_PRESETS, UNet
 
 
 class Backbone(Protocol):
@@ -19,7 +20,7 @@ class Backbone(Protocol):
                  class_labels: torch.Tensor | None = None) -> torch.Tensor: ...
 
 
-BACKBONES = {"mlp": ResidualMLP}
+BACKBONES = {"mlp": ResidualMLP, "unet": UNet}
 
 
 def build_backbone(config: dict) -> torch.nn.Module:
@@ -32,4 +33,4 @@ def build_backbone(config: dict) -> torch.nn.Module:
     return BACKBONES[name](**kwargs)
 
 
-__all__ = ["Backbone", "BACKBONES", "ResidualMLP", "build_backbone"]
+__all__ = ["Backbone", "BACKBONES", "ResidualMLP", "UNET_PRESETS", "UNet", "build_backbone"]

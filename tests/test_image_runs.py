@@ -1,0 +1,112 @@
+"""Image runs end to end through the command line: digits teacher + CD, grids, samples, FD;
+bit-exact resume with flips; the speed options give the same training step."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cmkit.config import build_config
+from cmkit.evaluate import ImageScorer
+from cmkit.train import Trainer
+from helpers import cli, tree_digest
+
+REPO = Path(__file__).resolve().parents[1]
+DIGITS = ["--data", "digits", "--set", "model.preset=tiny", "--batch-size", "64", "--quiet",
+          "--set", "train.log_every=10"]
+
+
+@pytest.fixture(scope="module")
+def digits_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("digits")
+    assert cli("train", "--method", "edm", "--steps", 400, "--out", root / "teacher", "--lr", "2e-3",
+               "--set", "train.sample_every=200", "--set", "train.lr_warmup=50", *DIGITS) == 0
+    assert cli("train", "--method", "cd", "--teacher", root / "teacher", "--steps", 200, "--out", root / "cd",
+               "--set", "train.sample_every=100", *DIGITS) == 0
+    return root
+
+
+def test_training_writes_progress_grids(digits_runs):
+    grids = sorted(p.name for p in (digits_runs / "teacher" / "samples").iterdir())
+    assert grids == ["step-0000200.png", "step-0000400.png"]
+    assert (digits_runs / "cd" / "samples" / "step-0000200.png").is_file()
+
+
+def test_sample_grid_and_npz(digits_runs, tmp_path):
+    assert cli("sample", "--checkpoint", digits_runs / "cd", "--n", 10, "--steps", 2, "--out", tmp_path / "s.npz",
+               "--quiet") == 0
+    with np.load(tmp_path / "s.npz") as f:
+        images = f["images"]
+    assert images.shape == (10, 8, 8, 1) and images.dtype == np.uint8
+    assert cli("sample", "--checkpoint", digits_runs / "cd", "--n", 16, "--out", tmp_path / "g.png", "--quiet") == 0
+    grid = np.asarray(Image.open(tmp_path / "g.png"))
+    assert grid.ndim == 2 and grid.shape[0] == grid.shape[1] >= 4 * 8  # 4 x 4 tiles, enlarged
+    # The same seed gives the same images; .npy holds the same NHWC array.
+    assert cli("sample", "--checkpoint", digits_runs / "cd", "--n", 10, "--steps", 2, "--out", tmp_path / "s.npy",
+               "--quiet") == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "s.npy"), images)
+
+
+def test_eval_reports_fd_beside_the_floor_and_beats_noise(digits_runs, tmp_path):
+    results = {}
+    for name, steps in (("teacher", "18"), ("cd", "1,2")):
+        out = tmp_path / f"{name}.json"
+        assert cli("eval", "--checkpoint", digits_runs / name, "--steps", steps, "--metric", "fd,pr",
+                   "--out", out, "--quiet") == 0
+        results[name] = json.loads(out.read_text())
+    floor = results["teacher"]["floor"]["fd"]
+    assert results["teacher"]["n"] == 180 and floor > 0
+    from cmkit.data import load_images
+    held = load_images("digits").holdout
+    scorer = ImageScorer(held, ["fd"], None)
+    noise = torch.randint(0, 256, held.shape, generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    noise_fd = scorer.score(noise)["fd"]
+    teacher_fd = results["teacher"]["results"][0]["fd"]
+    cd_fd = [r["fd"] for r in results["cd"]["results"]]
+    assert floor < teacher_fd < 0.5 * noise_fd, (floor, teacher_fd, noise_fd)
+    assert max(cd_fd) < 0.5 * noise_fd, (cd_fd, noise_fd)
+    assert 0 <= results["cd"]["results"][0]["precision"] <= 1
+
+
+def test_image_resume_is_bit_exact_with_flips(tmp_path):
+    args = ["--method", "edm", *DIGITS, "--set", "data.hflip=true", "--set", "train.save_every=3",
+            "--set", "train.sample_every=0", "--batch-size", "8"]
+    assert cli("train", *args, "--steps", 6, "--out", tmp_path / "straight") == 0
+    assert cli("train", *args, "--steps", 3, "--out", tmp_path / "split") == 0
+    assert cli("train", "--method", "edm", "--resume", "--steps", 6, "--out", tmp_path / "split", "--quiet") == 0
+    a, b = tree_digest(tmp_path / "straight" / "checkpoint"), tree_digest(tmp_path / "split" / "checkpoint")
+    assert a == b
+
+
+def _first_loss(**flags):
+    sets = {"data.name": "digits", "model.preset": "tiny", "train.batch_size": 16, "train.sample_every": 0,
+            "train.optimizer": "adamw", **flags}
+    trainer = Trainer(build_config("edm", **sets))
+    return trainer.step(0)["loss"], trainer
+
+
+def test_speed_options_give_the_same_step():
+    eager, trainer = _first_loss()
+    channels_last, t2 = _first_loss(**{"train.channels_last": True, "train.fused_optimizer": True})
+    assert channels_last == pytest.approx(eager, rel=1e-5)
+    assert t2.net.backbone.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    for a, b in zip(trainer.net.parameters(), t2.net.parameters()):  # fused AdamW takes the same step
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    bf16, _ = _first_loss(**{"train.bf16": True})
+    assert bf16 == pytest.approx(eager, rel=0.05) and bf16 != eager
+
+
+def test_gpu_benchmark_script_runs_tiny_on_cpu(tmp_path):
+    env = {"TINY": "1", "CMKIT": f"{sys.executable} -m cmkit", "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run(["bash", str(REPO / "bench" / "gpu_fashion_mnist.sh"), str(tmp_path / "out")],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "FD/teacher" in proc.stdout and "floor" in proc.stdout
+    cd = json.loads((tmp_path / "out" / "eval-cd.json").read_text())
+    assert [r["nfe"] for r in cd["results"]] == [1, 2] and cd["n"] == 300
+    assert (tmp_path / "out" / "cd-1step.png").is_file()
