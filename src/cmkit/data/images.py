@@ -202,7 +202,7 @@ def to_nchw(arr: np.ndarray, name: str) -> np.ndarray:
     """(N, H, W) -> (N, 1, H, W); NHWC -> NCHW; NCHW stays. Only uint8 with 1 or 3 channels."""
     if arr.dtype != np.uint8:
         raise CmkitError(f"{name}: images must be uint8 (0..255), got {arr.dtype}; convert with "
-                         "np.clip(x, 0, 255).astype(np.uint8)")
+                         "np.clip(x, 0, 255).astype(np.uint8) (vector data must have shape (N, D))")
     if arr.ndim == 3:
         return arr[:, None]
     if arr.ndim != 4:
