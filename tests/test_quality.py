@@ -68,3 +68,30 @@ def test_gaussian_mixture_weights_and_likelihood(gmm_runs, method, steps):
     data_nll = -truth.log_prob(truth.sample(20000, torch.Generator().manual_seed(3))).mean().item()
     nll = -truth.log_prob(x).mean().item()
     assert nll < data_nll + NLL_TOL[method], (nll, data_nll)
+
+
+# The objectives of issue 4, on the same Gaussian: ECT, sCT and sCD start from the teacher above.
+MODERN = {"ict": (2000, {}), "ect": (800, {"init": True}), "sct": (800, {"init": True}),
+          "scd": (800, {"teacher": True}), "meanflow": (2000, {})}
+MODERN_TOL = {"ict": (0.1, 0.25), "ect": (0.08, 0.15), "sct": (0.08, 0.15), "scd": (0.08, 0.15),
+              "meanflow": (0.1, 0.2)}
+
+
+@pytest.fixture(scope="module")
+def modern_runs(gaussian_runs, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("modern")
+    teacher = str(gaussian_runs["teacher"].path)
+    runs = {}
+    for method, (steps, sources) in MODERN.items():
+        extra = {key: teacher for key in sources}
+        runs[method] = _train(tmp, method, "gaussian", steps, **extra)
+    return runs
+
+
+@pytest.mark.parametrize("method", list(MODERN))
+def test_modern_methods_reach_gaussian_moments_in_one_step(modern_runs, method):
+    truth = TOY_TRUTH["gaussian"]
+    x = modern_runs[method].sample(20000, steps=1, seed=1)
+    mean_tol, cov_tol = MODERN_TOL[method]
+    np.testing.assert_allclose(x.mean(0), truth.mean().numpy(), atol=mean_tol)
+    np.testing.assert_allclose(np.cov(x.T), truth.cov().numpy(), atol=cov_tol)

@@ -65,14 +65,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"cmkit {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    p = sub.add_parser("train", help="train an EDM teacher (edm), or a consistency model (cd, ct)")
-    p.add_argument("--method", required=True, choices=("edm", "cd", "ct"))
+    p = sub.add_parser("train", help="train an EDM teacher (edm), or a consistency model "
+                       "(cd, ct, ict, ect, sct, scd, meanflow)")
+    p.add_argument("--method", required=True, choices=("edm", "cd", "ct", "ict", "ect", "sct", "scd", "meanflow"))
     p.add_argument("--data", help="a built-in 2-D set (moons, 8gaussians, checkerboard, swissroll, gaussian, "
                    "gmm), an (N, D) .npy/.npz/.csv file, an image set (fashion-mnist, digits), a folder of "
                    "PNG/JPEG images or a uint8 image .npy/.npz")
     p.add_argument("--steps", type=int, help="train until this step")
     p.add_argument("--out", required=True, help="run directory")
-    p.add_argument("--teacher", help="edm run to distill from (method cd)")
+    p.add_argument("--teacher", help="edm run to distill from (methods cd, scd)")
+    p.add_argument("--init", help="edm run whose weights to start from (methods ect, sct, scd)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--seed", type=_seed, help="training seed (batches, noise, initialisation)")
@@ -141,14 +143,19 @@ def cmd_train(args) -> None:
 
     options = {"data.name": args.data, "train.steps": args.steps, "train.batch_size": args.batch_size,
                "train.lr": args.lr, "train.seed": args.seed}
+    from .config import INIT_METHODS, TEACHER_METHODS
     if args.teacher is not None:
-        if args.method != "cd":
-            raise CmkitError("--teacher is only for --method cd")
+        if args.method not in TEACHER_METHODS:
+            raise CmkitError(f"--teacher is only for --method {' or '.join(TEACHER_METHODS)}")
         options["teacher"] = args.teacher
+    if args.init is not None:
+        if args.method not in INIT_METHODS:
+            raise CmkitError(f"--init is only for --method {', '.join(INIT_METHODS)}")
+        options["init"] = args.init
     if args.resume:
         if args.steps is None:
             raise CmkitError("--resume needs --steps (the step to train until)")
-        changed = [flag for flag, value in (("--data", args.data), ("--teacher", args.teacher),
+        changed = [flag for flag, value in (("--data", args.data), ("--teacher", args.teacher), ("--init", args.init),
                                             ("--batch-size", args.batch_size), ("--lr", args.lr),
                                             ("--seed", args.seed), ("--config", args.config),
                                             ("--set", args.set or None)) if value is not None]

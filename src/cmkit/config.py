@@ -19,11 +19,15 @@ def _is_image_source(name) -> bool:
     from .data import is_image_source
     return isinstance(name, str) and is_image_source(name)
 
-METHODS = ("edm", "cd", "ct")
+METHODS = ("edm", "cd", "ct", "ict", "ect", "sct", "scd", "meanflow")
+TEACHER_METHODS = ("cd", "scd")  # distil from --teacher (and take its model, noise and data units)
+INIT_METHODS = ("ect", "sct", "scd")  # may start from an EDM run's weights with --init
 
 
 def _packaged(name: str) -> dict:
-    return json.loads(resources.files("cmkit").joinpath("configs", name).read_text())
+    """A packaged config; keys starting with '_' (the source of the defaults) are documentation."""
+    config = json.loads(resources.files("cmkit").joinpath("configs", name).read_text())
+    return {k: v for k, v in config.items() if not k.startswith("_")}
 
 
 def default_config(method: str, images: bool = False) -> dict:
@@ -37,7 +41,10 @@ def default_config(method: str, images: bool = False) -> dict:
         if "model" in config:  # cd takes its model from the teacher
             config["model"] = overlay["model"]
         config = merge(config, {"train": overlay["train"]})
-        config = merge(config, overlay["methods"].get(method, {}))
+        extra = overlay["methods"].get(method, {})
+        if "model" not in config:
+            extra = {k: v for k, v in extra.items() if k != "model"}
+        config = merge(config, extra)
     return config
 
 
@@ -55,7 +62,7 @@ def read_config_file(path: str | Path) -> dict:
 
 
 # Types of the keys whose default is null (any other key must keep its default's type).
-NULLABLE = {"teacher": str, "data.name": str, "data.resolution": int, "data.root": str,
+NULLABLE = {"teacher": str, "init": str, "objective.tangent_warmup": int, "data.name": str, "data.resolution": int, "data.root": str,
             "objective.huber_c": float, "objective.total_steps": int, "train.grad_clip": float,
             "model.channels": list, "model.layers_per_block": int, "model.attention": list,
             "model.dropout": float}
@@ -136,4 +143,9 @@ def build_config(method: str, *, config_file: str | None = None, sets: list[str]
             raise CmkitError(f"{source!r} sets {' and '.join(sorted(inherited))}: method {method} takes "
                              "those settings from the teacher run")
         config = merge(config, update)
+    if config.get("init"):
+        touched = sorted({"model", "noise"} & {k for _, u in updates for k in u})
+        if touched:
+            raise CmkitError(f"with --init the run takes its {' and '.join(touched)} from the --init run; "
+                             "drop those settings")
     return config

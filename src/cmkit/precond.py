@@ -52,3 +52,34 @@ class ConsistencyFunction(Preconditioned):
 
     def scalings(self, sigma):
         return consistency_scalings(sigma, self.noise.sigma_data, self.noise.sigma_min)
+
+
+MEANFLOW_TIME_SCALES = {"flow": 1.0, "flow1000": 1000.0}
+
+
+class MeanFlowModel(nn.Module):
+    """MeanFlow's average velocity u(z, r, t) in flow-matching time (z_t = (1 - t) x0 + t eps, t = 1
+    is noise), on a backbone with two time inputs (t, t - r).
+
+    ``forward(x, sigma)`` is the model seen as a consistency function in cmkit's sigma: the state
+    converts at the edge (t = sigma / (1 + sigma), z_t = (1 - t) x_sigma) and one jump to r = 0 gives
+    x0 = z_t - t u(z_t, 0, t); at sigma = 0 this is x itself."""
+
+    def __init__(self, backbone: nn.Module, noise: NoiseConfig = NoiseConfig(), c_noise: str = "flow"):
+        super().__init__()
+        if c_noise not in MEANFLOW_TIME_SCALES:
+            raise ValueError(f"unknown MeanFlow c_noise {c_noise!r}; known: {', '.join(MEANFLOW_TIME_SCALES)}")
+        self.backbone, self.noise, self.c_noise_name = backbone, noise, c_noise
+        self.time_scale = MEANFLOW_TIME_SCALES[c_noise]
+
+    def velocity(self, z: torch.Tensor, r: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        times = torch.stack([t, t - r], dim=1).to(z.dtype) * self.time_scale
+        return self.backbone(z, times, None)
+
+    def forward(self, x: torch.Tensor, sigma, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
+        if sigma.ndim == 0:
+            sigma = sigma.expand(x.shape[0])
+        t = sigma / (1 + sigma)
+        z = broadcast_to_batch(1 - t, x) * x
+        return z - broadcast_to_batch(t, x) * self.velocity(z, torch.zeros_like(t), t).to(x.dtype)

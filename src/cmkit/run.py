@@ -16,7 +16,7 @@ from .data import scaler_from_state
 from .errors import CmkitError
 from .nets import build_backbone
 from .noise import NoiseConfig, append_zero, karras_sigmas
-from .precond import ConsistencyFunction, EDMDenoiser
+from .precond import ConsistencyFunction, EDMDenoiser, MeanFlowModel
 from .sampling import sample_consistency, sample_euler, sample_heun
 
 DIFFUSION_METHODS = ("edm",)
@@ -27,11 +27,18 @@ def noise_config(config: dict) -> NoiseConfig:
     return NoiseConfig(**config["noise"])
 
 
+# How each method wraps its backbone. sCT/sCD's TrigFlow consistency function is EDM's
+# preconditioning in sigma (see objectives/scm.py), so it shares EDMDenoiser and a teacher's weights.
+WRAPPERS = {"edm": EDMDenoiser, "cd": ConsistencyFunction, "ct": ConsistencyFunction, "ict": ConsistencyFunction,
+            "ect": ConsistencyFunction, "sct": EDMDenoiser, "scd": EDMDenoiser, "meanflow": MeanFlowModel}
+
+
 def build_model(config: dict) -> torch.nn.Module:
     """The preconditioned network a config describes (random weights)."""
+    if config["method"] not in WRAPPERS:
+        raise CmkitError(f"unknown method {config['method']!r}; known: {', '.join(WRAPPERS)}")
     backbone = build_backbone(config["model"])
-    wrapper = EDMDenoiser if config["method"] in DIFFUSION_METHODS else ConsistencyFunction
-    return wrapper(backbone, noise_config(config), c_noise=config["model"].get("c_noise", "edm"))
+    return WRAPPERS[config["method"]](backbone, noise_config(config), c_noise=config["model"].get("c_noise", "edm"))
 
 
 MULTISTEP_HIGH = 0.8

@@ -19,10 +19,11 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoint
-from .config import METHODS
+from .config import INIT_METHODS, METHODS, TEACHER_METHODS
 from .data import ImageData, ImageScaler, Standardizer, is_builtin, load_dataset, random_hflip
 from .errors import CmkitError
-from .objectives import ConsistencyDistillationLoss, ConsistencyTrainingLoss, EDMLoss
+from .objectives import (ConsistencyDistillationLoss, ConsistencyTrainingLoss, ContinuousConsistencyLoss, EDMLoss,
+                         EasyConsistencyTuningLoss, ImprovedConsistencyTrainingLoss, MeanFlowLoss)
 from .plotting import save_image_grid
 from .run import Run, build_model, default_levels, generate, noise_config
 
@@ -30,20 +31,38 @@ GRID_SAMPLES = 64  # images in each progress grid (8 x 8)
 GRID_SEED = 0  # the same noise every time, so grids show the model changing, not the noise
 
 
-def _resolve_teacher(config: dict) -> Run:
-    """CD inherits the teacher's noise range, standardisation and architecture."""
-    path = config.get("teacher")
-    if not path:
-        raise CmkitError("method cd needs a teacher: pass --teacher RUN (a trained edm run)")
-    teacher = Run(path)
-    if teacher.method != "edm":
-        raise CmkitError(f"teacher {path} is a {teacher.method} run; cd needs an edm teacher")
-    config["teacher"] = str(Path(path).resolve())
-    for key in ("noise", "model", "standardizer"):
-        if key in config and config[key] != teacher.config[key]:  # a resumed run
-            raise CmkitError(f"teacher {path} has changed since this run started (its {key} differs)")
-        config[key] = copy.deepcopy(teacher.config[key])
-    return teacher
+def _resolve_edm_run(config: dict, key: str, flag: str) -> Run:
+    """A teacher (``key`` = "teacher") or an initialisation (``key`` = "init"): an EDM run whose noise
+    range, standardisation and architecture the new run inherits."""
+    path = config[key]
+    source = Run(path)
+    if source.method != "edm":
+        raise CmkitError(f"{flag} {path} is a {source.method} run; {config['method']} needs an edm run")
+    config[key] = str(Path(path).resolve())
+    resumed = "standardizer" in config  # set when a run starts; a fresh config has none
+    for section in ("noise", "model", "standardizer"):
+        if resumed and config[section] != source.config[section]:
+            raise CmkitError(f"{flag} {path} has changed since this run started (its {section} differs)")
+    for section in ("noise", "model", "standardizer"):
+        config[section] = copy.deepcopy(source.config[section])
+    return source
+
+
+def _resolve_sources(config: dict) -> tuple[Run | None, Run | None]:
+    """(teacher, init) of a run. sCD starts from its teacher unless --init says otherwise."""
+    method = config["method"]
+    teacher = init = None
+    if method in TEACHER_METHODS:
+        if not config.get("teacher"):
+            raise CmkitError(f"method {method} needs a teacher: pass --teacher RUN (a trained edm run)")
+        teacher = _resolve_edm_run(config, "teacher", "--teacher")
+    if method in INIT_METHODS and config.get("init"):
+        init = _resolve_edm_run(config, "init", "--init")
+        if teacher is not None and init.config["model"] != teacher.config["model"]:
+            raise CmkitError("--init and --teacher runs must share one architecture")
+    elif method == "scd":
+        init = teacher
+    return teacher, init
 
 
 def build_objective(config: dict, teacher: Run | None):
@@ -53,11 +72,21 @@ def build_objective(config: dict, teacher: Run | None):
     if method == "cd":
         obj.pop("init_from_teacher")
         return ConsistencyDistillationLoss(teacher.model, noise, **obj)
-    if method == "ct":
-        # Fix the curriculum's horizon in the saved config, so a resume with another --steps
-        # keeps the same N(k) and mu(k).
+    if "total_steps" in obj:
+        # Fix a curriculum's horizon in the saved config, so a resume with another --steps keeps it.
         config["objective"]["total_steps"] = obj["total_steps"] = obj["total_steps"] or config["train"]["steps"]
+    if method == "ct":
         return ConsistencyTrainingLoss(noise, **obj)
+    if method == "ict":
+        return ImprovedConsistencyTrainingLoss(noise, **obj)
+    if method == "ect":
+        return EasyConsistencyTuningLoss(noise, **obj)
+    if method in ("sct", "scd"):
+        if obj["tangent_warmup"] is None:  # the paper's 10k steps, at most a quarter of the run
+            config["objective"]["tangent_warmup"] = obj["tangent_warmup"] = min(10000, config["train"]["steps"] // 4)
+        return ContinuousConsistencyLoss(noise, teacher=None if teacher is None else teacher.model, **obj)
+    if method == "meanflow":
+        return MeanFlowLoss(**obj)
     raise CmkitError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
 
 
@@ -128,13 +157,14 @@ class Trainer:
 
     def __init__(self, config: dict):
         _check_config(config)
-        teacher = _resolve_teacher(config) if config["method"] == "cd" else None
+        teacher, init = _resolve_sources(config)
         d = config["data"]
         data = load_dataset(d)
         self.images = isinstance(data, ImageData)
         shape = data.shape if self.images else (data.dim,)
-        if teacher is not None and teacher.shape != shape:
-            raise CmkitError(f"data has shape {shape} but the teacher was trained on {teacher.shape}")
+        for source, what in ((teacher, "teacher"), (init, "--init run")):
+            if source is not None and source.shape != shape:
+                raise CmkitError(f"data has shape {shape} but the {what} was trained on {source.shape}")
         if d["hflip"] and not self.images:
             raise CmkitError("data.hflip applies to images only")
         if not is_builtin(d["name"]):
@@ -151,11 +181,11 @@ class Trainer:
         self.config = config
         self.protected = [p for p in (config.get("teacher"), None if is_builtin(d["name"]) else d["name"]) if p]
         try:
-            self._build(config, teacher, data.train)
+            self._build(config, teacher, init, data.train)
         except (ValueError, TypeError, KeyError) as e:
             raise CmkitError(f"invalid config: {e}") from None
 
-    def _build(self, config: dict, teacher: Run | None, train_data) -> None:
+    def _build(self, config: dict, teacher: Run | None, init: Run | None, train_data) -> None:
         self.objective = build_objective(config, teacher)
         self.cfg = cfg = config["train"]
         self.device = cfg["device"] if cfg["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
@@ -165,14 +195,18 @@ class Trainer:
         self.net = build_model(config)
         if teacher is not None:
             teacher.model.to(self.device)
-            if config["objective"]["init_from_teacher"]:
-                self.net.backbone.load_state_dict(teacher.model.backbone.state_dict())
+            if config["objective"].get("init_from_teacher"):
+                init = teacher
+        if init is not None:
+            self.net.backbone.load_state_dict(init.model.backbone.state_dict())
         self.net.to(self.device).train()
+        self.extra_modules = {name: m.to(self.device) for name, m in getattr(self.objective, "modules", {}).items()}
         self.ema = copy.deepcopy(self.net).eval().requires_grad_(False)
         self.target = copy.deepcopy(self.net).requires_grad_(False) if self.objective.needs_target else None
         self.memory_format = torch.channels_last if cfg["channels_last"] and self.images else torch.contiguous_format
         self.net.to(memory_format=self.memory_format)
-        self.optimizer = build_optimizer(self.net.parameters(), cfg)
+        params = list(self.net.parameters()) + [p for m in self.extra_modules.values() for p in m.parameters()]
+        self.optimizer = build_optimizer(params, cfg)
         # Vectors are standardised once; images stay uint8 (on the device) until a batch is drawn.
         self.x_train = (train_data.to(self.device) if self.images
                         else Standardizer.from_state(config["standardizer"]).to_model(train_data))
@@ -183,7 +217,7 @@ class Trainer:
 
     @property
     def modules(self) -> dict:
-        modules = {"model": self.net, "ema": self.ema}
+        modules = {"model": self.net, "ema": self.ema, **self.extra_modules}
         if self.target is not None:
             modules["target"] = self.target
         return modules
@@ -204,7 +238,7 @@ class Trainer:
                              "lower --lr or check the data")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), cfg["grad_clip"] or math.inf)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.optimizer.param_groups[0]["params"], cfg["grad_clip"] or math.inf)
         for group in self.optimizer.param_groups:
             group["lr"] = cfg["lr"] * min(1.0, (step + 1) / max(1, cfg["lr_warmup"]))
         self.optimizer.step()

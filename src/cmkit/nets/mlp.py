@@ -61,8 +61,11 @@ class ResidualMLP(nn.Module):
     """
 
     def __init__(self, dim: int, width: int = 256, depth: int = 4, emb_dim: int = 64,
-                 embedding: str = "fourier", fourier_scale: float = 1.0, dropout: float = 0.0):
+                 embedding: str = "fourier", fourier_scale: float = 1.0, dropout: float = 0.0,
+                 time_inputs: int = 1):
         super().__init__()
+        if time_inputs not in (1, 2):
+            raise ValueError(f"time_inputs must be 1 or 2, got {time_inputs}")
         if dim < 1 or width < 1 or depth < 1:
             raise ValueError("dim, width and depth must be positive")
         if embedding == "fourier":
@@ -72,6 +75,9 @@ class ResidualMLP(nn.Module):
         else:
             raise ValueError(f"unknown embedding {embedding!r}; use 'fourier' or 'positional'")
         self.time_mlp = nn.Sequential(nn.Linear(emb_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        # A second time input (MeanFlow's t - r) gets its own projection of the same embedding.
+        self.time_mlp2 = (nn.Sequential(nn.Linear(emb_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+                          if time_inputs == 2 else None)
         self.inp = nn.Linear(dim, width)
         self.blocks = nn.ModuleList(ResidualBlock(width, emb_dim, dropout) for _ in range(depth))
         self.out_norm = nn.LayerNorm(width)
@@ -82,7 +88,13 @@ class ResidualMLP(nn.Module):
         if x.ndim != 2:
             raise ValueError(f"ResidualMLP takes (batch, dim) inputs, got shape {tuple(x.shape)}")
         c_noise = c_noise.to(x.dtype).expand(x.shape[0]) if c_noise.ndim == 0 else c_noise.to(x.dtype)
-        emb = self.time_mlp(self.time_embed(c_noise))
+        if (c_noise.ndim == 2) != (self.time_mlp2 is not None):
+            raise ValueError(f"this ResidualMLP takes {1 if self.time_mlp2 is None else 2} time input(s), "
+                             f"got c_noise of shape {tuple(c_noise.shape)}")
+        if c_noise.ndim == 2:
+            emb = self.time_mlp(self.time_embed(c_noise[:, 0])) + self.time_mlp2(self.time_embed(c_noise[:, 1]))
+        else:
+            emb = self.time_mlp(self.time_embed(c_noise))
         if class_labels is not None:
             raise ValueError("this ResidualMLP is unconditional: class_labels must be None")
         emb = nn.functional.silu(emb)

@@ -36,8 +36,12 @@ class UNet(nn.Module):
     def __init__(self, image_channels: int, resolution: int, preset: str = "small",
                  channels: list[int] | None = None, layers_per_block: int | None = None,
                  attention: list[int] | None = None, dropout: float | None = None,
-                 num_classes: int | None = None):
+                 num_classes: int | None = None, time_inputs: int = 1):
         super().__init__()
+        if time_inputs not in (1, 2):
+            raise ValueError(f"time_inputs must be 1 or 2, got {time_inputs}")
+        if time_inputs == 2 and num_classes is not None:
+            raise ValueError("a UNet with two time inputs cannot also take class labels yet")
         from diffusers import UNet2DModel  # heavy import; only image runs pay for it
 
         if preset not in PRESETS:
@@ -68,7 +72,11 @@ class UNet(nn.Module):
             downsample_type="resnet", upsample_type="resnet", resnet_time_scale_shift="scale_shift",
             attention_head_dim=spec["head_dim"], norm_num_groups=groups, attn_norm_num_groups=groups,
             dropout=spec["dropout"] if dropout is None else dropout, num_class_embeds=num_classes,
+            # The second time input (MeanFlow's t - r) enters through diffusers' timestep-type
+            # class embedding: sinusoidal features and an MLP, added to the time embedding.
+            class_embed_type="timestep" if time_inputs == 2 else None,
         )
+        self.time_inputs = time_inputs
 
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor,
                 class_labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -77,4 +85,10 @@ class UNet(nn.Module):
                              f"{self.resolution}), got {tuple(x.shape[1:])}")
         if class_labels is not None and self.unet.config.num_class_embeds is None:
             raise ValueError("this UNet is unconditional; it takes no class labels")
-        return self.unet(x, c_noise.to(x.dtype).expand(x.shape[0]), class_labels=class_labels).sample
+        c_noise = c_noise.to(x.dtype)
+        if (c_noise.ndim == 2) != (self.time_inputs == 2):
+            raise ValueError(f"this UNet takes {self.time_inputs} time input(s), got c_noise of shape "
+                             f"{tuple(c_noise.shape)}")
+        if self.time_inputs == 2:
+            return self.unet(x, c_noise[:, 0], class_labels=c_noise[:, 1]).sample
+        return self.unet(x, c_noise.expand(x.shape[0]), class_labels=class_labels).sample

@@ -15,6 +15,7 @@ import torch
 
 from ..noise import NoiseConfig, broadcast_to_batch
 from .distances import make_distance
+from .rng import SharedRNG
 
 WEIGHTINGS = {
     "uniform": lambda hi, lo: torch.ones_like(hi),
@@ -47,18 +48,26 @@ class ConsistencyLoss(abc.ABC):
     def lower(self, x_hi, x0, z, sigma_hi, sigma_lo):
         """The point at sigma_lo on (an estimate of) x_hi's ODE trajectory."""
 
+    def sample_pairs(self, sigmas: torch.Tensor, batch: int, generator) -> torch.Tensor:
+        """Index n of each sample's pair (sigmas[n], sigmas[n + 1]): uniform here."""
+        return torch.randint(0, len(sigmas) - 1, (batch,), generator=generator)
+
     def __call__(self, net, x0: torch.Tensor, *, step: int = 0, target=None, generator=None):
         if target is None:
-            raise ValueError("consistency losses need a target network")
+            if self.needs_target:
+                raise ValueError("this consistency loss needs a target network")
+            target = net  # iCT: stopgrad of the online network
         B = x0.shape[0]
         sigmas = self.noise.karras(self.num_levels(step)).to(x0)
-        n = torch.randint(0, len(sigmas) - 1, (B,), generator=generator).to(x0.device)
+        n = self.sample_pairs(sigmas, B, generator).to(x0.device)
         sigma_hi, sigma_lo = sigmas[n], sigmas[n + 1]
         z = torch.randn(x0.shape, generator=generator).to(x0)
         x_hi = x0 + broadcast_to_batch(sigma_hi, x0) * z
         with torch.no_grad():
             x_lo = self.lower(x_hi, x0, z, sigma_hi, sigma_lo)
+            rng = SharedRNG(x0.device)  # the target and online passes share dropout masks
             target_out = target(x_lo, sigma_lo)
+        rng.replay()
         loss = self.weighting(sigma_hi, sigma_lo) * self.distance(net(x_hi, sigma_hi), target_out)
         return loss, {"num_levels": len(sigmas)}
 

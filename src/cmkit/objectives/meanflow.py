@@ -1,0 +1,81 @@
+"""MeanFlow (Geng et al. 2025): learn the average velocity u(z, r, t) = (1/(t - r)) int_r^t v(z_s, s) ds.
+
+In flow-matching time (z_t = (1 - t) x0 + t eps, v = eps - x0), the MeanFlow identity
+u(z_t, r, t) = v(z_t, t) - (t - r) du/dt gives the regression target
+
+    u_tgt = v - (t - r) * JVP of u at (z_t, r, t) with tangent (v, 0, 1),    (stop-gradient)
+
+with v the conditional velocity eps - x0. A fraction of samples has r = t: plain flow matching.
+The loss sum((u - u_tgt)^2) is weighted by 1 / stopgrad(sum((u - u_tgt)^2) + c)^p.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..noise import broadcast_to_batch
+from .rng import SharedRNG
+from .scm import JVP_MODES
+
+
+def logit_normal(n: int, p_mean: float, p_std: float, generator) -> torch.Tensor:
+    return torch.sigmoid(p_mean + p_std * torch.randn(n, generator=generator))
+
+
+def meanflow_jvp(model, z, r, t, v, mode: str = "autograd", eps: float = 1e-3):
+    """(u(z, r, t), d/ds u(z + s v, r, t + s) at s = 0)."""
+    def u(z_, r_, t_):
+        return model.velocity(z_, r_, t_)
+    if mode == "autograd":
+        return torch.func.jvp(u, (z, r, t), (v, torch.zeros_like(r), torch.ones_like(t)))
+    if mode != "finite_difference":
+        raise ValueError(f"unknown jvp mode {mode!r}; known: {', '.join(JVP_MODES)}")
+    rng = SharedRNG(z.device)
+    out = u(z, r, t)
+    rng.replay()
+    plus = u(z + eps * v, r, t + eps)
+    rng.replay()
+    minus = u(z - eps * v, r, t - eps)
+    return out, (plus - minus) / (2 * eps)
+
+
+class MeanFlowLoss:
+    needs_target = False
+
+    def __init__(self, p_mean: float = -0.4, p_std: float = 1.0, flow_fraction: float = 0.75,
+                 adaptive_p: float = 1.0, adaptive_c: float = 1e-3, jvp: str = "autograd"):
+        if not 0 <= flow_fraction <= 1 or p_std <= 0 or adaptive_p < 0 or adaptive_c <= 0:
+            raise ValueError("need 0 <= flow_fraction <= 1, p_std > 0, adaptive_p >= 0, adaptive_c > 0")
+        if jvp not in JVP_MODES:
+            raise ValueError(f"unknown jvp {jvp!r}; known: {', '.join(JVP_MODES)}")
+        self.p_mean, self.p_std, self.flow_fraction = p_mean, p_std, flow_fraction
+        self.p, self.c, self.jvp = adaptive_p, adaptive_c, jvp
+
+    def target_rate(self, step):
+        return 0.0
+
+    def sample_times(self, n: int, generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """t >= r, both logit-normal; r = t for a ``flow_fraction`` of the samples."""
+        a, b = logit_normal(n, self.p_mean, self.p_std, generator), logit_normal(n, self.p_mean, self.p_std, generator)
+        t, r = torch.maximum(a, b), torch.minimum(a, b)
+        same = torch.rand(n, generator=generator) < self.flow_fraction
+        return torch.where(same, t, r), t
+
+    def target(self, model, z, r, t, v):
+        """u(z, r, t) (no grad) and the MeanFlow target."""
+        u, du_dt = meanflow_jvp(model, z, r, t, v, self.jvp)
+        return u, v - broadcast_to_batch(t - r, v) * du_dt
+
+    def __call__(self, net, x0: torch.Tensor, *, step: int = 0, target=None, generator=None):
+        model = getattr(net, "_orig_mod", net)
+        r, t = (s.to(x0) for s in self.sample_times(x0.shape[0], generator))
+        eps = torch.randn(x0.shape, generator=generator).to(x0)
+        z = broadcast_to_batch(1 - t, x0) * x0 + broadcast_to_batch(t, x0) * eps
+        v = eps - x0
+        with torch.no_grad():
+            rng = SharedRNG(x0.device)
+            _, u_tgt = self.target(model, z, r, t, v)
+        rng.replay()
+        sq = (model.velocity(z, r, t) - u_tgt).float().pow(2).flatten(1).sum(1)
+        weight = 1 / (sq.detach() + self.c) ** self.p
+        return weight * sq, {"mse": float(sq.detach().mean() / x0[0].numel())}

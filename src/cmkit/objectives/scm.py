@@ -1,0 +1,136 @@
+"""Continuous-time consistency models, sCT and sCD (Lu & Song 2024), in cmkit's sigma.
+
+TrigFlow writes x_t = cos t x0 + sin t z' (z' ~ N(0, sd^2)) and f(x_t, t) = cos t x_t - sin t sd F(x_t/sd, t).
+With sigma = sd tan t and x_t = cos t x_sigma this is exactly EDM's preconditioning with the sign of F
+flipped: f = c_skip x_sigma + c_out F_edm(c_in x_sigma, c_noise(sigma)), F_trig = -F_edm. So an sCM run's
+network *is* an `EDMDenoiser`-shaped module (the teacher's weights are the natural start), and the
+objective below works in TrigFlow's variables on top of it:
+
+    g = -cos^2 t (sd F- - dx_t/dt) - r cos t sin t (x_t + sd dF-/dt)      (= cos t df-/dt when r = 1)
+    g <- g / (||g|| + 0.1)
+    loss = exp(w(t)) / dim * ||F_theta - F- - g||^2 - w(t)
+
+dF-/dt is the total derivative along the PF-ODE: a forward-mode JVP (``torch.func.jvp``) of
+(u, t) -> F(u, t) with tangent (dx_t/dt / sd, 1), or a central finite difference as fallback.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..noise import NoiseConfig, broadcast_to_batch
+from .rng import SharedRNG
+
+JVP_MODES = ("autograd", "finite_difference")
+
+
+class AdaptiveWeight(nn.Module):
+    """w(t): a learned log-weight per noise level (sCM's adaptive loss weighting)."""
+
+    def __init__(self, features: int = 16, width: int = 64):
+        super().__init__()
+        self.register_buffer("freqs", torch.exp(torch.linspace(0, math.log(64), features)))
+        self.net = nn.Sequential(nn.Linear(2 * features, width), nn.SiLU(), nn.Linear(width, 1))
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.zeros_(self.net[-1].bias)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        angles = t.float()[:, None] * self.freqs[None]
+        return self.net(torch.cat([angles.cos(), angles.sin()], 1))[:, 0]
+
+
+def trigflow_F(model) -> callable:
+    """(u, t) -> F_trig(u, t) = -backbone(u, c_noise(sd tan t)) of an EDM-shaped model, u = x_t / sd."""
+    sd = model.noise.sigma_data
+
+    def F(u, t):
+        return -model.backbone(u, model.c_noise(sd * torch.tan(t)), None)
+    return F
+
+
+def jvp_F(F, u, t, du, mode: str = "autograd", eps: float = 1e-3):
+    """(F(u, t), d/ds F(u + s du, t + s) at s = 0)."""
+    if mode == "autograd":
+        return torch.func.jvp(F, (u, t), (du, torch.ones_like(t)))
+    if mode != "finite_difference":
+        raise ValueError(f"unknown jvp mode {mode!r}; known: {', '.join(JVP_MODES)}")
+    rng = SharedRNG(u.device)  # the three passes see the same dropout masks
+    out = F(u, t)
+    rng.replay()
+    plus = F(u + eps * du, t + eps)
+    rng.replay()
+    minus = F(u - eps * du, t - eps)
+    return out, (plus - minus) / (2 * eps)
+
+
+def teacher_velocity(teacher, x_t: torch.Tensor, t: torch.Tensor, sd: float) -> torch.Tensor:
+    """dx_t/dt of the PF-ODE in TrigFlow, from an EDM denoiser D(x_sigma, sigma)."""
+    cos, sin = broadcast_to_batch(t.cos(), x_t), broadcast_to_batch(t.sin(), x_t)
+    x0_hat = teacher(x_t / cos, sd * torch.tan(t))
+    z_hat = (x_t - cos * x0_hat) / sin
+    return cos * z_hat - sin * x0_hat
+
+
+class ContinuousConsistencyLoss:
+    """sCT (``teacher=None``: dx_t/dt = cos t z' - sin t x0) or sCD (the teacher's velocity)."""
+
+    needs_target = False
+
+    def __init__(self, noise: NoiseConfig = NoiseConfig(), teacher=None, p_mean: float = -1.0,
+                 p_std: float = 1.4, tangent_warmup: int = 10000, tangent_norm_c: float = 0.1,
+                 jvp: str = "autograd", adaptive_weighting: bool = True):
+        if jvp not in JVP_MODES:
+            raise ValueError(f"unknown jvp {jvp!r}; known: {', '.join(JVP_MODES)}")
+        if p_std <= 0 or tangent_warmup < 0 or tangent_norm_c < 0:
+            raise ValueError("need p_std > 0, tangent_warmup >= 0 and tangent_norm_c >= 0")
+        self.noise, self.teacher, self.p_mean, self.p_std = noise, teacher, p_mean, p_std
+        self.tangent_warmup, self.c, self.jvp = tangent_warmup, tangent_norm_c, jvp
+        self.weight = AdaptiveWeight() if adaptive_weighting else None
+
+    @property
+    def modules(self) -> dict:
+        """Trained alongside the network and saved in checkpoints."""
+        return {"weighting": self.weight} if self.weight is not None else {}
+
+    def target_rate(self, step):
+        return 0.0
+
+    def warmup(self, step: int) -> float:
+        return 1.0 if self.tangent_warmup == 0 else min(1.0, step / self.tangent_warmup)
+
+    def tangent(self, F_minus, dF_dt, x_t, v, t, r: float):
+        """g before normalisation."""
+        sd = self.noise.sigma_data
+        cos, sin = broadcast_to_batch(t.cos(), x_t), broadcast_to_batch(t.sin(), x_t)
+        return -cos**2 * (sd * F_minus - v) - r * cos * sin * (x_t + sd * dF_dt)
+
+    def __call__(self, net, x0: torch.Tensor, *, step: int = 0, target=None, generator=None):
+        sd, B = self.noise.sigma_data, x0.shape[0]
+        sigma = (self.p_mean + self.p_std * torch.randn(B, generator=generator)).exp()
+        t = torch.atan(sigma.clamp(self.noise.sigma_min, self.noise.sigma_max) / sd).to(x0)
+        z = sd * torch.randn(x0.shape, generator=generator).to(x0)
+        cos, sin = broadcast_to_batch(t.cos(), x0), broadcast_to_batch(t.sin(), x0)
+        x_t = cos * x0 + sin * z
+        model = getattr(net, "_orig_mod", net)  # the JVP runs on the plain module
+        F = trigflow_F(model)
+        with torch.no_grad():
+            v = cos * z - sin * x0 if self.teacher is None else teacher_velocity(self.teacher, x_t, t, sd)
+            rng = SharedRNG(x0.device)
+            F_minus, dF_dt = jvp_F(F, x_t / sd, t, v / sd, self.jvp)
+            r = self.warmup(step)
+            g = self.tangent(F_minus, dF_dt, x_t, v, t, r)
+            norm = g.flatten(1).norm(dim=1)
+            g = g / broadcast_to_batch(norm + self.c, g)
+        rng.replay()
+        F_theta = F(x_t / sd, t)
+        dim = x0[0].numel()
+        sq = (F_theta - F_minus - g).float().pow(2).flatten(1).sum(1)
+        if self.weight is None:
+            loss = sq / dim
+        else:
+            w = self.weight(t)
+            loss = w.exp() / dim * sq - w
+        return loss, {"tangent_warmup": r, "g_norm": float(norm.mean())}
