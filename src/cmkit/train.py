@@ -37,7 +37,8 @@ def _resolve_edm_run(config: dict, key: str, flag: str) -> Run:
     path = config[key]
     source = Run(path)
     if source.method != "edm":
-        raise CmkitError(f"{flag} {path} is a {source.method} run; {config['method']} needs an edm run")
+        role = "teacher" if key == "teacher" else "run to start from"
+        raise CmkitError(f"{flag} {path} is a {source.method} run; {config['method']} needs an edm {role}")
     config[key] = str(Path(path).resolve())
     resumed = "standardizer" in config  # set when a run starts; a fresh config has none
     for section in ("noise", "model", "standardizer"):
@@ -186,13 +187,13 @@ class Trainer:
             raise CmkitError(f"invalid config: {e}") from None
 
     def _build(self, config: dict, teacher: Run | None, init: Run | None, train_data) -> None:
-        self.objective = build_objective(config, teacher)
         self.cfg = cfg = config["train"]
         self.device = cfg["device"] if cfg["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
 
         torch.manual_seed(cfg["seed"])  # dropout and initialisation
         self.generator = torch.Generator().manual_seed(cfg["seed"])  # batches and noise
         self.net = build_model(config)
+        self.objective = build_objective(config, teacher)  # after the seed: it may own weights
         if teacher is not None:
             teacher.model.to(self.device)
             if config["objective"].get("init_from_teacher"):

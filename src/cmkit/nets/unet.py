@@ -92,3 +92,28 @@ class UNet(nn.Module):
         if self.time_inputs == 2:
             return self.unet(x, c_noise[:, 0], class_labels=c_noise[:, 1]).sample
         return self.unet(x, c_noise.expand(x.shape[0]), class_labels=class_labels).sample
+
+
+class forward_ad_safe:
+    """Within this context, diffusers attention layers in ``module`` use plain matmul + softmax
+    (``AttnProcessor``) instead of fused scaled-dot-product kernels, which have no forward-mode AD
+    (``torch.func.jvp``) on some builds. Modules without diffusers attention pass through."""
+
+    def __init__(self, module):
+        self.module, self.saved = module, []
+
+    def __enter__(self):
+        try:
+            from diffusers.models.attention_processor import Attention, AttnProcessor
+        except ImportError:
+            return self
+        for m in self.module.modules():
+            if isinstance(m, Attention):
+                self.saved.append((m, m.processor))
+                m.set_processor(AttnProcessor())
+        return self
+
+    def __exit__(self, *exc):
+        for m, processor in self.saved:
+            m.set_processor(processor)
+        self.saved = []

@@ -27,7 +27,9 @@ def meanflow_jvp(model, z, r, t, v, mode: str = "autograd", eps: float = 1e-3):
     def u(z_, r_, t_):
         return model.velocity(z_, r_, t_)
     if mode == "autograd":
-        return torch.func.jvp(u, (z, r, t), (v, torch.zeros_like(r), torch.ones_like(t)))
+        from ..nets.unet import forward_ad_safe
+        with forward_ad_safe(model):
+            return torch.func.jvp(u, (z, r, t), (v, torch.zeros_like(r), torch.ones_like(t)))
     if mode != "finite_difference":
         raise ValueError(f"unknown jvp mode {mode!r}; known: {', '.join(JVP_MODES)}")
     rng = SharedRNG(z.device)

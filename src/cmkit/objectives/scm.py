@@ -51,10 +51,13 @@ def trigflow_F(model) -> callable:
     return F
 
 
-def jvp_F(F, u, t, du, mode: str = "autograd", eps: float = 1e-3):
-    """(F(u, t), d/ds F(u + s du, t + s) at s = 0)."""
+def jvp_F(F, u, t, du, mode: str = "autograd", eps: float = 1e-3, module=None):
+    """(F(u, t), d/ds F(u + s du, t + s) at s = 0). ``module``: the network F runs, whose fused
+    attention kernels are swapped for forward-AD-capable ones during the JVP."""
     if mode == "autograd":
-        return torch.func.jvp(F, (u, t), (du, torch.ones_like(t)))
+        from ..nets.unet import forward_ad_safe
+        with forward_ad_safe(module if module is not None else nn.Identity()):
+            return torch.func.jvp(F, (u, t), (du, torch.ones_like(t)))
     if mode != "finite_difference":
         raise ValueError(f"unknown jvp mode {mode!r}; known: {', '.join(JVP_MODES)}")
     rng = SharedRNG(u.device)  # the three passes see the same dropout masks
@@ -119,7 +122,7 @@ class ContinuousConsistencyLoss:
         with torch.no_grad():
             v = cos * z - sin * x0 if self.teacher is None else teacher_velocity(self.teacher, x_t, t, sd)
             rng = SharedRNG(x0.device)
-            F_minus, dF_dt = jvp_F(F, x_t / sd, t, v / sd, self.jvp)
+            F_minus, dF_dt = jvp_F(F, x_t / sd, t, v / sd, self.jvp, module=model)
             r = self.warmup(step)
             g = self.tangent(F_minus, dF_dt, x_t, v, t, r)
             norm = g.flatten(1).norm(dim=1)
