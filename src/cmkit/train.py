@@ -31,20 +31,19 @@ GRID_SAMPLES = 64  # images in each progress grid (8 x 8)
 GRID_SEED = 0  # the same noise every time, so grids show the model changing, not the noise
 
 
-def _resolve_edm_run(config: dict, key: str, flag: str) -> Run:
+def _resolve_edm_run(config: dict, key: str, flag: str, resumed: bool) -> Run:
     """A teacher (``key`` = "teacher") or an initialisation (``key`` = "init"): an EDM run whose noise
-    range, standardisation and architecture the new run inherits."""
+    range, standardisation and architecture the new run inherits (a resumed run checks them)."""
     path = config[key]
     source = Run(path)
     if source.method != "edm":
         role = "teacher" if key == "teacher" else "run to start from"
         raise CmkitError(f"{flag} {path} is a {source.method} run; {config['method']} needs an edm {role}")
     config[key] = str(Path(path).resolve())
-    resumed = "standardizer" in config  # set when a run starts; a fresh config has none
     for section in ("noise", "model", "standardizer"):
         if resumed and config[section] != source.config[section]:
-            raise CmkitError(f"{flag} {path} has changed since this run started (its {section} differs)")
-    for section in ("noise", "model", "standardizer"):
+            raise CmkitError(f"{flag} {path} differs from this run in its {section} (a run that changed since "
+                             "this one started, or --init and --teacher runs that do not match)")
         config[section] = copy.deepcopy(source.config[section])
     return source
 
@@ -52,15 +51,14 @@ def _resolve_edm_run(config: dict, key: str, flag: str) -> Run:
 def _resolve_sources(config: dict) -> tuple[Run | None, Run | None]:
     """(teacher, init) of a run. sCD starts from its teacher unless --init says otherwise."""
     method = config["method"]
+    resumed = "standardizer" in config  # set when a run starts; a fresh config has none
     teacher = init = None
     if method in TEACHER_METHODS:
         if not config.get("teacher"):
             raise CmkitError(f"method {method} needs a teacher: pass --teacher RUN (a trained edm run)")
-        teacher = _resolve_edm_run(config, "teacher", "--teacher")
+        teacher = _resolve_edm_run(config, "teacher", "--teacher", resumed)
     if method in INIT_METHODS and config.get("init"):
-        init = _resolve_edm_run(config, "init", "--init")
-        if teacher is not None and init.config["model"] != teacher.config["model"]:
-            raise CmkitError("--init and --teacher runs must share one architecture")
+        init = _resolve_edm_run(config, "init", "--init", resumed or teacher is not None)
     elif method == "scd":
         init = teacher
     return teacher, init
