@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from ..errors import CmkitError
-from .files import SUFFIXES, load_array, validate_array
+from .files import SUFFIXES, holdout_split, load_array, validate_array
 from .images import (IMAGE_SETS, ImageData, ImageScaler, is_image_source, load_images, random_hflip,
                      read_idx)
 from .toys import TOY_SETS, TOY_TRUTH
@@ -62,13 +62,8 @@ def load_vectors(name_or_path: str, *, n: int = 20000, n_holdout: int = 10000,
         known = ", ".join(sorted(TOY_SETS))
         raise CmkitError(f"unknown data {name_or_path!r}: use a built-in set ({known}) or a .npy/.npz/.csv file")
     arr = load_array(name_or_path)
-    if not 0 < holdout_fraction < 1:
-        raise CmkitError(f"holdout_fraction must be in (0, 1), got {holdout_fraction}")
-    perm = np.random.default_rng([seed, 2]).permutation(len(arr))
-    n_hold = max(1, int(round(holdout_fraction * len(arr))))
-    if n_hold >= len(arr):
-        raise CmkitError(f"{name_or_path}: too few rows ({len(arr)}) to hold some out for evaluation")
-    return VectorData(name_or_path, arr[perm[n_hold:]], arr[perm[:n_hold]])
+    train, held = holdout_split(len(arr), holdout_fraction, seed, name_or_path)
+    return VectorData(name_or_path, arr[train], arr[held])
 
 
 class Standardizer:

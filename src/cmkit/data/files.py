@@ -64,3 +64,15 @@ def validate_array(arr: np.ndarray, name: str) -> np.ndarray:
         row = int(np.argwhere(bad)[0][0])
         raise CmkitError(f"{name}: data contains NaN or inf ({int(bad.sum())} values, first in row {row})")
     return arr
+
+
+def holdout_split(n: int, fraction: float, seed: int, name: str, unit: str = "rows") -> tuple[np.ndarray, np.ndarray]:
+    """(train indices, held-out indices): a seeded permutation with ``fraction`` held out (at least
+    one), the same for vectors and images."""
+    if not 0 < fraction < 1:
+        raise CmkitError(f"data.holdout_fraction must be in (0, 1), got {fraction}")
+    perm = np.random.default_rng([seed, 2]).permutation(n)
+    n_hold = max(1, int(round(fraction * n)))
+    if n_hold >= n:
+        raise CmkitError(f"{name}: too few {unit} ({n}) to hold some out for evaluation")
+    return perm[n_hold:], perm[:n_hold]

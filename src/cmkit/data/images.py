@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import CmkitError
+from .files import holdout_split
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian package dataset-fashion-mnist
 FASHION_MNIST_ENV = "CMKIT_FASHION_MNIST"
@@ -282,13 +283,7 @@ def load_images(name: str, *, resolution: int | None = None, fit: str = "pad", r
             images = to_nchw(images, name)
         else:
             images, labels = load_image_array(name)
-        if not 0 < holdout_fraction < 1:
-            raise CmkitError(f"data.holdout_fraction must be in (0, 1), got {holdout_fraction}")
-        perm = np.random.default_rng([seed, 2]).permutation(len(images))
-        n_hold = max(1, int(round(holdout_fraction * len(images))))
-        if n_hold >= len(images):
-            raise CmkitError(f"{name}: too few images ({len(images)}) to hold some out for evaluation")
-        split = [perm[n_hold:], perm[:n_hold]]
+        split = holdout_split(len(images), holdout_fraction, seed, name, "images")
         parts = [(images[i], None if labels is None else labels[i]) for i in split]
     native = parts[0][0].shape[2]
     (train, train_labels), (holdout, holdout_labels) = [
