@@ -15,7 +15,7 @@ import torch
 
 from ..noise import broadcast_to_batch
 from .rng import SharedRNG
-from .scm import JVP_MODES
+from .jvp import JVP_MODES, jvp
 
 
 def logit_normal(n: int, p_mean: float, p_std: float, generator) -> torch.Tensor:
@@ -24,21 +24,7 @@ def logit_normal(n: int, p_mean: float, p_std: float, generator) -> torch.Tensor
 
 def meanflow_jvp(model, z, r, t, v, mode: str = "autograd", eps: float = 1e-3):
     """(u(z, r, t), d/ds u(z + s v, r, t + s) at s = 0)."""
-    def u(z_, r_, t_):
-        return model.velocity(z_, r_, t_)
-    if mode == "autograd":
-        from ..nets.unet import forward_ad_safe
-        with forward_ad_safe(model):
-            return torch.func.jvp(u, (z, r, t), (v, torch.zeros_like(r), torch.ones_like(t)))
-    if mode != "finite_difference":
-        raise ValueError(f"unknown jvp mode {mode!r}; known: {', '.join(JVP_MODES)}")
-    rng = SharedRNG(z.device)
-    out = u(z, r, t)
-    rng.replay()
-    plus = u(z + eps * v, r, t + eps)
-    rng.replay()
-    minus = u(z - eps * v, r, t - eps)
-    return out, (plus - minus) / (2 * eps)
+    return jvp(model.velocity, (z, r, t), (v, torch.zeros_like(r), torch.ones_like(t)), mode, eps, model)
 
 
 class MeanFlowLoss:

@@ -22,9 +22,9 @@ import torch
 from torch import nn
 
 from ..noise import NoiseConfig, broadcast_to_batch
+from .jvp import JVP_MODES, jvp
 from .rng import SharedRNG
 
-JVP_MODES = ("autograd", "finite_difference")
 
 
 class AdaptiveWeight(nn.Module):
@@ -52,21 +52,8 @@ def trigflow_F(model) -> callable:
 
 
 def jvp_F(F, u, t, du, mode: str = "autograd", eps: float = 1e-3, module=None):
-    """(F(u, t), d/ds F(u + s du, t + s) at s = 0). ``module``: the network F runs, whose fused
-    attention kernels are swapped for forward-AD-capable ones during the JVP."""
-    if mode == "autograd":
-        from ..nets.unet import forward_ad_safe
-        with forward_ad_safe(module if module is not None else nn.Identity()):
-            return torch.func.jvp(F, (u, t), (du, torch.ones_like(t)))
-    if mode != "finite_difference":
-        raise ValueError(f"unknown jvp mode {mode!r}; known: {', '.join(JVP_MODES)}")
-    rng = SharedRNG(u.device)  # the three passes see the same dropout masks
-    out = F(u, t)
-    rng.replay()
-    plus = F(u + eps * du, t + eps)
-    rng.replay()
-    minus = F(u - eps * du, t - eps)
-    return out, (plus - minus) / (2 * eps)
+    """(F(u, t), d/ds F(u + s du, t + s) at s = 0); ``module`` is the network F runs."""
+    return jvp(F, (u, t), (du, torch.ones_like(t)), mode, eps, module)
 
 
 def teacher_velocity(teacher, x_t: torch.Tensor, t: torch.Tensor, sd: float) -> torch.Tensor:
