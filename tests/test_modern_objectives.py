@@ -284,3 +284,17 @@ def test_meanflow_target_at_r_equals_t_is_the_instantaneous_velocity_and_loss_ma
     u, dudt = torch.func.jvp(model.velocity, (zz, rr, tt), (vv, torch.zeros(16), torch.ones(16)))
     sq = (u - (vv - (tt - rr)[:, None] * dudt)).pow(2).sum(1)
     torch.testing.assert_close(loss, sq / (sq + 1e-3), rtol=1e-4, atol=1e-6)
+
+
+def test_finite_difference_jvp_keeps_float32_under_bf16_autocast():
+    """bf16 rounding (~4e-3) over a step of 1e-3 would make the difference quotient noise."""
+    torch.manual_seed(0)
+    model = _mlp_model()
+    F = trigflow_F(model)
+    u, t = torch.randn(64, 2), torch.rand(64) * 1.4 + 0.05
+    du = torch.randn(64, 2)
+    _, exact = jvp_F(F, u, t, du, "autograd")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, fd = jvp_F(F, u, t, du, "finite_difference")
+    assert fd.dtype == torch.float32
+    torch.testing.assert_close(fd, exact, rtol=1e-3, atol=1e-3)
