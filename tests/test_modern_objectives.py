@@ -298,3 +298,20 @@ def test_finite_difference_jvp_keeps_float32_under_bf16_autocast():
         _, fd = jvp_F(F, u, t, du, "finite_difference")
     assert fd.dtype == torch.float32
     torch.testing.assert_close(fd, exact, rtol=1e-3, atol=1e-3)
+
+
+def test_meanflow_v1_sampler_draws_r_from_its_own_logit_normal():
+    loss_fn = MeanFlowLoss(p_mean=-0.6, p_std=1.6, r_p_mean=-4.0, r_p_std=1.6, flow_fraction=0.25)
+    r, t = loss_fn.sample_times(8, torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)
+    a = torch.sigmoid(-0.6 + 1.6 * torch.randn(8, generator=g))
+    b = torch.sigmoid(-4.0 + 1.6 * torch.randn(8, generator=g))
+    tt = torch.maximum(a, b)
+    rr = torch.where(torch.rand(8, generator=g) < 0.25, tt, torch.minimum(a, b))
+    torch.testing.assert_close((r, t), (rr, tt))
+    # over many draws: a quarter on the diagonal, and long jumps (r < 0.05, t > 0.5) common
+    r, t = loss_fn.sample_times(100000, torch.Generator().manual_seed(6))
+    assert (r <= t).all() and abs((r == t).float().mean() - 0.25) < 0.01
+    assert ((r < 0.05) & (t > 0.5)).float().mean() > 0.2
+    with pytest.raises(ValueError, match="r_p_mean"):
+        MeanFlowLoss(r_p_mean=-4.0)

@@ -123,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--quiet", action="store_true")
 
+    from .editing.cli import add_parser as add_edit_parser
+    add_edit_parser(sub, _seed, _sigma_list)
+
     p = sub.add_parser("demo", help="train a teacher and a CD model on a 2-D set, evaluate, plot")
     p.add_argument("--out", default="cmkit-demo", help="output directory (default cmkit-demo)")
     p.add_argument("--data", default="moons", help="a built-in 2-D set (default moons)")
@@ -276,6 +279,12 @@ def cmd_train_classifier(args) -> None:
     print(json.dumps(result, indent=2))
 
 
+def cmd_edit(args) -> None:
+    from .editing.cli import cmd_edit as run_edit
+
+    run_edit(args, _device(args.device))
+
+
 def cmd_demo(args) -> None:
     from .demo import run_demo
 
@@ -283,7 +292,7 @@ def cmd_demo(args) -> None:
 
 
 COMMANDS = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "train-classifier": cmd_train_classifier,
-            "demo": cmd_demo}
+            "edit": cmd_edit, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

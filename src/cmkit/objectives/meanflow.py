@@ -31,20 +31,30 @@ class MeanFlowLoss:
     needs_target = False
 
     def __init__(self, p_mean: float = -0.4, p_std: float = 1.0, flow_fraction: float = 0.75,
-                 adaptive_p: float = 1.0, adaptive_c: float = 1e-3, jvp: str = "autograd"):
+                 adaptive_p: float = 1.0, adaptive_c: float = 1e-3, jvp: str = "autograd",
+                 r_p_mean: float | None = None, r_p_std: float | None = None):
         if not 0 <= flow_fraction <= 1 or p_std <= 0 or adaptive_p < 0 or adaptive_c <= 0:
             raise ValueError("need 0 <= flow_fraction <= 1, p_std > 0, adaptive_p >= 0, adaptive_c > 0")
+        if (r_p_mean is None) != (r_p_std is None) or (r_p_std is not None and r_p_std <= 0):
+            raise ValueError("set both r_p_mean and r_p_std (r_p_std > 0), or neither")
         if jvp not in JVP_MODES:
             raise ValueError(f"unknown jvp {jvp!r}; known: {', '.join(JVP_MODES)}")
         self.p_mean, self.p_std, self.flow_fraction = p_mean, p_std, flow_fraction
+        self.r_p_mean, self.r_p_std = r_p_mean, r_p_std
         self.p, self.c, self.jvp = adaptive_p, adaptive_c, jvp
 
     def target_rate(self, step):
         return 0.0
 
     def sample_times(self, n: int, generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """t >= r, both logit-normal; r = t for a ``flow_fraction`` of the samples."""
-        a, b = logit_normal(n, self.p_mean, self.p_std, generator), logit_normal(n, self.p_mean, self.p_std, generator)
+        """t >= r, both logit-normal; r = t for a ``flow_fraction`` of the samples. The pair is sorted;
+        its second draw has its own (r_p_mean, r_p_std) when set (py-meanflow's "v1" sampler, which
+        puts r near 0 so that long jumps, those one-step sampling makes, are trained often)."""
+        a = logit_normal(n, self.p_mean, self.p_std, generator)
+        if self.r_p_mean is None:
+            b = logit_normal(n, self.p_mean, self.p_std, generator)
+        else:
+            b = logit_normal(n, self.r_p_mean, self.r_p_std, generator)
         t, r = torch.maximum(a, b), torch.minimum(a, b)
         same = torch.rand(n, generator=generator) < self.flow_fraction
         return torch.where(same, t, r), t

@@ -1,0 +1,234 @@
+"""`cmkit edit TASK`: the editing tasks from the command line.
+
+Inputs are an image file (PNG/JPEG), a folder of them (sorted; one batch) or a uint8 .npy/.npz.
+Images the size of the run's source data (say 28x28 Fashion-MNIST for a model trained at
+data.resolution=32) are padded or resized as in training. Outputs: a .png grid (a row per input:
+the input, then its variations), a .npz (uint8 NHWC 'images', input-major, and 'inputs'), or a
+folder (one PNG per output); interpolation writes a .png strip or a .gif.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import CmkitError
+
+TASKS = ("inpaint", "colorize", "superres", "stroke", "denoise", "interpolate")
+
+
+def add_parser(sub, seed_type, sigma_list) -> None:
+    p = sub.add_parser("edit", help="zero-shot editing: inpaint, colorize, superres, stroke, denoise, interpolate")
+    tasks = p.add_subparsers(dest="task", required=True, parser_class=type(p))
+    helps = {"inpaint": "fill the white pixels of --mask (or a --box)",
+             "colorize": "colour grey images (RGB models)",
+             "superres": "make --factor times larger images whose patch means are the input",
+             "stroke": "turn a stroke painting into a realistic image (SDEdit)",
+             "denoise": "remove Gaussian noise of a known --sigma",
+             "interpolate": "one-step samples along the great circle between two seeds' noises"}
+    for task in TASKS:
+        t = tasks.add_parser(task, help=helps[task])
+        t.add_argument("--checkpoint", required=True, help="run directory (any method; a teacher edits through "
+                       "its ODE flow map)")
+        t.add_argument("--out", required=True, help=".png, .npz or a folder" if task != "interpolate"
+                       else ".png strip or .gif")
+        t.add_argument("--seed", type=seed_type, default=0, help="fixes the noise (default 0)")
+        t.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+        t.add_argument("--quiet", action="store_true")
+        if task == "interpolate":
+            t.add_argument("--seed-a", type=seed_type, required=True)
+            t.add_argument("--seed-b", type=seed_type, required=True)
+            t.add_argument("--frames", type=int, default=8)
+            continue
+        t.add_argument("--input", required=True, help="image file, folder of images, or uint8 .npy/.npz")
+        if task == "denoise":
+            t.add_argument("--sigma", type=float, required=True,
+                           help="the noise's standard deviation in model units ([-1, 1] images: 0.2 is about "
+                           "25 of 255 grey levels)")
+            continue
+        t.add_argument("--n", type=int, default=1, help="variations per input")
+        group = t.add_mutually_exclusive_group()
+        group.add_argument("--sigmas", type=sigma_list, help="decreasing noise levels (default: " +
+                           ("5.38,2.24, the paper's)" if task == "stroke" else "--steps levels of a Karras grid)"))
+        if task != "stroke":
+            group.add_argument("--steps", type=int, default=10, help="levels of the default grid (default 10)")
+        if task == "inpaint":
+            where = t.add_mutually_exclusive_group(required=True)
+            where.add_argument("--mask", help="mask image (white = fill in), the input's size")
+            where.add_argument("--box", help="x,y,w,h rectangle to fill in (pixels of the input)")
+        if task == "superres":
+            t.add_argument("--factor", type=int, required=True, help="upscaling factor p (2..8)")
+
+
+def read_inputs(path: str) -> np.ndarray:
+    """uint8 (N, C, H, W) from an image file, a folder or an .npy/.npz."""
+    from ..data.images import IMAGE_SUFFIXES, load_image_array, load_image_folder, to_nchw
+
+    p = Path(path)
+    if p.is_dir():
+        return to_nchw(load_image_folder(p)[0], p.name)
+    if not p.is_file():
+        raise CmkitError(f"--input {path}: no such file or folder")
+    if p.suffix.lower() in (".npy", ".npz"):
+        return load_image_array(p)[0]
+    if p.suffix.lower() not in IMAGE_SUFFIXES:
+        raise CmkitError(f"--input must be a PNG/JPEG image, a folder of them or a uint8 .npy/.npz, got {p.name!r}")
+    return _read_picture(p, grey=None)[None]
+
+
+def _read_picture(p: Path, grey: bool | None) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(p) as im:
+            is_grey = im.mode in ("1", "L", "I", "I;16", "F") if grey is None else grey
+            arr = np.asarray(im.convert("L" if is_grey else "RGB"))
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise CmkitError(f"cannot read image {p}: {e}") from None
+    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+
+
+def _fit(run, images: np.ndarray, allow_grey_for_rgb: bool = False) -> np.ndarray:
+    """Match the model's channels (RGB -> grey by luma; grey -> RGB only where the task allows)
+    and size (the run's own pad/resize when its data were fitted to a resolution)."""
+    from ..data.images import fit_resolution
+
+    c, h, w = run.shape
+    if not (allow_grey_for_rgb and images.shape[1] == 1):
+        images = _channels_only(run, images)
+    data = run.config.get("data", {})
+    if tuple(images.shape[2:]) != (h, w) and data.get("resolution") == h == w:
+        images = fit_resolution(torch.from_numpy(images), h, data.get("fit", "pad")).numpy()
+    return images
+
+
+def _mask(args, run, inputs_hw: tuple[int, int]) -> np.ndarray:
+    """bool (H, W) at the model's size: True = fill in."""
+    from ..data.images import fit_resolution
+
+    h, w = inputs_hw
+    if args.box:
+        try:
+            x, y, bw, bh = (int(v) for v in args.box.split(","))
+        except ValueError:
+            raise CmkitError(f"--box must be x,y,w,h in pixels, got {args.box!r}") from None
+        if bw < 1 or bh < 1 or x < 0 or y < 0 or x + bw > w or y + bh > h:
+            raise CmkitError(f"--box {args.box} does not fit in the {w}x{h} input")
+        mask = np.zeros((1, 1, h, w), dtype=np.uint8)
+        mask[..., y:y + bh, x:x + bw] = 255
+    else:
+        p = Path(args.mask)
+        if not p.is_file():
+            raise CmkitError(f"--mask {args.mask}: no such file")
+        mask = _read_picture(p, grey=True)[None]
+        if mask.shape[2:] != (h, w):
+            raise CmkitError(f"--mask is {mask.shape[3]}x{mask.shape[2]}, the input is {w}x{h}: they must match")
+    mh, mw = run.shape[1:]
+    if (h, w) != (mh, mw) and run.config.get("data", {}).get("resolution") == mh == mw:
+        mask = fit_resolution(torch.from_numpy(mask), mh, run.config["data"].get("fit", "pad")).numpy()
+    return mask[0, 0] > 127
+
+
+def cmd_edit(args, device: str) -> None:
+    from ..run import load_run
+    from . import tasks
+
+    out = Path(args.out)
+    if args.task == "interpolate":
+        if out.suffix.lower() not in (".png", ".gif"):
+            raise CmkitError(f"interpolate writes a .png strip or a .gif, got {out.name!r}")
+    elif out.suffix.lower() not in (".png", ".npz", ""):
+        raise CmkitError(f"--out must be a .png grid, a .npz or a folder, got {out.name!r}")
+    run = load_run(args.checkpoint, device=device)
+    if not run.is_image:
+        raise CmkitError(f"cmkit edit needs an image model; {args.checkpoint} was trained on vectors "
+                         "(the Python function cmkit.editing.edit works on any tensor)")
+    if args.task == "interpolate":
+        frames = tasks.interpolate(run, args.seed_a, args.seed_b, args.frames)
+        _write_strip(frames, out)
+        _done(args, f"wrote {len(frames)} frames to {out}")
+        return
+    raw = read_inputs(args.input)
+    inputs = raw if args.task == "superres" else _fit(run, raw, allow_grey_for_rgb=args.task == "colorize")
+    common = {} if args.task == "denoise" else {"n": args.n, "seed": args.seed}
+    if args.task not in ("denoise", "stroke"):
+        common["sigmas"], common["steps"] = args.sigmas, args.steps
+    if args.task == "inpaint":
+        result = tasks.inpaint(run, inputs, _mask(args, run, raw.shape[2:]), **common)
+    elif args.task == "colorize":
+        result = tasks.colorize(run, inputs, **common)
+    elif args.task == "superres":
+        low = _channels_only(run, raw)
+        result = tasks.superres(run, low, args.factor, **common)
+        inputs = np.repeat(np.repeat(low, args.factor, 2), args.factor, 3)  # shown beside, enlarged
+    elif args.task == "stroke":
+        result = tasks.stroke(run, inputs, **({"sigmas": args.sigmas} if args.sigmas else {}), **common)
+    else:
+        result = tasks.denoise(run, inputs, args.sigma)
+    n = 1 if args.task == "denoise" else args.n
+    _write_edits(inputs, result, n, out)
+    _done(args, f"wrote {len(result)} edited image(s) to {out}")
+
+
+def _channels_only(run, images: np.ndarray) -> np.ndarray:
+    """The model's channels: RGB -> grey by luma; grey -> RGB is an error (colorize does that)."""
+    from .operators import LUMA
+
+    c = run.shape[0]
+    if images.shape[1] == 3 and c == 1:
+        luma = np.tensordot(np.array(LUMA), images.astype(np.float64), axes=([0], [1]))
+        return np.clip(np.round(luma), 0, 255).astype(np.uint8)[:, None]
+    if images.shape[1] == 1 and c == 3:
+        raise CmkitError("this model makes RGB images and the input is grey: colour it first with "
+                         "`cmkit edit colorize`")
+    return images
+
+
+def _done(args, message: str) -> None:
+    if not args.quiet:
+        print(message)
+
+
+def _write_edits(inputs: np.ndarray, result: np.ndarray, n: int, out: Path) -> None:
+    from ..plotting import save_image_grid
+
+    if inputs.shape[1] != result.shape[1]:  # a grey input beside its colourings
+        inputs = np.repeat(inputs, result.shape[1], axis=1)
+    if out.suffix.lower() == ".png":
+        rows = []
+        for i, image in enumerate(inputs):
+            rows.append(image[None])
+            rows.append(result[i * n:(i + 1) * n])
+        save_image_grid(np.concatenate(rows), out, nrow=n + 1)
+    elif out.suffix.lower() == ".npz":
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp.npz")
+        np.savez(tmp, images=result.transpose(0, 2, 3, 1), inputs=inputs.transpose(0, 2, 3, 1))
+        tmp.replace(out)
+    else:
+        from PIL import Image
+        if out.exists() and any(out.iterdir()):
+            raise CmkitError(f"--out folder {out} is not empty; choose a new one")
+        out.mkdir(parents=True, exist_ok=True)
+        for k, image in enumerate(result):
+            picture = image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)
+            Image.fromarray(picture).save(out / f"edit-{k // n:04d}-{k % n:02d}.png")
+
+
+def _write_strip(frames: np.ndarray, out: Path) -> None:
+    from PIL import Image
+
+    from ..plotting import save_image_grid
+    if out.suffix.lower() == ".png":
+        save_image_grid(frames, out, nrow=len(frames))
+        return
+    scale = max(1, 128 // frames.shape[2])
+    pictures = [Image.fromarray(f[0] if f.shape[0] == 1 else f.transpose(1, 2, 0)) for f in frames]
+    pictures = [p.resize((p.width * scale, p.height * scale), Image.NEAREST) for p in pictures]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp.gif")
+    pictures[0].save(tmp, save_all=True, append_images=pictures[1:], duration=120, loop=0)
+    tmp.replace(out)

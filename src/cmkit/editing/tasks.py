@@ -1,0 +1,160 @@
+"""The editing tasks on a loaded run: uint8 images (N, C, H, W) in, uint8 images out.
+
+Each task builds a reference, an operator and a mask, and calls `edit`; ``n`` variations per
+input come out input-major ((N * n, C, H, W): input 0's variations first). One seed fixes all of
+them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..errors import CmkitError
+from ..noise import karras_sigmas
+from .algorithm import edit, flow_map, slerp
+from .operators import ChannelMix, Identity, PatchOrthogonal
+
+# SDEdit-style stroke editing: the paper's two levels (data in [-1, 1], like cmkit's images).
+STROKE_SIGMAS = (5.38, 2.24)
+EDIT_STEPS = 10
+EDIT_SIGMA_LOW = 0.02
+
+
+def default_edit_sigmas(run, steps: int = EDIT_STEPS) -> list[float]:
+    """``steps`` levels of a Karras grid from sigma_max down to 0.02: the early levels find the
+    content, the many small ones harmonise it with the kept part."""
+    if steps < 1:
+        raise CmkitError(f"--steps must be at least 1, got {steps}")
+    if steps == 1:
+        return [run.noise.sigma_max]
+    low = max(EDIT_SIGMA_LOW, run.noise.sigma_min)
+    return karras_sigmas(steps, low, run.noise.sigma_max, run.noise.rho).tolist()
+
+
+def consistency_function(run, teacher_steps: int = 10):
+    """f(x, sigma) of any run: a consistency model as it is, a teacher through its ODE flow map."""
+    if run.is_diffusion:
+        return flow_map(run.model, teacher_steps, run.noise.sigma_min, run.noise.rho)
+    return run.model
+
+
+def _require_images(run, task: str) -> None:
+    if not run.is_image:
+        raise CmkitError(f"{task} needs an image model; {run.path} was trained on vectors")
+
+
+def _check_batch(run, images: np.ndarray, task: str, channels: int | None = None) -> torch.Tensor:
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.ndim != 4:
+        raise CmkitError(f"{task}: expected uint8 images (N, C, H, W), got {images.dtype} {images.shape}")
+    c, h, w = run.shape
+    want = (channels or c, h, w)
+    if tuple(images.shape[1:]) != want:
+        raise CmkitError(f"{task}: the input is {images.shape[2]}x{images.shape[3]} with {images.shape[1]} "
+                         f"channel(s); this model takes {h}x{w} with {want[0]}")
+    return torch.from_numpy(images)
+
+
+def _run_edit(run, y: torch.Tensor, *, sigmas, operator=None, mask=None, n: int = 1, seed: int = 0,
+              teacher_steps: int = 10) -> np.ndarray:
+    if n < 1:
+        raise CmkitError(f"--n must be positive, got {n}")
+    if sigmas[0] > run.noise.sigma_max or sigmas[-1] < run.noise.sigma_min:
+        raise CmkitError(f"--sigmas must lie in [{run.noise.sigma_min}, {run.noise.sigma_max}]")
+    y = y.repeat_interleave(n, 0).to(run.device)
+    if mask is not None and mask.shape[0] > 1:
+        mask = mask.repeat_interleave(n, 0)
+    gen = torch.Generator().manual_seed(seed)
+    try:
+        x = edit(consistency_function(run, teacher_steps), y, sigmas, operator=operator,
+                 mask=None if mask is None else mask.to(run.device), sigma_min=run.noise.sigma_min,
+                 generator=gen, clip=(-1.0, 1.0))
+    except ValueError as e:
+        raise CmkitError(str(e)) from None
+    return run.scaler.to_data(x)
+
+
+def inpaint(run, images: np.ndarray, mask: np.ndarray, *, sigmas=None, steps: int = EDIT_STEPS, n: int = 1,
+            seed: int = 0) -> np.ndarray:
+    """Fill the pixels where ``mask`` (bool (H, W) or (N, 1, H, W); True = unknown) is set."""
+    _require_images(run, "inpainting")
+    y = run.scaler.to_model(_check_batch(run, images, "inpainting"))
+    mask = torch.as_tensor(np.asarray(mask, dtype=bool))
+    h, w = run.shape[1:]
+    if mask.ndim == 2:
+        mask = mask[None, None]
+    if mask.ndim != 4 or tuple(mask.shape[2:]) != (h, w) or mask.shape[1] != 1 or mask.shape[0] not in (1, len(y)):
+        raise CmkitError(f"inpainting: the mask must be {h}x{w} (the model's size), got {tuple(mask.shape)}")
+    mask = mask.float()
+    y = y * (1 - mask)  # the hole starts as mid-grey, not as whatever the input had there
+    return _run_edit(run, y, sigmas=sigmas or default_edit_sigmas(run, steps), operator=Identity(), mask=mask,
+                     n=n, seed=seed)
+
+
+def colorize(run, images: np.ndarray, *, sigmas=None, steps: int = EDIT_STEPS, n: int = 1, seed: int = 0) -> np.ndarray:
+    """Colour grey (N, 1, H, W) or colour (N, 3, H, W) images, keeping their luminance."""
+    _require_images(run, "colorization")
+    if run.shape[0] != 3:
+        raise CmkitError(f"colorization needs an RGB model; {run.path} makes {run.shape[0]}-channel images")
+    images = np.asarray(images)
+    if images.ndim == 4 and images.shape[1] == 1:
+        images = np.repeat(images, 3, axis=1)
+    y = run.scaler.to_model(_check_batch(run, images, "colorization"))
+    mask = torch.ones(1, 3, 1, 1)
+    mask[:, 0] = 0  # keep the luminance coordinate
+    return _run_edit(run, y, sigmas=sigmas or default_edit_sigmas(run, steps), operator=ChannelMix.colorization(),
+                     mask=mask, n=n, seed=seed)
+
+
+def superres(run, low: np.ndarray, factor: int, *, sigmas=None, steps: int = EDIT_STEPS, n: int = 1,
+             seed: int = 0) -> np.ndarray:
+    """``factor`` times larger images whose ``factor`` x ``factor`` patch means are the input's pixels."""
+    _require_images(run, "super-resolution")
+    c, h, w = run.shape
+    if factor < 2 or h % factor or w % factor:
+        raise CmkitError(f"super-resolution: --factor must be at least 2 and divide the model's size {h}x{w}, "
+                         f"got {factor}")
+    low = np.asarray(low)
+    if low.dtype != np.uint8 or low.ndim != 4 or tuple(low.shape[1:]) != (c, h // factor, w // factor):
+        raise CmkitError(f"super-resolution: the input must be {h // factor}x{w // factor} with {c} channel(s) "
+                         f"for --factor {factor} (the model makes {h}x{w}), got shape {low.shape[1:]}")
+    y = run.scaler.to_model(torch.from_numpy(low)).repeat_interleave(factor, 2).repeat_interleave(factor, 3)
+    op = PatchOrthogonal.superresolution(factor)
+    return _run_edit(run, y, sigmas=sigmas or default_edit_sigmas(run, steps), operator=op,
+                     mask=op.coefficient_mask(y.shape), n=n, seed=seed)
+
+
+def stroke(run, images: np.ndarray, *, sigmas=STROKE_SIGMAS, n: int = 1, seed: int = 0) -> np.ndarray:
+    """SDEdit: a stroke painting, noised to sigmas[0], becomes a realistic image."""
+    _require_images(run, "stroke editing")
+    y = run.scaler.to_model(_check_batch(run, images, "stroke editing"))
+    return _run_edit(run, y, sigmas=list(sigmas), n=n, seed=seed)
+
+
+def denoise(run, noisy: np.ndarray, sigma: float) -> np.ndarray:
+    """One call f(y, sigma): ``sigma`` is the noise's standard deviation in model units (images:
+    [-1, 1], so 25 grey levels of 255 is about 0.2)."""
+    _require_images(run, "denoising")
+    if not run.noise.sigma_min <= sigma <= run.noise.sigma_max:
+        raise CmkitError(f"--sigma must lie in [{run.noise.sigma_min}, {run.noise.sigma_max}], got {sigma}")
+    y = run.scaler.to_model(_check_batch(run, noisy, "denoising")).to(run.device)
+    with torch.no_grad():
+        return run.scaler.to_data(consistency_function(run)(y, sigma))
+
+
+def seed_noise(run, seed: int) -> torch.Tensor:
+    """The standard-normal starting noise `run.sample(1, seed=seed)` uses."""
+    return torch.randn(1, *run.shape, generator=torch.Generator().manual_seed(seed))
+
+
+def interpolate(run, seed_a: int, seed_b: int, frames: int) -> np.ndarray:
+    """``frames`` one-step samples along the great circle between the two seeds' noises; the first
+    and last equal `run.sample(1, steps=1, seed=...)` of the two seeds."""
+    if frames < 2:
+        raise CmkitError(f"--frames must be at least 2, got {frames}")
+    z = slerp(seed_noise(run, seed_a), seed_noise(run, seed_b), torch.linspace(0, 1, frames))
+    sigma = run.noise.sigma_max
+    with torch.no_grad():
+        x = consistency_function(run, teacher_steps=18)(z.to(run.device) * sigma, sigma)
+    return run.scaler.to_data(x)

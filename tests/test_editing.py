@@ -1,0 +1,236 @@
+"""Zero-shot editing: operators, exact data consistency for any model, the Gaussian conditional,
+interpolation endpoints, and the command line's handling of bad input."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import cmkit
+from cmkit.data import TOY_TRUTH
+from cmkit.editing import (LUMA, ChannelMix, Identity, LinearOperator, PatchOrthogonal, check_invertible, colorize,
+                           denoise, edit, inpaint, interpolate, stroke, superres)
+from cmkit.editing.algorithm import slerp
+
+W = torch.tensor(LUMA, dtype=torch.float64)
+
+
+# ----------------------------------------------------------------------------------------- operators
+
+def test_colorization_operator_is_orthogonal_with_luma_first():
+    op = ChannelMix.colorization()
+    torch.testing.assert_close(op.q.T @ op.q, torch.eye(3, dtype=torch.float64))
+    torch.testing.assert_close(op.q[:, 0], W / W.norm())
+    check_invertible(op, (3, 4, 4))
+    x = torch.rand(2, 3, 4, 4, dtype=torch.float64)
+    torch.testing.assert_close(op.forward(x)[:, 0] * W.norm(), torch.einsum("c,nchw->nhw", W, x))
+
+
+@pytest.mark.parametrize("p", [2, 3, 4, 8])
+def test_superresolution_operator_keeps_patch_means_in_coefficient_zero(p):
+    op = PatchOrthogonal.superresolution(p)
+    torch.testing.assert_close(op.q.T @ op.q, torch.eye(p * p, dtype=torch.float64))
+    torch.testing.assert_close(op.q[:, 0], torch.full((p * p,), 1 / p, dtype=torch.float64))
+    check_invertible(op, (2, 2 * p, 3 * p))
+    x = torch.rand(2, 2, 2 * p, 3 * p, dtype=torch.float64)
+    coeff0 = op.forward(x) * (1 - op.coefficient_mask(x.shape))
+    means = torch.nn.functional.avg_pool2d(x, p)
+    torch.testing.assert_close(coeff0.sum((2, 3)), (p * means).sum((2, 3)))
+    torch.testing.assert_close(coeff0[:, :, ::p, ::p], p * means)
+
+
+def test_operators_refuse_what_is_not_orthogonal_or_invertible():
+    with pytest.raises(ValueError, match="orthogonal"):
+        ChannelMix(torch.ones(3, 3))
+    with pytest.raises(ValueError, match="orthogonal"):
+        PatchOrthogonal(torch.eye(4) * 2, 2)
+
+    class Lossy(LinearOperator):  # a user's operator that forgets a channel
+        def forward(self, x):
+            return x * torch.tensor([1.0, 0.0]).view(1, 2, 1, 1).to(x)
+
+        def inverse(self, y):
+            return y
+    with pytest.raises(ValueError, match="not invertible"):
+        check_invertible(Lossy(), (2, 4, 4))
+
+
+# ------------------------------------------------------------------- the algorithm on exact models
+
+def test_inpainting_the_gaussian_gives_its_conditional_law():
+    """With the exact consistency function (the Gaussian's ODE flow map), Algorithm 4 at small
+    levels is Langevin dynamics with step sigma^2 / 2 on the unknown coordinate, so its samples
+    approach the conditional law given the known one: mean -0.02, variance 0.14 here. A short grid
+    does not get there (mean -0.50, the prior's, with 2 levels): the test can fail."""
+    g = TOY_TRUTH["gaussian"]
+
+    def f(x, sigma, class_labels=None):
+        return g.flow(x, torch.full((len(x),), float(sigma), dtype=x.dtype), 0.0)
+    mu, cov = g.mean().double(), g.cov().double()
+    known = 1.8
+    cond_mean = mu[1] + cov[1, 0] / cov[0, 0] * (known - mu[0])
+    cond_var = cov[1, 1] - cov[1, 0] ** 2 / cov[0, 0]
+    y = torch.zeros(20000, 2, dtype=torch.float64)
+    y[:, 0] = known
+    mask = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    sigmas = [80.0] + np.geomspace(0.5, 0.05, 100).tolist()
+    x = edit(f, y, sigmas, mask=mask, generator=torch.Generator().manual_seed(0))
+    assert bool((x[:, 0] == known).all())
+    assert abs(float(x[:, 1].mean() - cond_mean)) < 0.015
+    assert float(x[:, 1].var()) == pytest.approx(float(cond_var), rel=0.05)
+    short = edit(f, y, [80.0, 1.0], mask=mask, generator=torch.Generator().manual_seed(0))
+    assert abs(float(short[:, 1].mean() - cond_mean)) > 0.2
+
+
+def test_slerp_keeps_the_endpoints_and_the_norm():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(1, 3, 8, 8, generator=g), torch.randn(1, 3, 8, 8, generator=g)
+    z = slerp(a, b, torch.linspace(0, 1, 5))
+    torch.testing.assert_close(z[0], a[0])
+    torch.testing.assert_close(z[-1], b[0])
+    norms = z.flatten(1).norm(dim=1)
+    assert float(norms.max() - norms.min()) < 0.05 * float(norms.mean())
+
+
+# ------------------------------------------------------------------- tasks on untrained image models
+
+def _tiny_run(tmp_path, name, data, method="ict", image=True):
+    extra = {"model.preset": "tiny", "train.sample_every": 0} if image else {}
+    config = cmkit.build_config(method, **{"data.name": str(data), "train.steps": 2, "train.batch_size": 8, **extra})
+    return cmkit.load_run(cmkit.train(config, tmp_path / name, progress=False))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("edit")
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (64, 8, 8, 3), dtype=np.uint8)
+    np.save(tmp / "rgb.npy", rgb)
+    return {"grey": _tiny_run(tmp, "grey", "digits"), "rgb": _tiny_run(tmp, "rgb", tmp / "rgb.npy"),
+            "teacher": _tiny_run(tmp, "teacher", "digits", method="edm"), "tmp": tmp,
+            "vector": _tiny_run(tmp, "vector", "moons", image=False)}
+
+
+def _images(c, n=3, size=8, seed=1):
+    return np.random.default_rng(seed).integers(0, 256, (n, c, size, size), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("which", ["grey", "rgb", "teacher"])
+def test_inpainting_keeps_every_known_pixel(runs, which):
+    run = runs[which]
+    images = _images(run.shape[0])
+    mask = np.zeros((8, 8), dtype=bool)
+    mask[2:6, 1:5] = True
+    out = inpaint(run, images, mask, n=2, steps=3, seed=4)
+    assert out.shape == (6, *run.shape)
+    kept = np.repeat(images, 2, axis=0)[..., ~mask]
+    np.testing.assert_array_equal(out[..., ~mask], kept)
+    assert not np.array_equal(out[..., mask], np.repeat(images, 2, axis=0)[..., mask])
+
+
+def test_superresolution_output_averages_to_the_input(runs):
+    for run in (runs["grey"], runs["rgb"]):
+        low = _images(run.shape[0], size=4)
+        low[0] = 255  # a white image: only white is consistent, so clipping must not break it
+        out = superres(run, low, 2, steps=3, seed=0)
+        means = out.reshape(len(out), run.shape[0], 4, 2, 4, 2).astype(np.float64).mean((3, 5))
+        assert np.abs(means - low).max() <= 0.51
+        assert (out[0] == 255).all()
+
+
+def test_colorization_keeps_the_luminance(runs):
+    run = runs["rgb"]
+    grey = _images(1)
+    out = colorize(run, grey, n=2, steps=3, seed=0)
+    lum_out = np.einsum("c,nchw->nhw", np.array(LUMA), out.astype(np.float64))
+    lum_in = np.einsum("c,nchw->nhw", np.array(LUMA), np.repeat(np.repeat(grey, 3, 1), 2, 0).astype(np.float64))
+    assert np.abs(lum_out - lum_in).max() <= 0.51
+    assert out.std(axis=1).mean() > 1  # the channels are not all equal: it is coloured
+
+
+def test_edit_is_exactly_consistent_in_model_units(runs):
+    run = runs["rgb"]
+    y = torch.rand(2, 3, 8, 8) * 2 - 1
+    for op, mask in ((ChannelMix.colorization(), torch.tensor([0.0, 1, 1]).view(1, 3, 1, 1)),
+                     (PatchOrthogonal.superresolution(4), PatchOrthogonal.superresolution(4).coefficient_mask(y.shape)),
+                     (Identity(), (torch.rand(1, 1, 8, 8) > 0.5).float())):
+        x = edit(run.model, y, [80.0, 2.0, 0.1], operator=op, mask=mask, generator=torch.Generator().manual_seed(0))
+        keep = (1 - mask).expand_as(y).bool()
+        torch.testing.assert_close(op.forward(x)[keep], op.forward(y)[keep], atol=1e-5, rtol=0)
+
+
+def test_stroke_and_denoise_are_seeded_and_move_toward_the_model(runs):
+    run = runs["grey"]
+    images = _images(1)
+    a, b = stroke(run, images, seed=3), stroke(run, images, seed=3)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, stroke(run, images, seed=4))
+    # denoising is one call of the consistency function
+    y = run.scaler.to_model(torch.from_numpy(images))
+    np.testing.assert_array_equal(denoise(run, images, 0.3), run.scaler.to_data(run.model(y, 0.3)))
+
+
+@pytest.mark.parametrize("which", ["grey", "teacher"])
+def test_interpolation_endpoints_are_the_seeds_one_step_samples(runs, which):
+    run = runs[which]
+    frames = interpolate(run, 5, 9, 6)
+    steps = 1 if which == "grey" else None
+    np.testing.assert_array_equal(frames[0], run.sample(1, steps=steps, seed=5)[0])
+    np.testing.assert_array_equal(frames[-1], run.sample(1, steps=steps, seed=9)[0])
+    assert not np.array_equal(frames[2], frames[0])
+
+
+# ----------------------------------------------------------------------------------------- the CLI
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "cmkit", "edit", *args], capture_output=True, text=True, timeout=300)
+
+
+def _png(path, array):
+    Image.fromarray(array).save(path)
+    return str(path)
+
+
+def test_cli_edits_and_writes_grids_npz_and_gifs(runs):
+    tmp, grey, rgb = runs["tmp"], str(runs["grey"].path), str(runs["rgb"].path)
+    picture = _png(tmp / "in.png", _images(1, n=1)[0, 0])
+    r = _cli("inpaint", "--checkpoint", grey, "--input", picture, "--box", "2,2,4,3", "--n", "2", "--steps", "3",
+             "--out", str(tmp / "inpaint.npz"), "--quiet")
+    assert r.returncode == 0, r.stderr
+    with np.load(tmp / "inpaint.npz") as z:
+        out, inputs = z["images"], z["inputs"]
+    assert out.shape == (2, 8, 8, 1)
+    known = np.ones((8, 8), bool)
+    known[2:5, 2:6] = False
+    np.testing.assert_array_equal(out[:, known], np.repeat(inputs, 2, 0)[:, known])
+    r = _cli("colorize", "--checkpoint", rgb, "--input", picture, "--steps", "2", "--out", str(tmp / "c.png"))
+    assert r.returncode == 0 and (tmp / "c.png").is_file(), r.stderr
+    r = _cli("interpolate", "--checkpoint", grey, "--seed-a", "1", "--seed-b", "2", "--frames", "4",
+             "--out", str(tmp / "i.gif"))
+    assert r.returncode == 0, r.stderr
+    with Image.open(tmp / "i.gif") as gif:
+        assert gif.n_frames == 4
+
+
+def test_cli_bad_input_is_one_line_and_exit_2(runs):
+    tmp, grey, rgb = runs["tmp"], str(runs["grey"].path), str(runs["rgb"].path)
+    picture = _png(tmp / "p.png", _images(1, n=1)[0, 0])
+    wrong_mask = _png(tmp / "m.png", np.zeros((5, 5), np.uint8))
+    cases = [
+        (("inpaint", "--checkpoint", grey, "--input", picture, "--mask", wrong_mask), "must match"),
+        (("superres", "--checkpoint", grey, "--input", picture, "--factor", "3"), "divide"),
+        (("colorize", "--checkpoint", grey, "--input", picture), "RGB model"),
+        (("stroke", "--checkpoint", rgb, "--input", picture), "input is grey"),
+        (("denoise", "--checkpoint", str(runs["vector"].path), "--input", picture, "--sigma", "0.2"), "image model"),
+        (("inpaint", "--checkpoint", grey, "--input", picture, "--box", "6,6,5,5"), "does not fit"),
+        (("inpaint", "--checkpoint", grey, "--input", str(tmp / "missing.png"), "--box", "1,1,2,2"), "no such"),
+    ]
+    for args, message in cases:
+        r = _cli(*args, "--out", str(tmp / "x.png"))
+        assert r.returncode == 2, (args, r.stderr)
+        assert r.stderr.count("\n") == 1 and message in r.stderr, (args, r.stderr)
