@@ -1,7 +1,7 @@
 """One figure per editing task, from a grey model (Fashion-MNIST) and an RGB model (32x32 patches of
 scikit-learn's two sample photographs), for docs/editing.md.
 
-    python bench/editing_gallery.py [--out docs/img] [--grey RUN] [--rgb RUN] [--teacher-steps 3000] [--cd-steps 1500]
+    python bench/editing_gallery.py [--out docs/img] [--grey RUN] [--rgb RUN] [--teacher-steps 1500] [--cd-steps 600]
 
 Without --grey/--rgb it trains them first (an EDM teacher, then CD from it; tiny UNet, CPU-sized)
 under --work. Each figure: rows are inputs; columns are the input as the task sees it, then
@@ -37,16 +37,16 @@ def rgb_patches(path: Path, size: int = 32, n: int = 6000, seed: int = 0) -> Pat
     return path
 
 
-def train_pair(work: Path, name: str, data: str, teacher_steps: int, cd_steps: int, resolution=None) -> Path:
-    sets = {"data.name": data, "model.preset": "tiny", "model.channels": [32, 64, 64], "train.batch_size": 64,
-            "train.sample_every": 0}
+def train_pair(work: Path, name: str, data: str, teacher_steps: int, cd_steps: int, batch: int,
+               resolution=None) -> Path:
+    sets = {"data.name": data, "model.preset": "tiny", "train.batch_size": batch, "train.sample_every": 0}
     if resolution:
         sets["data.resolution"] = resolution
     teacher = work / f"{name}-teacher"
     start = time.perf_counter()
     cmkit.train(cmkit.build_config("edm", **sets, **{"train.steps": teacher_steps}), teacher, force=True, progress=False)
     cd = work / f"{name}-cd"
-    sets.pop("model.preset"), sets.pop("model.channels")
+    sets.pop("model.preset")
     cmkit.train(cmkit.build_config("cd", **sets, teacher=str(teacher), **{"train.steps": cd_steps}), cd, force=True,
                 progress=False)
     print(f"trained {name}: {time.perf_counter() - start:.0f} s")
@@ -76,9 +76,10 @@ def gallery(run, real: np.ndarray, tag: str, out: Path, n: int, seed: int) -> No
     low = real.reshape(k, c, h // 4, 4, w // 4, 4).mean((3, 5)).round().astype(np.uint8)
     figure(out / f"edit-{tag}-superres.png", np.repeat(np.repeat(low, 4, 2), 4, 3),
            editing.superres(run, low, 4, n=n, seed=seed), n)
-    # stroke painting: a coarse 8x8 block painting with 4 grey/colour levels
-    blocks = real.reshape(k, c, h // 8, 8, w // 8, 8).mean((3, 5))
-    strokes = np.repeat(np.repeat((np.round(blocks / 85) * 85).astype(np.uint8), 8, 2), 8, 3)
+    # stroke painting: a coarse block painting (blocks of h/4 pixels) with 4 grey/colour levels
+    b = h // 4
+    blocks = real.reshape(k, c, h // b, b, w // b, b).mean((3, 5))
+    strokes = np.repeat(np.repeat((np.round(blocks / 85) * 85).astype(np.uint8), b, 2), b, 3)
     figure(out / f"edit-{tag}-stroke.png", strokes, editing.stroke(run, strokes, n=n, seed=seed), n)
     # denoising at sigma 0.4 (about 51 grey levels)
     rng = np.random.default_rng(seed)
@@ -99,8 +100,10 @@ def main():
     p.add_argument("--work", default="bench/out/editing")
     p.add_argument("--grey", help="an image run on Fashion-MNIST (default: train one)")
     p.add_argument("--rgb", help="an RGB image run (default: train one on photo patches)")
-    p.add_argument("--teacher-steps", type=int, default=3000)
-    p.add_argument("--cd-steps", type=int, default=1500)
+    p.add_argument("--teacher-steps", type=int, default=1500)
+    p.add_argument("--cd-steps", type=int, default=600)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--rgb-size", type=int, default=16, help="photo patch size (default 16)")
     p.add_argument("--inputs", type=int, default=4)
     p.add_argument("--n", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
@@ -108,13 +111,15 @@ def main():
     out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
-    grey = args.grey or train_pair(work, "fmnist", "fashion-mnist", args.teacher_steps, args.cd_steps, resolution=32)
-    patches = rgb_patches(work / "photo-patches.npy")
-    rgb = args.rgb or train_pair(work, "photos", str(patches), args.teacher_steps, args.cd_steps)
+    grey = args.grey or train_pair(work, "fmnist", "fashion-mnist", args.teacher_steps, args.cd_steps, args.batch,
+                                   resolution=32)
+    patches = rgb_patches(work / "photo-patches.npy", size=args.rgb_size)
+    rgb = args.rgb or train_pair(work, "photos", str(patches), args.teacher_steps, args.cd_steps, args.batch)
     test = load_fashion_mnist(split="test")[0][:args.inputs]
     test = np.pad(test, ((0, 0), (2, 2), (2, 2)))[:, None]  # 28 -> 32, as training padded
     gallery(cmkit.load_run(grey), test, "fmnist", out, args.n, args.seed)
-    held_out = np.load(rgb_patches(work / "photo-test.npy", n=args.inputs, seed=1)).transpose(0, 3, 1, 2)
+    held_out = np.load(rgb_patches(work / "photo-test.npy", size=args.rgb_size, n=args.inputs, seed=1))
+    held_out = held_out.transpose(0, 3, 1, 2)
     gallery(cmkit.load_run(rgb), np.ascontiguousarray(held_out), "photos", out, args.n, args.seed)
 
 

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 import cmkit
+from cmkit.cli import main
 from cmkit.data import TOY_TRUTH
 from cmkit.editing import (LUMA, ChannelMix, Identity, LinearOperator, PatchOrthogonal, check_invertible, colorize,
                            denoise, edit, inpaint, interpolate, stroke, superres)
@@ -217,7 +218,7 @@ def test_cli_edits_and_writes_grids_npz_and_gifs(runs):
         assert gif.n_frames == 4
 
 
-def test_cli_bad_input_is_one_line_and_exit_2(runs):
+def test_cli_bad_input_is_one_line_and_exit_2(runs, capsys):
     tmp, grey, rgb = runs["tmp"], str(runs["grey"].path), str(runs["rgb"].path)
     picture = _png(tmp / "p.png", _images(1, n=1)[0, 0])
     wrong_mask = _png(tmp / "m.png", np.zeros((5, 5), np.uint8))
@@ -230,7 +231,9 @@ def test_cli_bad_input_is_one_line_and_exit_2(runs):
         (("inpaint", "--checkpoint", grey, "--input", picture, "--box", "6,6,5,5"), "does not fit"),
         (("inpaint", "--checkpoint", grey, "--input", str(tmp / "missing.png"), "--box", "1,1,2,2"), "no such"),
     ]
-    for args, message in cases:
-        r = _cli(*args, "--out", str(tmp / "x.png"))
-        assert r.returncode == 2, (args, r.stderr)
-        assert r.stderr.count("\n") == 1 and message in r.stderr, (args, r.stderr)
+    r = _cli(*cases[0][0], "--out", str(tmp / "x.png"))  # one real process: its exit status
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and cases[0][1] in r.stderr, r.stderr
+    for args, message in cases[1:]:  # the rest in-process, through the same entry point
+        assert main(["edit", *args, "--out", str(tmp / "x.png")]) == 2, args
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, (args, err)

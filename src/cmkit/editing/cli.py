@@ -96,7 +96,7 @@ def _fit(run, images: np.ndarray, allow_grey_for_rgb: bool = False) -> np.ndarra
     and size (the run's own pad/resize when its data were fitted to a resolution)."""
     from ..data.images import fit_resolution
 
-    c, h, w = run.shape
+    h, w = run.shape[1:]
     if not (allow_grey_for_rgb and images.shape[1] == 1):
         images = _channels_only(run, images)
     data = run.config.get("data", {})
@@ -142,6 +142,8 @@ def cmd_edit(args, device: str) -> None:
             raise CmkitError(f"interpolate writes a .png strip or a .gif, got {out.name!r}")
     elif out.suffix.lower() not in (".png", ".npz", ""):
         raise CmkitError(f"--out must be a .png grid, a .npz or a folder, got {out.name!r}")
+    from ..cli import _refuse_to_clobber
+    _refuse_to_clobber(out, args.checkpoint)
     run = load_run(args.checkpoint, device=device)
     if not run.is_image:
         raise CmkitError(f"cmkit edit needs an image model; {args.checkpoint} was trained on vectors "
