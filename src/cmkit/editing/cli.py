@@ -101,7 +101,7 @@ def _fit(run, images: np.ndarray, allow_grey_for_rgb: bool = False) -> np.ndarra
         images = _channels_only(run, images)
     data = run.config.get("data", {})
     if tuple(images.shape[2:]) != (h, w) and data.get("resolution") == h == w:
-        images = fit_resolution(torch.from_numpy(images), h, data.get("fit", "pad")).numpy()
+        images = fit_resolution(torch.from_numpy(np.array(images)), h, data.get("fit", "pad")).numpy()
     return images
 
 
@@ -128,7 +128,7 @@ def _mask(args, run, inputs_hw: tuple[int, int]) -> np.ndarray:
             raise CmkitError(f"--mask is {mask.shape[3]}x{mask.shape[2]}, the input is {w}x{h}: they must match")
     mh, mw = run.shape[1:]
     if (h, w) != (mh, mw) and run.config.get("data", {}).get("resolution") == mh == mw:
-        mask = fit_resolution(torch.from_numpy(mask), mh, run.config["data"].get("fit", "pad")).numpy()
+        mask = fit_resolution(torch.from_numpy(np.array(mask)), mh, run.config["data"].get("fit", "pad")).numpy()
     return mask[0, 0] > 127
 
 
