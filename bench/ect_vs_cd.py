@@ -11,20 +11,12 @@ CD run, the fewest ECT steps on the grid whose 2-step SW1 is at least as good, a
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import torch
+from compare_methods import train  # bench/ is on the path when this script runs
 
-import cmkit
 from cmkit.evaluate import evaluate_run
-
-
-def train(method, data, run: Path, steps: int, **extra) -> float:
-    config = cmkit.build_config(method, **{"data.name": data, "train.steps": steps, **extra})
-    start = time.perf_counter()
-    cmkit.train(config, run, force=True, progress=False)
-    return time.perf_counter() - start
 
 
 def sw1(run: Path, steps: list[int], n: int) -> list[float]:
@@ -43,8 +35,7 @@ def main():
     out = Path(args.out)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; SW1 on n = {args.n} vs held-out\n")
     for data in args.data.split(","):
-        teacher = out / f"{data}-teacher"
-        train("edm", data, teacher, args.teacher_steps)
+        teacher, _ = train("edm", data, out, args.teacher_steps, False)
         ref = sw1(teacher, [18], args.n)[0]
         scores = {}
         print(f"{data}: teacher (35 NFE) SW1 {ref:.4f}\n")
@@ -52,8 +43,7 @@ def main():
         print("|---|---:|---:|---:|---:|---:|")
         for steps in grid:
             for method, source in (("cd", "teacher"), ("ect", "init")):
-                run = out / f"{data}-{method}-{steps}"
-                seconds = train(method, data, run, steps, **{source: str(teacher)})
+                run, seconds = train(method, data, out / f"steps-{steps}", steps, False, **{source: str(teacher)})
                 one, two = sw1(run, [1, 2], args.n)
                 scores[method, steps] = two
                 print(f"| {method} | {steps} | {one:.4f} | {two:.4f} | {two / ref:.2f} | {seconds:.0f} |", flush=True)

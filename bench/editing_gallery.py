@@ -19,7 +19,7 @@ import numpy as np
 import cmkit
 from cmkit import editing
 from cmkit.data.images import load_fashion_mnist
-from cmkit.plotting import save_image_grid
+from cmkit.plotting import save_edit_grid, save_image_grid
 
 
 def rgb_patches(path: Path, size: int = 32, n: int = 6000, seed: int = 0) -> Path:
@@ -54,12 +54,7 @@ def train_pair(work: Path, name: str, data: str, teacher_steps: int, cd_steps: i
 
 
 def figure(path: Path, inputs: np.ndarray, edits: np.ndarray, n: int) -> None:
-    if inputs.shape[1] != edits.shape[1]:
-        inputs = np.repeat(inputs, edits.shape[1], 1)
-    rows = []
-    for i in range(len(inputs)):
-        rows += [inputs[i:i + 1], edits[i * n:(i + 1) * n]]
-    save_image_grid(np.concatenate(rows), path, nrow=n + 1, scale=3)
+    save_edit_grid(inputs, edits, n, path, scale=3)
     print(f"wrote {path}")
 
 

@@ -63,3 +63,14 @@ def save_image_grid(images: np.ndarray, path: str | Path, nrow: int | None = Non
     tmp = path.with_name(path.name + ".tmp.png")
     picture.save(tmp)
     tmp.replace(path)
+
+
+def save_edit_grid(inputs: np.ndarray, edits: np.ndarray, n: int, path: str | Path, scale: int | None = None) -> None:
+    """A PNG grid of edits: one row per input (uint8 NCHW), the input first, then its ``n`` edits
+    (``edits`` input-major). A grey input beside colour edits is shown as grey RGB."""
+    if inputs.shape[1] != edits.shape[1]:
+        inputs = np.repeat(inputs, edits.shape[1], axis=1)
+    rows = []
+    for i in range(len(inputs)):
+        rows += [inputs[i:i + 1], edits[i * n:(i + 1) * n]]
+    save_image_grid(np.concatenate(rows), path, nrow=n + 1, scale=scale)

@@ -94,21 +94,25 @@ def _read_picture(p: Path, grey: bool | None) -> np.ndarray:
 def _fit(run, images: np.ndarray, allow_grey_for_rgb: bool = False) -> np.ndarray:
     """Match the model's channels (RGB -> grey by luma; grey -> RGB only where the task allows)
     and size (the run's own pad/resize when its data were fitted to a resolution)."""
+    if not (allow_grey_for_rgb and images.shape[1] == 1):
+        images = _channels_only(run, images)
+    return _fit_size(run, images)
+
+
+def _fit_size(run, images: np.ndarray) -> np.ndarray:
+    """Pad or resize (N, C, H, W) uint8 as the run's training data were, when the run fitted its
+    data to a square resolution and ``images`` are another size."""
     from ..data.images import fit_resolution
 
     h, w = run.shape[1:]
-    if not (allow_grey_for_rgb and images.shape[1] == 1):
-        images = _channels_only(run, images)
     data = run.config.get("data", {})
-    if tuple(images.shape[2:]) != (h, w) and data.get("resolution") == h == w:
-        images = fit_resolution(torch.from_numpy(np.array(images)), h, data.get("fit", "pad")).numpy()
-    return images
+    if tuple(images.shape[2:]) == (h, w) or data.get("resolution") != h or h != w:
+        return images
+    return fit_resolution(torch.from_numpy(np.array(images)), h, data.get("fit", "pad")).numpy()
 
 
 def _mask(args, run, inputs_hw: tuple[int, int]) -> np.ndarray:
     """bool (H, W) at the model's size: True = fill in."""
-    from ..data.images import fit_resolution
-
     h, w = inputs_hw
     if args.box:
         try:
@@ -126,10 +130,7 @@ def _mask(args, run, inputs_hw: tuple[int, int]) -> np.ndarray:
         mask = _read_picture(p, grey=True)[None]
         if mask.shape[2:] != (h, w):
             raise CmkitError(f"--mask is {mask.shape[3]}x{mask.shape[2]}, the input is {w}x{h}: they must match")
-    mh, mw = run.shape[1:]
-    if (h, w) != (mh, mw) and run.config.get("data", {}).get("resolution") == mh == mw:
-        mask = fit_resolution(torch.from_numpy(np.array(mask)), mh, run.config["data"].get("fit", "pad")).numpy()
-    return mask[0, 0] > 127
+    return _fit_size(run, mask)[0, 0] > 127
 
 
 def cmd_edit(args, device: str) -> None:
@@ -195,16 +196,12 @@ def _done(args, message: str) -> None:
 
 
 def _write_edits(inputs: np.ndarray, result: np.ndarray, n: int, out: Path) -> None:
-    from ..plotting import save_image_grid
+    from ..plotting import save_edit_grid
 
     if inputs.shape[1] != result.shape[1]:  # a grey input beside its colourings
         inputs = np.repeat(inputs, result.shape[1], axis=1)
     if out.suffix.lower() == ".png":
-        rows = []
-        for i, image in enumerate(inputs):
-            rows.append(image[None])
-            rows.append(result[i * n:(i + 1) * n])
-        save_image_grid(np.concatenate(rows), out, nrow=n + 1)
+        save_edit_grid(inputs, result, n, out)
     elif out.suffix.lower() == ".npz":
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(out.name + ".tmp.npz")

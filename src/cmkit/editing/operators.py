@@ -8,20 +8,24 @@ job is to put "what we know" into coordinates of its own. Write your own by subc
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import torch
 
 # ITU-R BT.601 luma weights, the paper's colorization choice.
 LUMA = (0.2989, 0.5870, 0.1140)
 
 
-class LinearOperator:
+class LinearOperator(ABC):
     """A x and A^-1 x on batches; subclasses implement both."""
 
+    @abstractmethod
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """A x."""
 
+    @abstractmethod
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """A^-1 y."""
 
 
 class Identity(LinearOperator):
