@@ -5,7 +5,7 @@
 set -euo pipefail
 O=${1:-bench/out/digits}
 C=${CMKIT:-cmkit}
-$C train --method edm --data digits --set model.preset=tiny --batch-size 128 --lr 2e-3 --set train.lr_warmup=100 \
+$C train --method edm --data digits --set model.preset=tiny --set model.num_classes=0 --batch-size 128 --lr 2e-3 --set train.lr_warmup=100 \
   --steps 3000 --out "$O/teacher" --force --quiet
 $C train --method cd --data digits --teacher "$O/teacher" --batch-size 128 --steps 2000 --out "$O/cd" --force --quiet
 $C eval --checkpoint "$O/teacher" --steps 18 --n 180 --metric fd,pr --out "$O/eval-teacher.json" --quiet

@@ -39,14 +39,16 @@ def rgb_patches(path: Path, size: int = 32, n: int = 6000, seed: int = 0) -> Pat
 
 def train_pair(work: Path, name: str, data: str, teacher_steps: int, cd_steps: int, batch: int,
                resolution=None) -> Path:
-    sets = {"data.name": data, "model.preset": "tiny", "train.batch_size": batch, "train.sample_every": 0}
+    # Unconditional models (the gallery shows editing, not class control).
+    sets = {"data.name": data, "model.preset": "tiny", "model.num_classes": 0, "train.batch_size": batch,
+            "train.sample_every": 0}
     if resolution:
         sets["data.resolution"] = resolution
     teacher = work / f"{name}-teacher"
     start = time.perf_counter()
     cmkit.train(cmkit.build_config("edm", **sets, **{"train.steps": teacher_steps}), teacher, force=True, progress=False)
     cd = work / f"{name}-cd"
-    sets.pop("model.preset")
+    sets.pop("model.preset"), sets.pop("model.num_classes")
     cmkit.train(cmkit.build_config("cd", **sets, teacher=str(teacher), **{"train.steps": cd_steps}), cd, force=True,
                 progress=False)
     print(f"trained {name}: {time.perf_counter() - start:.0f} s")

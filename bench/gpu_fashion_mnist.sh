@@ -55,7 +55,8 @@ PY
 
 start=$(date +%s)
 # shellcheck disable=SC2086
-$CMKIT train --method edm --out "$OUT/teacher" --steps "$TEACHER_STEPS" --set model.preset="$PRESET" \
+# Unconditional, like the papers' CIFAR-10 anchors (bench/gpu_fashion_mnist_guidance.sh is the conditional one).
+$CMKIT train --method edm --out "$OUT/teacher" --steps "$TEACHER_STEPS" --set model.preset="$PRESET" --set model.num_classes=0 \
   --set train.optimizer=adamw --set train.fused_optimizer="$([ "${TINY:-0}" = 1 ] && echo false || echo true)" \
   "${COMMON[@]}"
 t_teacher=$(($(date +%s) - start))
@@ -77,7 +78,7 @@ for m in "${METHODS[@]}"; do
     ect|sct) SRC=(--init "$OUT/teacher") ;;
     ect-half) SRC=(--init "$OUT/teacher"); method=ect; steps=$((CD_STEPS / 2)) ;;
     scd) SRC=(--teacher "$OUT/teacher") ;;
-    *) SRC=(--set model.preset="$PRESET") ;;
+    *) SRC=(--set model.preset="$PRESET" --set model.num_classes=0) ;;
   esac
   t0=$(date +%s)
   if ! $CMKIT train --method "$method" --out "$OUT/$m" --steps "$steps" "${SRC[@]}" "${COMMON[@]}"; then

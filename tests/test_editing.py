@@ -102,6 +102,8 @@ def test_slerp_keeps_the_endpoints_and_the_norm():
 
 def _tiny_run(tmp_path, name, data, method="ict", image=True):
     extra = {"model.preset": "tiny", "train.sample_every": 0} if image else {}
+    if data == "digits":  # labelled: a class-conditional run, which edits with its null label by default
+        extra["train.label_dropout"] = 0.1
     config = cmkit.build_config(method, **{"data.name": str(data), "train.steps": 2, "train.batch_size": 8, **extra})
     return cmkit.load_run(cmkit.train(config, tmp_path / name, progress=False))
 
@@ -179,11 +181,14 @@ def test_stroke_and_denoise_are_seeded_and_move_toward_the_model(runs):
 @pytest.mark.parametrize("which", ["grey", "teacher"])
 def test_interpolation_endpoints_are_the_seeds_one_step_samples(runs, which):
     run = runs[which]
-    frames = interpolate(run, 5, 9, 6)
+    assert run.num_classes == 10
+    frames = interpolate(run, 5, 9, 6, class_labels=3)
     steps = 1 if which == "grey" else None
-    np.testing.assert_array_equal(frames[0], run.sample(1, steps=steps, seed=5)[0])
-    np.testing.assert_array_equal(frames[-1], run.sample(1, steps=steps, seed=9)[0])
+    np.testing.assert_array_equal(frames[0], run.sample(1, steps=steps, seed=5, class_labels=3)[0])
+    np.testing.assert_array_equal(frames[-1], run.sample(1, steps=steps, seed=9, class_labels=3)[0])
     assert not np.array_equal(frames[2], frames[0])
+    # without a class: the one run.sample draws for the first seed, for every frame
+    np.testing.assert_array_equal(interpolate(run, 5, 9, 2)[0], run.sample(1, steps=steps, seed=5)[0])
 
 
 # ----------------------------------------------------------------------------------------- the CLI
@@ -212,7 +217,7 @@ def test_cli_edits_and_writes_grids_npz_and_gifs(runs):
     r = _cli("colorize", "--checkpoint", rgb, "--input", picture, "--steps", "2", "--out", str(tmp / "c.png"))
     assert r.returncode == 0 and (tmp / "c.png").is_file(), r.stderr
     r = _cli("interpolate", "--checkpoint", grey, "--seed-a", "1", "--seed-b", "2", "--frames", "4",
-             "--out", str(tmp / "i.gif"))
+             "--class", "7", "--out", str(tmp / "i.gif"))
     assert r.returncode == 0, r.stderr
     with Image.open(tmp / "i.gif") as gif:
         assert gif.n_frames == 4
@@ -230,6 +235,8 @@ def test_cli_bad_input_is_one_line_and_exit_2(runs, capsys):
         (("denoise", "--checkpoint", str(runs["vector"].path), "--input", picture, "--sigma", "0.2"), "image model"),
         (("inpaint", "--checkpoint", grey, "--input", picture, "--box", "6,6,5,5"), "does not fit"),
         (("inpaint", "--checkpoint", grey, "--input", str(tmp / "missing.png"), "--box", "1,1,2,2"), "no such"),
+        (("inpaint", "--checkpoint", grey, "--input", picture, "--box", "1,1,2,2", "--class", "10"), "out of range"),
+        (("colorize", "--checkpoint", rgb, "--input", picture, "--class", "1"), "unconditional"),
     ]
     r = _cli(*cases[0][0], "--out", str(tmp / "x.png"))  # one real process: its exit status
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and cases[0][1] in r.stderr, r.stderr

@@ -81,7 +81,7 @@ def test_ict_target_shares_dropout_masks(monkeypatch):
     torch.manual_seed(0)
     net = ConsistencyFunction(ResidualMLP(2, width=32, depth=2, emb_dim=16, dropout=0.5), NOISE).train()
     loss_fn = ImprovedConsistencyTrainingLoss(NOISE, total_steps=10)
-    loss_fn.lower = lambda x_hi, x0, z, hi, lo: x_hi
+    loss_fn.lower = lambda x_hi, x0, z, hi, lo, *cond: x_hi
     loss_fn.num_levels = lambda step: 2
     sigmas_same = torch.tensor([1.0, 1.0])
     loss_fn.noise = type("N", (), {"karras": staticmethod(lambda n: sigmas_same), "sigma_min": 0.002})()

@@ -21,13 +21,13 @@ def test_edm_loss_of_ideal_denoiser_is_one_per_dimension():
     x0 = data.sample(200_000, g).float()
     loss, _ = EDMLoss(sd)(data.as_denoiser(), x0, generator=g)
     assert loss.mean().item() == pytest.approx(1.0, rel=0.01)
-    worse, _ = EDMLoss(sd)(lambda x, s: data.denoise(x, s) * 0.97, x0, generator=g)
+    worse, _ = EDMLoss(sd)(lambda x, s, c=None: data.denoise(x, s) * 0.97, x0, generator=g)
     assert worse.mean().item() > 1.02
 
 
 def test_edm_loss_samples_lognormal_sigma():
     seen = []
-    EDMLoss(0.5, p_mean=-1.2, p_std=1.2)(lambda x, s: (seen.append(s), x)[1], torch.zeros(100_000, 1),
+    EDMLoss(0.5, p_mean=-1.2, p_std=1.2)(lambda x, s, c=None: (seen.append(s), x)[1], torch.zeros(100_000, 1),
                                          generator=torch.Generator().manual_seed(0))
     ln = seen[0].log()
     assert ln.mean().item() == pytest.approx(-1.2, abs=0.02)
@@ -78,7 +78,7 @@ def test_cd_draws_adjacent_grid_levels():
         pairs.append(s)
         return x
 
-    loss = ConsistencyDistillationLoss(lambda x, s: x, NoiseConfig(), num_levels=10)
+    loss = ConsistencyDistillationLoss(lambda x, s, c=None: x, NoiseConfig(), num_levels=10)
     loss(spy, torch.zeros(2000, 2), target=spy, generator=torch.Generator().manual_seed(0))
     target, online = pairs  # the target pass runs first, under no_grad
     grid = karras_sigmas(10)

@@ -66,9 +66,17 @@ class GaussianMixture:
         post = self.means[None] + torch.einsum("kij,bkj->bki", self.covs, sol)
         return (resp[..., None] * post).sum(1).to(dtype)
 
+    def component(self, k: int) -> "Gaussian":
+        return Gaussian(self.means[k], self.covs[k])
+
     def as_denoiser(self):
         """A callable D(x, sigma, class_labels=None) for the samplers and the CD objective."""
         return AnalyticDenoiser(self)
+
+    def as_class_denoiser(self):
+        """The ideal class-conditional denoiser with one class per component: label k gives
+        component k's denoiser, the null label K (or None) the whole mixture's."""
+        return AnalyticClassDenoiser(self)
 
 
 class AnalyticDenoiser(torch.nn.Module):
@@ -80,6 +88,24 @@ class AnalyticDenoiser(torch.nn.Module):
 
     def forward(self, x, sigma, class_labels=None):
         return self.mixture.denoise(x, sigma)
+
+
+class AnalyticClassDenoiser(AnalyticDenoiser):
+    @property
+    def num_classes(self) -> int:
+        return len(self.mixture.weights)
+
+    def forward(self, x, sigma, class_labels=None):
+        K = self.num_classes
+        out = self.mixture.denoise(x, sigma)
+        if class_labels is None:
+            return out
+        sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).expand(x.shape[0])
+        for k in range(K):
+            rows = class_labels == k
+            if bool(rows.any()):
+                out[rows] = self.mixture.component(k).denoise(x[rows], sigma[rows])
+        return out
 
 
 class Gaussian(GaussianMixture):

@@ -49,6 +49,31 @@ def _name_list(text: str) -> list[str]:
     return names
 
 
+def _scale_range(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LO,HI (or one number), got {text!r}") from None
+    if len(values) == 1:
+        values = values * 2
+    if len(values) != 2 or not 0 <= values[0] <= values[1]:
+        raise argparse.ArgumentTypeError(f"expected LO,HI with 0 <= LO <= HI, got {text!r}")
+    return values
+
+
+def _class_spec(text: str):
+    from .classes import parse_class_spec
+    try:
+        return parse_class_spec(text)
+    except CmkitError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+CLASS_HELP = ("class-conditional runs: an index or name, a comma list (cycled over the samples), 'random' "
+              "(default) or 'null' (unconditional; runs trained with --label-dropout)")
+GUIDANCE_HELP = ("classifier-free guidance scale w (D_uncond + w (D_cond - D_uncond); 1 = none): teachers "
+                 "trained with --label-dropout, and students distilled with --guidance")
+
 INCEPTION_ENV = "CMKIT_INCEPTION_WEIGHTS"
 
 
@@ -77,6 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", help="edm run whose weights to start from (methods ect, sct, scd)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
+    p.add_argument("--label-dropout", type=float, help="class-conditional runs: replace this fraction of labels "
+                   "with the null label, for classifier-free guidance (e.g. 0.1)")
+    p.add_argument("--guidance", type=_scale_range, metavar="LO,HI", help="methods cd, scd: distill the "
+                   "teacher's classifier-free guidance at scales drawn from [LO, HI]; the student takes the scale "
+                   "as an input (sample it with --guidance W)")
     p.add_argument("--seed", type=_seed, help="training seed (batches, noise, initialisation)")
     p.add_argument("--config", help="JSON file of config overrides")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -96,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--s-tmin", type=float, default=0.0, help="churn only at sigma >= this")
     p.add_argument("--s-tmax", type=float, default=float("inf"), help="churn only at sigma <= this")
     p.add_argument("--s-noise", type=float, default=1.0, help="churn noise scale (EDM S_noise)")
+    p.add_argument("--class", dest="class_spec", type=_class_spec, help=CLASS_HELP)
+    p.add_argument("--guidance", type=float, help=GUIDANCE_HELP)
     p.add_argument("--seed", type=_seed, default=0, help="fixes the samples (default 0)")
     p.add_argument("--noise", help=".npy of (n, *shape) standard-normal starting noise (replaces the seed's)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda if available)")
@@ -110,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=10000, help="samples per step count (capped by the held-out size)")
     p.add_argument("--metric", type=_name_list, help="image runs: comma list of fd (classifier Frechet distance), "
                    "pr (k-NN precision/recall), fid (Inception-v3; needs --inception-weights); default fd")
+    p.add_argument("--guidance", type=float, help=GUIDANCE_HELP + "; samples take the reference's labels")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda if available)")
     p.add_argument("--inception-weights", help=f"pt_inception-2015-12-05 weights for fid (or ${INCEPTION_ENV})")
     p.add_argument("--seed", type=_seed, default=0, help="sampling and subsampling seed")
@@ -124,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
 
     from .editing.cli import add_parser as add_edit_parser
-    add_edit_parser(sub, _seed, _sigma_list)
+    add_edit_parser(sub, _seed, _sigma_list, _class_spec)
 
     p = sub.add_parser("demo", help="train a teacher and a CD model on a 2-D set, evaluate, plot")
     p.add_argument("--out", default="cmkit-demo", help="output directory (default cmkit-demo)")
@@ -145,8 +178,12 @@ def cmd_train(args) -> None:
     from .train import train
 
     options = {"data.name": args.data, "train.steps": args.steps, "train.batch_size": args.batch_size,
-               "train.lr": args.lr, "train.seed": args.seed}
+               "train.lr": args.lr, "train.seed": args.seed, "train.label_dropout": args.label_dropout}
     from .config import INIT_METHODS, TEACHER_METHODS
+    if args.guidance is not None:
+        if args.method not in TEACHER_METHODS:
+            raise CmkitError(f"--guidance (guided distillation) is only for --method {' or '.join(TEACHER_METHODS)}")
+        options["objective.guidance"] = args.guidance
     if args.teacher is not None:
         if args.method not in TEACHER_METHODS:
             raise CmkitError(f"--teacher is only for --method {' or '.join(TEACHER_METHODS)}")
@@ -160,6 +197,7 @@ def cmd_train(args) -> None:
             raise CmkitError("--resume needs --steps (the step to train until)")
         changed = [flag for flag, value in (("--data", args.data), ("--teacher", args.teacher), ("--init", args.init),
                                             ("--batch-size", args.batch_size), ("--lr", args.lr),
+                                            ("--label-dropout", args.label_dropout), ("--guidance", args.guidance),
                                             ("--seed", args.seed), ("--config", args.config),
                                             ("--set", args.set or None)) if value is not None]
         if changed:
@@ -188,7 +226,8 @@ def cmd_sample(args) -> None:
     noise = _load_noise(args.noise) if args.noise else None
     churn = {"s_churn": args.s_churn, "s_tmin": args.s_tmin, "s_tmax": args.s_tmax, "s_noise": args.s_noise}
     x = run.sample(args.n, steps=args.steps, sigmas=args.sigmas, seed=args.seed, noise=noise,
-                   sampler=args.sampler or "heun", **(churn if args.s_churn else {}))
+                   sampler=args.sampler or "heun", class_labels=args.class_spec, guidance=args.guidance,
+                   **(churn if args.s_churn else {}))
     write_samples(x, out, image=run.is_image, title=f"{run.method} samples")
     if not args.quiet:
         print(f"wrote {len(x)} samples to {out}")
@@ -259,6 +298,7 @@ def cmd_eval(args) -> None:
         _refuse_to_clobber(Path(args.out), args.checkpoint)
     import os
     result = evaluate_run(args.checkpoint, data=args.data, steps=args.steps, n=args.n, seed=args.seed,
+                          guidance=args.guidance,
                           metrics=args.metric, device=_device(args.device),
                           inception_weights=args.inception_weights or os.environ.get(INCEPTION_ENV))
     text = json.dumps(result, indent=2)

@@ -65,7 +65,8 @@ def read_config_file(path: str | Path) -> dict:
 NULLABLE = {"teacher": str, "init": str, "objective.tangent_warmup": int, "data.name": str, "data.resolution": int, "data.root": str,
             "objective.huber_c": float, "objective.total_steps": int, "train.grad_clip": float,
             "model.channels": list, "model.layers_per_block": int, "model.attention": list,
-            "model.dropout": float, "objective.r_p_mean": float, "objective.r_p_std": float}
+            "model.dropout": float, "objective.r_p_mean": float, "objective.r_p_std": float,
+            "model.num_classes": int, "objective.guidance": list}
 
 
 def _check_type(name: str, default, value) -> None:

@@ -47,30 +47,44 @@ def floor_metrics(vectors, reference: np.ndarray, truth, seed: int) -> dict:
     return floor
 
 
+def reference_labels(run: Run, labels, index) -> torch.Tensor | None:
+    """The labels to sample a conditional run with: those of the reference points, so that the
+    samples' class mix is the reference's (random classes when the reference has none)."""
+    if not run.num_classes or labels is None:
+        return None
+    return torch.as_tensor(labels)[torch.as_tensor(index)]
+
+
 def evaluate_run(checkpoint: str, *, data: str | None = None, steps: list[int] | None = None,
                  n: int = 10000, seed: int = 0, metrics: list[str] | None = None,
-                 inception_weights: str | None = None, device: str = "cpu") -> dict:
+                 inception_weights: str | None = None, device: str = "cpu", guidance: float | None = None) -> dict:
     """Sample the run at each step count and score the samples against held-out data, beside
     the score of real training data (the floor). Vector runs: SW1, energy distance (and the exact
-    NLL on toys). Image runs: ``metrics`` out of fd, pr, fid (default fd)."""
+    NLL on toys). Image runs: ``metrics`` out of fd, pr, fid (default fd); conditional Fashion-MNIST
+    runs also the feature classifier's accuracy on the samples' requested classes. A conditional
+    run samples with the reference's labels, at classifier-free guidance ``guidance``."""
     if n < 2:
         raise CmkitError(f"--n must be at least 2, got {n}")
     run = load_run(checkpoint, device=device)
     if run.is_image:
         return evaluate_image_run(run, data=data, steps=steps, n=n, seed=seed, metrics=metrics or ["fd"],
-                                  inception_weights=inception_weights)
+                                  inception_weights=inception_weights, guidance=guidance)
     if metrics:
         raise CmkitError("--metric applies to image runs; vector runs report sw1, energy (and true_nll on toys)")
     vectors = reference_data(run, data)
     if len(vectors.holdout) < 2:
         raise CmkitError(f"{vectors.name} holds out {len(vectors.holdout)} row(s); evaluation needs at least 2")
     truth = TOY_TRUTH.get(vectors.name)
-    reference = vectors.holdout[np.random.default_rng([seed, 4]).permutation(len(vectors.holdout))[:n]]
+    index = np.random.default_rng([seed, 4]).permutation(len(vectors.holdout))[:n]
+    reference = vectors.holdout[index]
+    labels = reference_labels(run, vectors.holdout_labels, index)
     result = {"checkpoint": str(checkpoint), "method": run.method, "data": vectors.name,
               "n": len(reference), "floor": floor_metrics(vectors, reference, truth, seed), "results": []}
+    if guidance is not None:
+        result["guidance"] = guidance
     for s in steps or ([18] if run.is_diffusion else [1, 2]):
         start = time.perf_counter()
-        samples = run.sample(len(reference), steps=s, seed=seed)
+        samples = run.sample(len(reference), steps=s, seed=seed, class_labels=labels, guidance=guidance)
         seconds = time.perf_counter() - start
         nfe = 2 * s - 1 if run.is_diffusion else s
         result["results"].append({"steps": s, "nfe": nfe, "seconds": round(seconds, 4),
@@ -123,14 +137,16 @@ class ImageScorer:
 
 
 def evaluate_image_run(run: Run, *, data: str | None, steps: list[int] | None, n: int, seed: int,
-                       metrics: list[str], inception_weights: str | None = None) -> dict:
+                       metrics: list[str], inception_weights: str | None = None, guidance: float | None = None) -> dict:
     d = run.config["data"]
     images = load_dataset(d, name=data)
     if not isinstance(images, ImageData) or images.shape != run.shape:
         got = images.shape if isinstance(images, ImageData) else f"vectors of {images.dim} dimensions"
         raise CmkitError(f"reference data has shape {got} but the run generates {run.shape}")
     rng = np.random.default_rng([seed, 4])
-    reference = images.holdout[torch.from_numpy(rng.permutation(len(images.holdout))[:n])]
+    index = torch.from_numpy(rng.permutation(len(images.holdout))[:n])
+    reference = images.holdout[index]
+    labels = reference_labels(run, images.holdout_labels, index)
     n = len(reference)
     if n < 4:
         raise CmkitError(f"{images.name} holds out only {n} images; image metrics need more")
@@ -140,10 +156,27 @@ def evaluate_image_run(run: Run, *, data: str | None, steps: list[int] | None, n
               "floor": scorer.score(train), "results": []}
     if len(train) < n:
         result["floor_note"] = f"floor from {len(train)} training images, fewer than n"
+    if guidance is not None:
+        result["guidance"] = guidance
+    # The feature classifier knows Fashion-MNIST's classes only.
+    judge_classes = labels is not None and images.name == "fashion-mnist" and scorer.classifier is not None
     for s in steps or ([18] if run.is_diffusion else [1, 2]):
         start = time.perf_counter()
-        samples = run.sample(n, steps=s, seed=seed)
+        samples = run.sample(n, steps=s, seed=seed, class_labels=labels, guidance=guidance)
         seconds = time.perf_counter() - start
         nfe = 2 * s - 1 if run.is_diffusion else s
-        result["results"].append({"steps": s, "nfe": nfe, "seconds": round(seconds, 4), **scorer.score(samples)})
+        row = {"steps": s, "nfe": nfe, "seconds": round(seconds, 4), **scorer.score(samples)}
+        if judge_classes:
+            row.update(class_accuracy(scorer.classifier, samples, labels, images.native_size, run.num_classes))
+        result["results"].append(row)
     return result
+
+
+def class_accuracy(classifier, samples, labels: torch.Tensor, native_size: int | None, num_classes: int) -> dict:
+    """How often the classifier sees the requested class: overall and per class."""
+    from .metrics.classifier import predict
+
+    hit = (predict(classifier, torch.from_numpy(samples), native_size) == labels).float()
+    per_class = [round(float(hit[labels == k].mean()), 4) if bool((labels == k).any()) else None
+                 for k in range(num_classes)]
+    return {"class_accuracy": round(float(hit.mean()), 4), "class_accuracy_per_class": per_class}

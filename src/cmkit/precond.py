@@ -29,13 +29,24 @@ class Preconditioned(nn.Module, abc.ABC):
     def scalings(self, sigma: torch.Tensor):
         """(c_skip, c_out, c_in) at noise level sigma (shape (B,))."""
 
-    def forward(self, x: torch.Tensor, sigma, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+    @property
+    def num_classes(self) -> int:
+        """K for a class-conditional backbone (labels 0..K-1, K the null label), else 0."""
+        return getattr(self.backbone, "num_classes", 0)
+
+    def forward(self, x: torch.Tensor, sigma, class_labels: torch.Tensor | None = None,
+                guidance: torch.Tensor | None = None) -> torch.Tensor:
         sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
         if sigma.ndim == 0:
             sigma = sigma.expand(x.shape[0])
         c_skip, c_out, c_in = (broadcast_to_batch(c, x) for c in self.scalings(sigma))
-        F = self.backbone(c_in * x, self.c_noise(sigma), class_labels)
+        F = self.backbone(c_in * x, self.c_noise(sigma), class_labels, **guidance_kwarg(guidance))
         return c_skip * x + c_out * F.to(x.dtype)
+
+
+def guidance_kwarg(guidance) -> dict:
+    """Backbones without a guidance input need not accept the keyword at all."""
+    return {} if guidance is None else {"guidance": guidance}
 
 
 class EDMDenoiser(Preconditioned):
@@ -72,14 +83,20 @@ class MeanFlowModel(nn.Module):
         self.backbone, self.noise, self.c_noise_name = backbone, noise, c_noise
         self.time_scale = MEANFLOW_TIME_SCALES[c_noise]
 
-    def velocity(self, z: torch.Tensor, r: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        times = torch.stack([t, t - r], dim=1).to(z.dtype) * self.time_scale
-        return self.backbone(z, times, None)
+    num_classes = Preconditioned.num_classes
 
-    def forward(self, x: torch.Tensor, sigma, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+    def velocity(self, z: torch.Tensor, r: torch.Tensor, t: torch.Tensor,
+                 class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        times = torch.stack([t, t - r], dim=1).to(z.dtype) * self.time_scale
+        return self.backbone(z, times, class_labels)
+
+    def forward(self, x: torch.Tensor, sigma, class_labels: torch.Tensor | None = None,
+                guidance: torch.Tensor | None = None) -> torch.Tensor:
+        if guidance is not None:
+            raise ValueError("MeanFlow models take no guidance scale input")
         sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
         if sigma.ndim == 0:
             sigma = sigma.expand(x.shape[0])
         t = sigma / (1 + sigma)
         z = broadcast_to_batch(1 - t, x) * x
-        return z - broadcast_to_batch(t, x) * self.velocity(z, torch.zeros_like(t), t).to(x.dtype)
+        return z - broadcast_to_batch(t, x) * self.velocity(z, torch.zeros_like(t), t, class_labels).to(x.dtype)

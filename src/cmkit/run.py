@@ -13,7 +13,9 @@ import torch
 
 from . import checkpoint
 from .data import scaler_from_state
+from .classes import resolve_labels
 from .errors import CmkitError
+from .guidance import GuidanceInput, GuidedDenoiser, default_guidance
 from .nets import build_backbone
 from .noise import NoiseConfig, append_zero, karras_sigmas
 from .precond import ConsistencyFunction, EDMDenoiser, MeanFlowModel
@@ -76,10 +78,12 @@ def default_levels(is_diffusion: bool, noise: NoiseConfig, steps: int | None = N
 @torch.no_grad()
 def generate(model: torch.nn.Module, shape: tuple[int, ...], levels: torch.Tensor, *, is_diffusion: bool,
              n: int, seed: int = 0, noise: torch.Tensor | None = None, sampler: str = "heun",
-             sigma_min: float = 0.002, batch_size: int = 100_000, **churn) -> torch.Tensor:
+             sigma_min: float = 0.002, batch_size: int = 100_000, class_labels: torch.Tensor | None = None,
+             **churn) -> torch.Tensor:
     """``n`` samples in model units from a denoiser (Heun/Euler over ``levels``, which end in 0) or
-    a consistency function (1 step or multistep over ``levels``). One generator drives the
-    starting noise, multistep re-noising and churn, so a seed fixes the samples."""
+    a consistency function (1 step or multistep over ``levels``), for ``class_labels`` (n,) when
+    given. One generator drives the starting noise, multistep re-noising and churn, so a seed
+    fixes the samples."""
     device = next(model.parameters()).device
     levels = levels.to(device)
     gen = torch.Generator().manual_seed(seed)
@@ -90,14 +94,15 @@ def generate(model: torch.nn.Module, shape: tuple[int, ...], levels: torch.Tenso
     if tuple(noise.shape) != (n, *shape):
         raise CmkitError(f"noise must have shape {(n, *shape)}, got {tuple(noise.shape)}")
     out = []
-    for chunk in noise.split(batch_size):
+    label_chunks = [None] * n if class_labels is None else class_labels.to(device).split(batch_size)
+    for chunk, labels in zip(noise.split(batch_size), label_chunks):
         x = chunk.to(device) * levels[0]
         try:
             if is_diffusion:
                 extra = {**churn, "generator": gen} if churn else {}
-                out.append(SAMPLERS[sampler](model, x, levels, **extra).cpu())
+                out.append(SAMPLERS[sampler](model, x, levels, labels, **extra).cpu())
             else:
-                out.append(sample_consistency(model, x, levels, sigma_min=sigma_min, generator=gen).cpu())
+                out.append(sample_consistency(model, x, levels, labels, sigma_min=sigma_min, generator=gen).cpu())
         except ValueError as e:
             raise CmkitError(str(e)) from None
     samples = torch.cat(out)
@@ -127,6 +132,55 @@ class Run:
         self.device = device
 
     @property
+    def num_classes(self) -> int:
+        """K for a class-conditional run (labels 0..K-1), 0 for an unconditional one."""
+        return self.config["model"].get("num_classes") or 0
+
+    @property
+    def class_names(self) -> list[str] | None:
+        return self.config.get("class_names")
+
+    @property
+    def has_null_label(self) -> bool:
+        """Trained with label dropout, so the null label (unconditional) means something."""
+        return bool(self.num_classes and self.config["train"].get("label_dropout", 0.0))
+
+    @property
+    def guidance_range(self) -> tuple[float, float] | None:
+        """The guidance scales a guided-distilled student was trained for (None otherwise)."""
+        scales = self.config.get("objective", {}).get("guidance")
+        return None if scales is None else tuple(scales)
+
+    def labels(self, spec, n: int, seed: int = 0) -> torch.Tensor | None:
+        """(n,) labels for a ``--class`` spec (`cmkit.classes`); None for an unconditional run."""
+        return resolve_labels(spec, n, num_classes=self.num_classes, class_names=self.class_names,
+                              has_null=self.has_null_label, seed=seed)
+
+    def guided(self, guidance: float | None, labels: torch.Tensor | None) -> torch.nn.Module:
+        """The network to sample: the model itself, the teacher with classifier-free guidance at
+        ``guidance``, or a guided student with its guidance input set to ``guidance``."""
+        if self.guidance_range is not None:
+            lo, hi = self.guidance_range
+            w = default_guidance(self.guidance_range) if guidance is None else guidance
+            if not lo <= w <= hi:
+                raise CmkitError(f"this student was distilled for guidance scales in [{lo:g}, {hi:g}], not {w:g}")
+            return GuidanceInput(self.model, w)
+        if guidance is None:
+            return self.model
+        if not self.num_classes:
+            raise CmkitError("--guidance needs a class-conditional run; this one is unconditional")
+        if not self.is_diffusion:
+            raise CmkitError(f"this {self.method} run was not distilled with guidance (train it with "
+                             "--guidance LO,HI from a guided teacher); only teachers take any --guidance")
+        if not self.has_null_label:
+            raise CmkitError("classifier-free guidance needs a teacher trained with --label-dropout > 0")
+        if guidance < 0:
+            raise CmkitError(f"--guidance must be >= 0, got {guidance}")
+        if labels is not None and bool((labels == self.num_classes).any()):
+            raise CmkitError("--guidance needs real classes, not the null label")
+        return GuidedDenoiser(self.model, guidance)
+
+    @property
     def is_diffusion(self) -> bool:
         return self.method in DIFFUSION_METHODS
 
@@ -154,10 +208,13 @@ class Run:
 
     def sample(self, n: int, *, steps: int | None = None, sigmas: list[float] | None = None,
                seed: int = 0, noise: np.ndarray | torch.Tensor | None = None, sampler: str = "heun",
-               batch_size: int | None = None, **churn) -> np.ndarray:
+               batch_size: int | None = None, class_labels=None, guidance: float | None = None,
+               **churn) -> np.ndarray:
         """``n`` samples in data units: float64 (n, dim) for vectors, uint8 (n, C, H, W) for
-        images. ``noise`` (n, *shape) standard normal replaces the seed's. ``churn`` (s_churn,
-        s_tmin, s_tmax, s_noise) goes to the Heun sampler of a teacher run."""
+        images. ``noise`` (n, *shape) standard normal replaces the seed's. ``class_labels`` is a
+        class spec (`cmkit.classes`; default: random classes of a conditional run), ``guidance``
+        a classifier-free guidance scale (teachers, and students distilled with guidance).
+        ``churn`` (s_churn, s_tmin, s_tmax, s_noise) goes to the Heun sampler of a teacher run."""
         levels = self.sigmas_for(steps, sigmas)
         if sampler not in SAMPLERS:
             raise CmkitError(f"unknown sampler {sampler!r}; known: {', '.join(SAMPLERS)}")
@@ -165,9 +222,11 @@ class Run:
             raise CmkitError("stochastic churn applies only to the Heun sampler of a teacher run")
         if n < 1:
             raise CmkitError(f"the number of samples must be positive, got {n}")
-        samples = generate(self.model, self.shape, levels, is_diffusion=self.is_diffusion, n=n, seed=seed,
-                           noise=noise, sampler=sampler, sigma_min=self.noise.sigma_min,
-                           batch_size=batch_size or (256 if self.is_image else 100_000), **churn)
+        labels = self.labels(class_labels, n, seed)
+        samples = generate(self.guided(guidance, labels), self.shape, levels, is_diffusion=self.is_diffusion,
+                           n=n, seed=seed, noise=noise, sampler=sampler, sigma_min=self.noise.sigma_min,
+                           batch_size=batch_size or (256 if self.is_image else 100_000), class_labels=labels,
+                           **churn)
         return self.scaler.to_data(samples)
 
 

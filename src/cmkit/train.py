@@ -22,6 +22,8 @@ from . import checkpoint
 from .config import INIT_METHODS, METHODS, TEACHER_METHODS
 from .data import ImageData, ImageScaler, Standardizer, is_builtin, load_dataset, random_hflip
 from .errors import CmkitError
+from .guidance import GuidanceInput, default_guidance
+from .nets import load_backbone_weights
 from .objectives import (ConsistencyDistillationLoss, ConsistencyTrainingLoss, ContinuousConsistencyLoss, EDMLoss,
                          EasyConsistencyTuningLoss, ImprovedConsistencyTrainingLoss, MeanFlowLoss)
 from .plotting import save_image_grid
@@ -41,11 +43,16 @@ def _resolve_edm_run(config: dict, key: str, flag: str, resumed: bool) -> Run:
         raise CmkitError(f"{flag} {path} is a {source.method} run; {config['method']} needs an edm {role}")
     config[key] = str(Path(path).resolve())
     for section in ("noise", "model", "standardizer"):
-        if resumed and config[section] != source.config[section]:
+        if resumed and _without_guidance(config[section]) != source.config[section]:
             raise CmkitError(f"{flag} {path} differs from this run in its {section} (a run that changed since "
                              "this one started, or --init and --teacher runs that do not match)")
         config[section] = copy.deepcopy(source.config[section])
     return source
+
+
+def _without_guidance(section: dict) -> dict:
+    """A config section less a guided student's guidance input (which its teacher lacks)."""
+    return {k: v for k, v in section.items() if k != "guidance"}
 
 
 def _resolve_sources(config: dict) -> tuple[Run | None, Run | None]:
@@ -148,6 +155,39 @@ def _check_config(config: dict) -> None:
         raise CmkitError(f"train.device is {device!r} but no CUDA device is available (use cpu or auto)")
 
 
+def _resolve_classes(config: dict, data, teacher: Run | None) -> int:
+    """Fix the run's number of classes K (0: unconditional) in its config and check the labels,
+    the label dropout and guided distillation against it. K comes from the teacher or --init run
+    when there is one, else from ``model.num_classes`` (null: the data's labels, if any)."""
+    model, train, obj = config["model"], config["train"], config["objective"]
+    labels_k = data.num_classes
+    K = model.get("num_classes")
+    if K is None:
+        K = labels_k or 0
+    if not isinstance(K, int) or K < 0:
+        raise CmkitError(f"model.num_classes must be a non-negative integer (0: unconditional), got {K!r}")
+    if K and labels_k is None:
+        raise CmkitError(f"the model is class-conditional ({K} classes) but {data.name} has no labels")
+    if K and labels_k > K:
+        raise CmkitError(f"{data.name} has labels up to {labels_k - 1}, but the model has only {K} classes")
+    model["num_classes"] = K
+    p = train.get("label_dropout", 0.0)
+    if not 0 <= p < 1:
+        raise CmkitError(f"--label-dropout must be in [0, 1), got {p}")
+    if p and not K:
+        raise CmkitError("--label-dropout needs class labels, and this run is unconditional")
+    if K:
+        names = data.class_names or []
+        config.setdefault("class_names", list(names[:K]) + [str(i) for i in range(len(names), K)])
+    if obj.get("guidance") is not None:
+        if not K:
+            raise CmkitError("guided distillation (--guidance) needs a class-conditional teacher and labelled data")
+        if not teacher.config["train"].get("label_dropout", 0.0):
+            raise CmkitError(f"--guidance needs a teacher trained with --label-dropout > 0; {config['teacher']} was not")
+        model["guidance"] = True
+    return K
+
+
 class Trainer:
     """Everything one run trains with: data, model, EMA, target, objective, optimizer and RNGs.
 
@@ -168,6 +208,7 @@ class Trainer:
             raise CmkitError("data.hflip applies to images only")
         if not is_builtin(d["name"]):
             d["name"] = str(Path(d["name"]).resolve())  # so eval finds it from any directory
+        self.num_classes = _resolve_classes(config, data, teacher)
         if self.images:
             config.setdefault("standardizer", ImageScaler(shape).state())
             config["model"].update(image_channels=shape[0], resolution=shape[1])
@@ -180,11 +221,12 @@ class Trainer:
         self.config = config
         self.protected = [p for p in (config.get("teacher"), None if is_builtin(d["name"]) else d["name"]) if p]
         try:
-            self._build(config, teacher, init, data.train)
+            self._build(config, teacher, init, data)
         except (ValueError, TypeError, KeyError) as e:
             raise CmkitError(f"invalid config: {e}") from None
 
-    def _build(self, config: dict, teacher: Run | None, init: Run | None, train_data) -> None:
+    def _build(self, config: dict, teacher: Run | None, init: Run | None, data) -> None:
+        """``data``: the loaded data set (its training split and labels are used)."""
         self.cfg = cfg = config["train"]
         self.device = cfg["device"] if cfg["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -197,7 +239,7 @@ class Trainer:
             if config["objective"].get("init_from_teacher"):
                 init = teacher
         if init is not None:
-            self.net.backbone.load_state_dict(init.model.backbone.state_dict())
+            load_backbone_weights(self.net.backbone, init.model.backbone)
         self.net.to(self.device).train()
         self.extra_modules = {name: m.to(self.device) for name, m in getattr(self.objective, "modules", {}).items()}
         self.ema = copy.deepcopy(self.net).eval().requires_grad_(False)
@@ -207,8 +249,9 @@ class Trainer:
         params = list(self.net.parameters()) + [p for m in self.extra_modules.values() for p in m.parameters()]
         self.optimizer = build_optimizer(params, cfg)
         # Vectors are standardised once; images stay uint8 (on the device) until a batch is drawn.
-        self.x_train = (train_data.to(self.device) if self.images
-                        else Standardizer.from_state(config["standardizer"]).to_model(train_data))
+        self.x_train = (data.train.to(self.device) if self.images
+                        else Standardizer.from_state(config["standardizer"]).to_model(data.train))
+        self.y_train = data.train_labels.to(self.device) if self.num_classes else None
         # torch.compile wraps the online network for the objective's forward passes only, so the
         # saved weights, the EMA and the target keep their plain module names.
         self.forward_net = torch.compile(self.net) if cfg["compile"] else self.net
@@ -223,14 +266,21 @@ class Trainer:
 
     def step(self, step: int) -> dict:
         cfg, gen = self.cfg, self.generator
-        batch = self.x_train[torch.randint(len(self.x_train), (cfg["batch_size"],), generator=gen).to(self.device)]
+        index = torch.randint(len(self.x_train), (cfg["batch_size"],), generator=gen).to(self.device)
+        batch = self.x_train[index]
         if self.images:
             if self.config["data"]["hflip"]:
                 batch = random_hflip(batch, gen)
             batch = ImageScaler.to_model(batch).contiguous(memory_format=self.memory_format)
+        labels = None
+        if self.y_train is not None:
+            labels = self.y_train[index]
+            if cfg.get("label_dropout"):  # classifier-free guidance training: some labels become null
+                drop = (torch.rand(len(labels), generator=gen) < cfg["label_dropout"]).to(self.device)
+                labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
         with self.autocast:
             per_sample, extra = self.objective(self.forward_net, batch.to(self.device), step=step,
-                                               target=self.target, generator=gen)
+                                               target=self.target, generator=gen, class_labels=labels)
         loss = per_sample.float().mean()
         if not torch.isfinite(loss):
             raise CmkitError(f"loss became {loss.item()} at step {step}; the last checkpoint is intact: "
@@ -250,8 +300,13 @@ class Trainer:
         """A grid of EMA samples (1 step for a consistency model, 18 Heun steps for a teacher)."""
         noise = noise_config(self.config)
         diffusion = self.config["method"] == "edm"
-        x = generate(self.ema, tuple(self.x_train.shape[1:]), default_levels(diffusion, noise),
-                     is_diffusion=diffusion, n=GRID_SAMPLES, seed=GRID_SEED, sigma_min=noise.sigma_min)
+        labels = torch.arange(GRID_SAMPLES) % self.num_classes if self.num_classes else None
+        model = self.ema
+        if self.config["model"].get("guidance"):
+            model = GuidanceInput(model, default_guidance(self.config["objective"]["guidance"]))
+        x = generate(model, tuple(self.x_train.shape[1:]), default_levels(diffusion, noise),
+                     is_diffusion=diffusion, n=GRID_SAMPLES, seed=GRID_SEED, sigma_min=noise.sigma_min,
+                     class_labels=labels)
         save_image_grid(ImageScaler.to_data(x), path)
 
     def save(self, out: Path, step: int) -> None:

@@ -9,9 +9,9 @@ import numpy as np
 import torch
 
 from ..errors import CmkitError
-from .files import SUFFIXES, holdout_split, load_array, validate_array
-from .images import (IMAGE_SETS, ImageData, ImageScaler, is_image_source, load_images, random_hflip,
-                     read_idx)
+from .files import SUFFIXES, holdout_split, load_array, load_labelled_array, validate_array
+from .images import (FASHION_MNIST_CLASSES, IMAGE_SETS, ImageData, ImageScaler, count_classes, is_image_source,
+                     load_images, random_hflip, read_idx)
 from .toys import TOY_SETS, TOY_TRUTH
 
 
@@ -20,10 +20,15 @@ class VectorData:
     name: str
     train: np.ndarray  # (N, D) float64, data units
     holdout: np.ndarray  # (M, D) float64, data units, never trained on
+    train_labels: torch.Tensor | None = None  # (N,) int64 class labels, when the file has them
+    holdout_labels: torch.Tensor | None = None
+    class_names: list[str] | None = None
 
     @property
     def dim(self) -> int:
         return self.train.shape[1]
+
+    num_classes = property(lambda self: count_classes(self.train_labels, self.holdout_labels))
 
 
 def is_builtin(name: str) -> bool:
@@ -61,9 +66,12 @@ def load_vectors(name_or_path: str, *, n: int = 20000, n_holdout: int = 10000,
     if not any(name_or_path.lower().endswith(s) for s in SUFFIXES):
         known = ", ".join(sorted(TOY_SETS))
         raise CmkitError(f"unknown data {name_or_path!r}: use a built-in set ({known}) or a .npy/.npz/.csv file")
-    arr = load_array(name_or_path)
+    arr, labels = load_labelled_array(name_or_path)
     train, held = holdout_split(len(arr), holdout_fraction, seed, name_or_path)
-    return VectorData(name_or_path, arr[train], arr[held])
+    if labels is None:
+        return VectorData(name_or_path, arr[train], arr[held])
+    return VectorData(name_or_path, arr[train], arr[held], torch.from_numpy(labels[train]),
+                      torch.from_numpy(labels[held]))
 
 
 class Standardizer:
@@ -96,6 +104,6 @@ class Standardizer:
         return cls(state["mean"], state["std"], state["sigma_data"])
 
 
-__all__ = ["IMAGE_SETS", "ImageData", "ImageScaler", "Standardizer", "TOY_SETS", "TOY_TRUTH", "VectorData",
+__all__ = ["FASHION_MNIST_CLASSES", "IMAGE_SETS", "ImageData", "ImageScaler", "Standardizer", "TOY_SETS", "TOY_TRUTH", "VectorData",
            "is_builtin", "is_image_source", "load_array", "load_dataset", "load_images", "load_vectors",
            "random_hflip", "read_idx", "scaler_from_state", "validate_array"]

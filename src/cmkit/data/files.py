@@ -14,6 +14,11 @@ SUFFIXES = (".npy", ".npz", ".csv")
 
 def load_array(path: str | Path) -> np.ndarray:
     """Load an (N, D) array of finite numbers as float64; raise CmkitError naming any problem."""
+    return load_labelled_array(path)[0]
+
+
+def load_labelled_array(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """`load_array`, and the (N,) integer class labels an .npz holds under ``labels`` (else None)."""
     path = Path(path)
     if not path.exists():
         raise CmkitError(f"data file not found: {path}")
@@ -21,20 +26,32 @@ def load_array(path: str | Path) -> np.ndarray:
         raise CmkitError(f"unsupported data file {path.name!r}: use .npy, .npz or .csv, or a built-in set")
     try:
         if path.suffix.lower() == ".npy":
-            arr = np.load(path, allow_pickle=False)
+            arr, labels = np.load(path, allow_pickle=False), None
         elif path.suffix.lower() == ".npz":
             with np.load(path, allow_pickle=False) as archive:
-                keys = [k for k in ("data", "x", "arr_0") if k in archive.files] or archive.files
+                keys = ([k for k in ("data", "x", "arr_0") if k in archive.files]
+                        or [k for k in archive.files if k != "labels"])
                 if not keys:
                     raise CmkitError(f"{path.name} holds no arrays")
                 arr = archive[keys[0]]
+                labels = archive["labels"] if "labels" in archive.files else None
         else:
-            arr = _load_csv(path)
+            arr, labels = _load_csv(path), None
     except CmkitError:
         raise
     except (ValueError, OSError) as e:
         raise CmkitError(f"cannot read {path.name}: {str(e).splitlines()[0]}") from None
-    return validate_array(arr, path.name)
+    arr = validate_array(arr, path.name)
+    return arr, validate_labels(labels, len(arr), path.name)
+
+
+def validate_labels(labels, n: int, name: str) -> np.ndarray | None:
+    """None, or ``n`` non-negative integer class labels as int64."""
+    if labels is None:
+        return None
+    if labels.dtype.kind not in "iu" or labels.shape != (n,) or (len(labels) and labels.min() < 0):
+        raise CmkitError(f"{name}: labels must be {n} non-negative integers, got {labels.dtype} {labels.shape}")
+    return labels.astype(np.int64)
 
 
 def _load_csv(path: Path) -> np.ndarray:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import CmkitError
-from .files import holdout_split
+from .files import holdout_split, validate_labels
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian package dataset-fashion-mnist
 FASHION_MNIST_ENV = "CMKIT_FASHION_MNIST"
@@ -23,6 +23,8 @@ FASHION_MNIST_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-u
                        "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 FITS = ("pad", "resize")
+FASHION_MNIST_CLASSES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
+                         "ankle-boot")
 
 
 @dataclass
@@ -33,16 +35,13 @@ class ImageData:
     train_labels: torch.Tensor | None = None  # (N,) int64
     holdout_labels: torch.Tensor | None = None
     native_size: int | None = None  # side before padding, when fit = pad grew the images
+    class_names: list[str] | None = None
 
     @property
     def shape(self) -> tuple[int, int, int]:
         return tuple(self.train.shape[1:])
 
-    @property
-    def num_classes(self) -> int | None:
-        if self.train_labels is None:
-            return None
-        return int(max(self.train_labels.max(), self.holdout_labels.max())) + 1
+    num_classes = property(lambda self: count_classes(self.train_labels, self.holdout_labels))
 
 
 class ImageScaler:
@@ -173,15 +172,7 @@ def load_image_array(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
         raise
     except (ValueError, OSError, EOFError) as e:
         raise CmkitError(f"cannot read {path.name}: {str(e).splitlines()[0]}") from None
-    return to_nchw(arr, path.name), _check_labels(labels, len(arr), path.name)
-
-
-def _check_labels(labels, n: int, name: str) -> np.ndarray | None:
-    if labels is None:
-        return None
-    if labels.dtype.kind not in "iu" or labels.shape != (n,) or (len(labels) and labels.min() < 0):
-        raise CmkitError(f"{name}: labels must be {n} non-negative integers, got {labels.dtype} {labels.shape}")
-    return labels.astype(np.int64)
+    return to_nchw(arr, path.name), validate_labels(labels, len(arr), path.name)
 
 
 def is_image_array(path: str | Path) -> bool:
@@ -266,6 +257,13 @@ def is_image_source(name: str | None) -> bool:
     return bool(name) and (name in IMAGE_SETS or Path(name).is_dir() or is_image_array(name))
 
 
+def count_classes(train_labels, holdout_labels) -> int | None:
+    """K = the largest label + 1 (None without labels)."""
+    if train_labels is None:
+        return None
+    return int(max(train_labels.max(), holdout_labels.max() if len(holdout_labels) else 0)) + 1
+
+
 def load_images(name: str, *, resolution: int | None = None, fit: str = "pad", root: str | None = None,
                 holdout_fraction: float = 0.1, seed: int = 0) -> ImageData:
     """Load an image source with its train/held-out split. Fashion-MNIST holds out its own 10k
@@ -274,12 +272,14 @@ def load_images(name: str, *, resolution: int | None = None, fit: str = "pad", r
         train, train_labels = load_fashion_mnist(root, "train")
         test, test_labels = load_fashion_mnist(root, "test")
         parts = [(train[:, None], train_labels.astype(np.int64)), (test[:, None], test_labels.astype(np.int64))]
+        names = list(FASHION_MNIST_CLASSES)
     else:
+        names = None
         if name == "digits":
             images, labels = load_digits_images()
-            images = images[:, None]
+            images, names = images[:, None], [str(i) for i in range(10)]
         elif Path(name).is_dir():
-            images, labels, _ = load_image_folder(name)
+            images, labels, names = load_image_folder(name)
             images = to_nchw(images, name)
         else:
             images, labels = load_image_array(name)
@@ -290,4 +290,4 @@ def load_images(name: str, *, resolution: int | None = None, fit: str = "pad", r
         (fit_resolution(torch.from_numpy(np.ascontiguousarray(x)), resolution, fit),
          None if y is None else torch.from_numpy(y)) for x, y in parts]
     padded = fit == "pad" and train.shape[2] != native
-    return ImageData(name, train, holdout, train_labels, holdout_labels, native if padded else None)
+    return ImageData(name, train, holdout, train_labels, holdout_labels, native if padded else None, names)

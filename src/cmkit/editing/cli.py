@@ -20,7 +20,7 @@ from ..errors import CmkitError
 TASKS = ("inpaint", "colorize", "superres", "stroke", "denoise", "interpolate")
 
 
-def add_parser(sub, seed_type, sigma_list) -> None:
+def add_parser(sub, seed_type, sigma_list, class_spec) -> None:
     p = sub.add_parser("edit", help="zero-shot editing: inpaint, colorize, superres, stroke, denoise, interpolate")
     tasks = p.add_subparsers(dest="task", required=True, parser_class=type(p))
     helps = {"inpaint": "fill the white pixels of --mask (or a --box)",
@@ -37,6 +37,10 @@ def add_parser(sub, seed_type, sigma_list) -> None:
                        else ".png strip or .gif")
         t.add_argument("--seed", type=seed_type, default=0, help="fixes the noise (default 0)")
         t.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+        t.add_argument("--class", dest="class_spec", type=class_spec,
+                       help="class-conditional runs: an index or name, or a comma list (one per input); default "
+                       "'null' for runs trained with --label-dropout" + (", else seed A's class" if task == "interpolate" else ""))
+        t.add_argument("--guidance", type=float, help="classifier-free guidance scale (see cmkit sample --help)")
         t.add_argument("--quiet", action="store_true")
         if task == "interpolate":
             t.add_argument("--seed-a", type=seed_type, required=True)
@@ -150,13 +154,16 @@ def cmd_edit(args, device: str) -> None:
         raise CmkitError(f"cmkit edit needs an image model; {args.checkpoint} was trained on vectors "
                          "(the Python function cmkit.editing.edit works on any tensor)")
     if args.task == "interpolate":
-        frames = tasks.interpolate(run, args.seed_a, args.seed_b, args.frames)
+        frames = tasks.interpolate(run, args.seed_a, args.seed_b, args.frames, class_labels=args.class_spec,
+                                   guidance=args.guidance)
         _write_strip(frames, out)
         _done(args, f"wrote {len(frames)} frames to {out}")
         return
     raw = read_inputs(args.input)
     inputs = raw if args.task == "superres" else _fit(run, raw, allow_grey_for_rgb=args.task == "colorize")
-    common = {} if args.task == "denoise" else {"n": args.n, "seed": args.seed}
+    common = {"class_labels": args.class_spec, "guidance": args.guidance}
+    if args.task != "denoise":
+        common.update(n=args.n, seed=args.seed)
     if args.task not in ("denoise", "stroke"):
         common["sigmas"], common["steps"] = args.sigmas, args.steps
     if args.task == "inpaint":
@@ -170,7 +177,7 @@ def cmd_edit(args, device: str) -> None:
     elif args.task == "stroke":
         result = tasks.stroke(run, inputs, **({"sigmas": args.sigmas} if args.sigmas else {}), **common)
     else:
-        result = tasks.denoise(run, inputs, args.sigma)
+        result = tasks.denoise(run, inputs, args.sigma, **common)
     n = 1 if args.task == "denoise" else args.n
     _write_edits(inputs, result, n, out)
     _done(args, f"wrote {len(result)} edited image(s) to {out}")

@@ -32,11 +32,25 @@ def default_edit_sigmas(run, steps: int = EDIT_STEPS) -> list[float]:
     return karras_sigmas(steps, low, run.noise.sigma_max, run.noise.rho).tolist()
 
 
-def consistency_function(run, teacher_steps: int = 10):
-    """f(x, sigma) of any run: a consistency model as it is, a teacher through its ODE flow map."""
+def consistency_function(run, teacher_steps: int = 10, guidance: float | None = None, labels=None):
+    """f(x, sigma, class_labels) of any run: a consistency model as it is, a teacher through its ODE
+    flow map; with classifier-free guidance at ``guidance`` (teachers and guided students)."""
+    model = run.guided(guidance, labels)
     if run.is_diffusion:
-        return flow_map(run.model, teacher_steps, run.noise.sigma_min, run.noise.rho)
-    return run.model
+        return flow_map(model, teacher_steps, run.noise.sigma_min, run.noise.rho)
+    return model
+
+
+def edit_labels(run, spec, inputs: int, n: int = 1, seed: int = 0) -> torch.Tensor | None:
+    """Labels of ``inputs`` edited inputs (a list ``spec`` gives input i class spec[i], cycled), each
+    repeated for its ``n`` variations. A conditional run edits with the null label by default
+    when it has one (it was trained with label dropout); otherwise it needs a class."""
+    if spec is None and run.num_classes:
+        if not run.has_null_label:
+            raise CmkitError("this run is class-conditional: pass --class (an index, a name or a comma list)")
+        spec = "null"
+    labels = run.labels(spec, inputs, seed)
+    return None if labels is None else labels.repeat_interleave(n)
 
 
 def _require_images(run, task: str) -> None:
@@ -57,9 +71,11 @@ def _check_batch(run, images: np.ndarray, task: str, channels: int | None = None
 
 
 def _run_edit(run, y: torch.Tensor, *, sigmas, operator=None, mask=None, n: int = 1, seed: int = 0,
-              teacher_steps: int = 10) -> np.ndarray:
+              teacher_steps: int = 10, class_labels=None, guidance: float | None = None) -> np.ndarray:
     if n < 1:
         raise CmkitError(f"--n must be positive, got {n}")
+    labels = edit_labels(run, class_labels, len(y), n, seed)
+    model = consistency_function(run, teacher_steps, guidance, labels)
     if sigmas[0] > run.noise.sigma_max or sigmas[-1] < run.noise.sigma_min:
         raise CmkitError(f"--sigmas must lie in [{run.noise.sigma_min}, {run.noise.sigma_max}]")
     y = y.repeat_interleave(n, 0).to(run.device)
@@ -67,16 +83,16 @@ def _run_edit(run, y: torch.Tensor, *, sigmas, operator=None, mask=None, n: int 
         mask = mask.repeat_interleave(n, 0)
     gen = torch.Generator().manual_seed(seed)
     try:
-        x = edit(consistency_function(run, teacher_steps), y, sigmas, operator=operator,
-                 mask=None if mask is None else mask.to(run.device), sigma_min=run.noise.sigma_min,
-                 generator=gen, clip=(-1.0, 1.0))
+        x = edit(model, y, sigmas, operator=operator, mask=None if mask is None else mask.to(run.device),
+                 sigma_min=run.noise.sigma_min, generator=gen, clip=(-1.0, 1.0),
+                 class_labels=None if labels is None else labels.to(run.device))
     except ValueError as e:
         raise CmkitError(str(e)) from None
     return run.scaler.to_data(x)
 
 
 def inpaint(run, images: np.ndarray, mask: np.ndarray, *, sigmas=None, steps: int = EDIT_STEPS, n: int = 1,
-            seed: int = 0) -> np.ndarray:
+            seed: int = 0, **cond) -> np.ndarray:
     """Fill the pixels where ``mask`` (bool (H, W) or (N, 1, H, W); True = unknown) is set."""
     _require_images(run, "inpainting")
     y = run.scaler.to_model(_check_batch(run, images, "inpainting"))
@@ -89,10 +105,11 @@ def inpaint(run, images: np.ndarray, mask: np.ndarray, *, sigmas=None, steps: in
     mask = mask.float()
     y = y * (1 - mask)  # the hole starts as mid-grey, not as whatever the input had there
     return _run_edit(run, y, sigmas=sigmas or default_edit_sigmas(run, steps), operator=Identity(), mask=mask,
-                     n=n, seed=seed)
+                     n=n, seed=seed, **cond)
 
 
-def colorize(run, images: np.ndarray, *, sigmas=None, steps: int = EDIT_STEPS, n: int = 1, seed: int = 0) -> np.ndarray:
+def colorize(run, images: np.ndarray, *, sigmas=None, steps: int = EDIT_STEPS, n: int = 1, seed: int = 0,
+             **cond) -> np.ndarray:
     """Colour grey (N, 1, H, W) or colour (N, 3, H, W) images, keeping their luminance."""
     _require_images(run, "colorization")
     if run.shape[0] != 3:
@@ -104,11 +121,11 @@ def colorize(run, images: np.ndarray, *, sigmas=None, steps: int = EDIT_STEPS, n
     mask = torch.ones(1, 3, 1, 1)
     mask[:, 0] = 0  # keep the luminance coordinate
     return _run_edit(run, y, sigmas=sigmas or default_edit_sigmas(run, steps), operator=ChannelMix.colorization(),
-                     mask=mask, n=n, seed=seed)
+                     mask=mask, n=n, seed=seed, **cond)
 
 
 def superres(run, low: np.ndarray, factor: int, *, sigmas=None, steps: int = EDIT_STEPS, n: int = 1,
-             seed: int = 0) -> np.ndarray:
+             seed: int = 0, **cond) -> np.ndarray:
     """``factor`` times larger images whose ``factor`` x ``factor`` patch means are the input's pixels."""
     _require_images(run, "super-resolution")
     c, h, w = run.shape
@@ -122,25 +139,27 @@ def superres(run, low: np.ndarray, factor: int, *, sigmas=None, steps: int = EDI
     y = run.scaler.to_model(torch.from_numpy(low)).repeat_interleave(factor, 2).repeat_interleave(factor, 3)
     op = PatchOrthogonal.superresolution(factor)
     return _run_edit(run, y, sigmas=sigmas or default_edit_sigmas(run, steps), operator=op,
-                     mask=op.coefficient_mask(y.shape), n=n, seed=seed)
+                     mask=op.coefficient_mask(y.shape), n=n, seed=seed, **cond)
 
 
-def stroke(run, images: np.ndarray, *, sigmas=STROKE_SIGMAS, n: int = 1, seed: int = 0) -> np.ndarray:
+def stroke(run, images: np.ndarray, *, sigmas=STROKE_SIGMAS, n: int = 1, seed: int = 0, **cond) -> np.ndarray:
     """SDEdit: a stroke painting, noised to sigmas[0], becomes a realistic image."""
     _require_images(run, "stroke editing")
     y = run.scaler.to_model(_check_batch(run, images, "stroke editing"))
-    return _run_edit(run, y, sigmas=list(sigmas), n=n, seed=seed)
+    return _run_edit(run, y, sigmas=list(sigmas), n=n, seed=seed, **cond)
 
 
-def denoise(run, noisy: np.ndarray, sigma: float) -> np.ndarray:
+def denoise(run, noisy: np.ndarray, sigma: float, *, class_labels=None, guidance: float | None = None) -> np.ndarray:
     """One call f(y, sigma): ``sigma`` is the noise's standard deviation in model units (images:
     [-1, 1], so 25 grey levels of 255 is about 0.2)."""
     _require_images(run, "denoising")
     if not run.noise.sigma_min <= sigma <= run.noise.sigma_max:
         raise CmkitError(f"--sigma must lie in [{run.noise.sigma_min}, {run.noise.sigma_max}], got {sigma}")
     y = run.scaler.to_model(_check_batch(run, noisy, "denoising")).to(run.device)
+    labels = edit_labels(run, class_labels, len(y))
+    labels = None if labels is None else labels.to(run.device)
     with torch.no_grad():
-        return run.scaler.to_data(consistency_function(run)(y, sigma))
+        return run.scaler.to_data(consistency_function(run, guidance=guidance, labels=labels)(y, sigma, labels))
 
 
 def seed_noise(run, seed: int) -> torch.Tensor:
@@ -148,13 +167,18 @@ def seed_noise(run, seed: int) -> torch.Tensor:
     return torch.randn(1, *run.shape, generator=torch.Generator().manual_seed(seed))
 
 
-def interpolate(run, seed_a: int, seed_b: int, frames: int) -> np.ndarray:
+def interpolate(run, seed_a: int, seed_b: int, frames: int, *, class_labels=None,
+                guidance: float | None = None) -> np.ndarray:
     """``frames`` one-step samples along the great circle between the two seeds' noises; the first
-    and last equal `run.sample(1, steps=1, seed=...)` of the two seeds."""
+    and last equal `run.sample(1, steps=1, seed=...)` of the two seeds (of a conditional run: with
+    one class for all frames, by default the one `run.sample` draws for seed A)."""
     if frames < 2:
         raise CmkitError(f"--frames must be at least 2, got {frames}")
     z = slerp(seed_noise(run, seed_a), seed_noise(run, seed_b), torch.linspace(0, 1, frames))
     sigma = run.noise.sigma_max
+    labels = run.labels(class_labels, 1, seed_a)
+    labels = None if labels is None else labels.expand(frames).to(run.device)
     with torch.no_grad():
-        x = consistency_function(run, teacher_steps=18)(z.to(run.device) * sigma, sigma)
+        f = consistency_function(run, teacher_steps=18, guidance=guidance, labels=labels)
+        x = f(z.to(run.device) * sigma, sigma, labels)
     return run.scaler.to_data(x)

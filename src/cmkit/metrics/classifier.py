@@ -106,11 +106,14 @@ def extract_features(model: FeatureClassifier, images, native_size: int | None =
 
 
 @torch.no_grad()
-def accuracy(model: FeatureClassifier, images, labels, batch_size: int = 1000) -> float:
-    images, labels = torch.as_tensor(images), torch.as_tensor(labels)
-    correct = sum(int((model(preprocess(x)).argmax(1) == y).sum())
-                  for x, y in zip(images.split(batch_size), labels.split(batch_size)))
-    return correct / len(labels)
+def predict(model: FeatureClassifier, images, native_size: int | None = None, batch_size: int = 1000) -> torch.Tensor:
+    """(N,) predicted Fashion-MNIST classes of uint8 images."""
+    return torch.cat([model(preprocess(chunk, native_size)).argmax(1)
+                      for chunk in torch.as_tensor(images).split(batch_size)])
+
+
+def accuracy(model: FeatureClassifier, images, labels, native_size: int | None = None) -> float:
+    return float((predict(model, images, native_size) == torch.as_tensor(labels)).float().mean())
 
 
 def train_classifier(out: str | Path, *, root: str | None = None, epochs: int = 4, batch_size: int = 128,

@@ -1,4 +1,4 @@
-"""Backbones: networks F(x, c_noise, class_labels=None) -> tensor shaped like x.
+"""Backbones: networks F(x, c_noise, class_labels=None[, guidance]) -> tensor shaped like x.
 
 A backbone knows nothing about noise levels or parametrizations; `cmkit.precond` wraps it into a
 denoiser or a consistency function. New backbones register in `BACKBONES` under a name that a
@@ -16,8 +16,8 @@ from .unet import PRESETS as UNET_PRESETS, UNet
 
 
 class Backbone(Protocol):
-    def __call__(self, x: torch.Tensor, c_noise: torch.Tensor,
-                 class_labels: torch.Tensor | None = None) -> torch.Tensor: ...
+    def __call__(self, x: torch.Tensor, c_noise: torch.Tensor, class_labels: torch.Tensor | None = None,
+                 **guidance) -> torch.Tensor: ...
 
 
 BACKBONES = {"mlp": ResidualMLP, "unet": UNet}
@@ -30,7 +30,25 @@ def build_backbone(config: dict) -> torch.nn.Module:
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; known: {', '.join(sorted(BACKBONES))}")
     kwargs.pop("c_noise", None)  # consumed by the preconditioner, not the backbone
+    kwargs["num_classes"] = kwargs.get("num_classes") or 0  # null (not yet resolved) or absent: unconditional
     return BACKBONES[name](**kwargs)
 
 
-__all__ = ["Backbone", "BACKBONES", "ResidualMLP", "UNET_PRESETS", "UNet", "build_backbone"]
+# Where a label embedding lives when a UNet also takes a guidance scale (`unet.ConditionEmbedding`).
+_RENAMED = {"unet.class_embedding.weight": "unet.class_embedding.labels.weight"}
+
+
+def load_backbone_weights(target: torch.nn.Module, source: torch.nn.Module) -> None:
+    """Copy ``source``'s weights into ``target``, the same network except that ``target`` may add a
+    guidance-scale input (a guided student started from its teacher): those new weights keep their
+    initialisation, whose zero last layer makes the student equal the teacher at every scale."""
+    state = source.state_dict()
+    wanted = target.state_dict()
+    state = {(_RENAMED.get(k, k) if k not in wanted else k): v for k, v in state.items()}
+    missing, unexpected = target.load_state_dict(state, strict=False)
+    new = [k for k in missing if "guidance" not in k]
+    if new or unexpected:
+        raise ValueError(f"the networks differ: missing {new[:3]}, unexpected {unexpected[:3]}")
+
+
+__all__ = ["Backbone", "BACKBONES", "ResidualMLP", "UNET_PRESETS", "UNet", "build_backbone", "load_backbone_weights"]

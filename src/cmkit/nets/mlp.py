@@ -7,6 +7,8 @@ import math
 import torch
 from torch import nn
 
+from .conditioning import check_condition, labels_or_null, zero_last_layer
+
 
 class FourierEmbedding(nn.Module):
     """Random Fourier features of a scalar time input (fixed, not trained)."""
@@ -52,17 +54,23 @@ class ResidualBlock(nn.Module):
         return h + r
 
 
+# Guidance scales span about 0..10: slow Fourier features, so nearby scales embed nearby.
+GUIDANCE_FOURIER_SCALE = 0.1
+
+
 class ResidualMLP(nn.Module):
-    """F(x, c_noise, class_labels) for x of shape (B, dim).
+    """F(x, c_noise, class_labels, guidance) for x of shape (B, dim).
 
     Time enters every residual block through a learned projection of a sinusoidal embedding of
     c_noise. ``embedding="fourier"`` suits EDM's small-range c_noise (ln(sigma)/4);
-    ``"positional"`` suits OpenAI's 0..1000 range.
+    ``"positional"`` suits OpenAI's 0..1000 range. With ``num_classes`` K > 0 a learned embedding
+    of the label (K + 1 rows, the last the null label) is added to the time embedding; with
+    ``guidance`` so is an embedding of the guidance scale (see `cmkit.nets.conditioning`).
     """
 
     def __init__(self, dim: int, width: int = 256, depth: int = 4, emb_dim: int = 64,
                  embedding: str = "fourier", fourier_scale: float = 1.0, dropout: float = 0.0,
-                 time_inputs: int = 1):
+                 time_inputs: int = 1, num_classes: int = 0, guidance: bool = False):
         super().__init__()
         if time_inputs not in (1, 2):
             raise ValueError(f"time_inputs must be 1 or 2, got {time_inputs}")
@@ -78,13 +86,21 @@ class ResidualMLP(nn.Module):
         # A second time input (MeanFlow's t - r) gets its own projection of the same embedding.
         self.time_mlp2 = (nn.Sequential(nn.Linear(emb_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
                           if time_inputs == 2 else None)
+        if num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0 (0: unconditional), got {num_classes}")
+        self.num_classes, self.guidance_input = num_classes, guidance
+        self.class_embed = nn.Embedding(num_classes + 1, emb_dim) if num_classes else None
+        self.guidance_embed = (nn.Sequential(FourierEmbedding(emb_dim, GUIDANCE_FOURIER_SCALE),
+                                             zero_last_layer(nn.Sequential(nn.Linear(emb_dim, emb_dim), nn.SiLU(),
+                                                                           nn.Linear(emb_dim, emb_dim))))
+                               if guidance else None)
         self.inp = nn.Linear(dim, width)
         self.blocks = nn.ModuleList(ResidualBlock(width, emb_dim, dropout) for _ in range(depth))
         self.out_norm = nn.LayerNorm(width)
         self.out = nn.Linear(width, dim)
 
-    def forward(self, x: torch.Tensor, c_noise: torch.Tensor,
-                class_labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, class_labels: torch.Tensor | None = None,
+                guidance: torch.Tensor | None = None) -> torch.Tensor:
         if x.ndim != 2:
             raise ValueError(f"ResidualMLP takes (batch, dim) inputs, got shape {tuple(x.shape)}")
         c_noise = c_noise.to(x.dtype).expand(x.shape[0]) if c_noise.ndim == 0 else c_noise.to(x.dtype)
@@ -95,8 +111,11 @@ class ResidualMLP(nn.Module):
             emb = self.time_mlp(self.time_embed(c_noise[:, 0])) + self.time_mlp2(self.time_embed(c_noise[:, 1]))
         else:
             emb = self.time_mlp(self.time_embed(c_noise))
-        if class_labels is not None:
-            raise ValueError("this ResidualMLP is unconditional: class_labels must be None")
+        check_condition("ResidualMLP", self.num_classes, self.guidance_input, class_labels, guidance)
+        if self.class_embed is not None:
+            emb = emb + self.class_embed(labels_or_null(class_labels, self.num_classes, x.shape[0], x.device))
+        if self.guidance_embed is not None:
+            emb = emb + self.guidance_embed(torch.as_tensor(guidance, dtype=x.dtype, device=x.device).expand(x.shape[0]))
         emb = nn.functional.silu(emb)
         h = self.inp(x)
         for block in self.blocks:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .conditioning import check_condition, labels_or_null, zero_last_layer
+
 # Presets: (channels per level, residual blocks per level, attention levels counted from the
 # top, attention head width, GroupNorm groups, default dropout).
 PRESETS = {
@@ -27,21 +29,56 @@ PRESETS = {
 }
 
 
+# A guidance scale w enters diffusers' sinusoidal projection as GUIDANCE_SCALE * w: w in 0..10
+# then spans the 0..1000 range the projection's frequencies are made for.
+GUIDANCE_SCALE = 100.0
+
+
+class ConditionEmbedding(nn.Module):
+    """What a UNet adds to its time embedding when it takes more than a class label: the sum of a
+    label embedding (K + 1 rows, the last the null label), a second time input's embedding
+    (MeanFlow's t - r) and a guidance scale's embedding (last layer zero at initialisation). It
+    sits in diffusers' ``class_embedding`` slot and receives the tuple (labels, time2, guidance)."""
+
+    def __init__(self, time_proj: nn.Module, proj_dim: int, emb_dim: int, num_classes: int,
+                 second_time: bool, guidance: bool):
+        super().__init__()
+        from diffusers.models.embeddings import TimestepEmbedding
+
+        self.time_proj = time_proj  # shared with the UNet: it holds no weights
+        self.labels = nn.Embedding(num_classes + 1, emb_dim) if num_classes else None
+        self.second_time = TimestepEmbedding(proj_dim, emb_dim) if second_time else None
+        self.guidance = zero_last_layer(TimestepEmbedding(proj_dim, emb_dim)) if guidance else None
+
+    def forward(self, inputs: tuple) -> torch.Tensor:
+        labels, time2, guidance = inputs
+        out = 0
+        if self.labels is not None:
+            out = out + self.labels(labels)
+        if self.second_time is not None:
+            out = out + self.second_time(self.time_proj(time2))
+        if self.guidance is not None:
+            out = out + self.guidance(self.time_proj(GUIDANCE_SCALE * guidance))
+        return out
+
+
 class UNet(nn.Module):
-    """F(x, c_noise, class_labels) with x of shape (B, C, H, W), H = W = ``resolution``.
+    """F(x, c_noise, class_labels, guidance) with x of shape (B, C, H, W), H = W = ``resolution``.
 
     ``channels``, ``layers_per_block``, ``attention`` (a list of resolutions at which to attend,
-    as in OpenAI's and EDM's ``attention_resolutions``) and ``dropout`` override the preset's."""
+    as in OpenAI's and EDM's ``attention_resolutions``) and ``dropout`` override the preset's.
+    ``num_classes`` K > 0 makes it class-conditional (labels 0..K-1, K the null label),
+    ``guidance`` gives it a guidance-scale input (see `cmkit.nets.conditioning`)."""
 
     def __init__(self, image_channels: int, resolution: int, preset: str = "small",
                  channels: list[int] | None = None, layers_per_block: int | None = None,
                  attention: list[int] | None = None, dropout: float | None = None,
-                 num_classes: int | None = None, time_inputs: int = 1):
+                 num_classes: int = 0, time_inputs: int = 1, guidance: bool = False):
         super().__init__()
         if time_inputs not in (1, 2):
             raise ValueError(f"time_inputs must be 1 or 2, got {time_inputs}")
-        if time_inputs == 2 and num_classes is not None:
-            raise ValueError("a UNet with two time inputs cannot also take class labels yet")
+        if num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0 (0: unconditional), got {num_classes}")
         from diffusers import UNet2DModel  # heavy import; only image runs pay for it
 
         if preset not in PRESETS:
@@ -63,6 +100,10 @@ class UNet(nn.Module):
         if any(c % groups for c in channels):
             groups = 8 if all(c % 8 == 0 for c in channels) else 1
         attend = [r in attention for r in level_res]
+        # Class labels alone use diffusers' own label embedding (num_class_embeds), so such a UNet is
+        # exactly the one diffusers' pipelines load; a second time input alone uses its timestep-type
+        # embedding; any other combination goes through a ConditionEmbedding in the same slot.
+        combined = guidance or (num_classes and time_inputs == 2)
         self.image_channels, self.resolution = image_channels, resolution
         self.unet = UNet2DModel(
             sample_size=resolution, in_channels=image_channels, out_channels=image_channels,
@@ -71,27 +112,38 @@ class UNet(nn.Module):
             up_block_types=tuple("AttnUpBlock2D" if a else "ResnetUpsampleBlock2D" for a in reversed(attend)),
             downsample_type="resnet", upsample_type="resnet", resnet_time_scale_shift="scale_shift",
             attention_head_dim=spec["head_dim"], norm_num_groups=groups, attn_norm_num_groups=groups,
-            dropout=spec["dropout"] if dropout is None else dropout, num_class_embeds=num_classes,
-            # The second time input (MeanFlow's t - r) enters through diffusers' timestep-type
-            # class embedding: sinusoidal features and an MLP, added to the time embedding.
-            class_embed_type="timestep" if time_inputs == 2 else None,
+            dropout=spec["dropout"] if dropout is None else dropout,
+            num_class_embeds=num_classes + 1 if num_classes and not combined else None,
+            class_embed_type="timestep" if time_inputs == 2 and not combined else None,
         )
-        self.time_inputs = time_inputs
+        if combined:
+            emb_dim = self.unet.time_embedding.linear_2.out_features
+            self.unet.class_embedding = ConditionEmbedding(self.unet.time_proj, channels[0], emb_dim, num_classes,
+                                                           time_inputs == 2, guidance)
+        self.time_inputs, self.num_classes, self.guidance_input, self.combined = (time_inputs, num_classes,
+                                                                                  guidance, bool(combined))
 
-    def forward(self, x: torch.Tensor, c_noise: torch.Tensor,
-                class_labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, class_labels: torch.Tensor | None = None,
+                guidance: torch.Tensor | None = None) -> torch.Tensor:
         if x.shape[1:] != (self.image_channels, self.resolution, self.resolution):
             raise ValueError(f"expected images of shape ({self.image_channels}, {self.resolution}, "
                              f"{self.resolution}), got {tuple(x.shape[1:])}")
-        if class_labels is not None and self.unet.config.num_class_embeds is None:
-            raise ValueError("this UNet is unconditional; it takes no class labels")
+        check_condition("UNet", self.num_classes, self.guidance_input, class_labels, guidance)
         c_noise = c_noise.to(x.dtype)
         if (c_noise.ndim == 2) != (self.time_inputs == 2):
             raise ValueError(f"this UNet takes {self.time_inputs} time input(s), got c_noise of shape "
                              f"{tuple(c_noise.shape)}")
-        if self.time_inputs == 2:
-            return self.unet(x, c_noise[:, 0], class_labels=c_noise[:, 1]).sample
-        return self.unet(x, c_noise.expand(x.shape[0]), class_labels=class_labels).sample
+        B = x.shape[0]
+        time = c_noise[:, 0] if self.time_inputs == 2 else c_noise.expand(B)
+        time2 = c_noise[:, 1] if self.time_inputs == 2 else None
+        labels = labels_or_null(class_labels, self.num_classes, B, x.device) if self.num_classes else None
+        if self.combined:
+            if guidance is not None:
+                guidance = torch.as_tensor(guidance, dtype=x.dtype, device=x.device).expand(B)
+            extra = (labels, time2, guidance)
+        else:
+            extra = time2 if self.time_inputs == 2 else labels
+        return self.unet(x, time, class_labels=extra).sample
 
 
 class forward_ad_safe:

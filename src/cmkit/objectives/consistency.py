@@ -13,7 +13,9 @@ import math
 
 import torch
 
+from ..guidance import bind_condition, draw_scales
 from ..noise import NoiseConfig, broadcast_to_batch
+from ..precond import guidance_kwarg
 from .distances import make_distance
 from .rng import SharedRNG
 
@@ -45,14 +47,18 @@ class ConsistencyLoss(abc.ABC):
         """EMA rate mu of the target network after training step ``step``."""
 
     @abc.abstractmethod
-    def lower(self, x_hi, x0, z, sigma_hi, sigma_lo):
+    def lower(self, x_hi, x0, z, sigma_hi, sigma_lo, class_labels=None, guidance=None):
         """The point at sigma_lo on (an estimate of) x_hi's ODE trajectory."""
 
     def sample_pairs(self, sigmas: torch.Tensor, batch: int, generator) -> torch.Tensor:
         """Index n of each sample's pair (sigmas[n], sigmas[n + 1]): uniform here."""
         return torch.randint(0, len(sigmas) - 1, (batch,), generator=generator)
 
-    def __call__(self, net, x0: torch.Tensor, *, step: int = 0, target=None, generator=None):
+    def guidance_scales(self, class_labels, batch: int, generator) -> torch.Tensor | None:
+        """Per-sample guidance scales of guided distillation (None: not guided)."""
+        return None
+
+    def __call__(self, net, x0: torch.Tensor, *, step: int = 0, target=None, generator=None, class_labels=None):
         if target is None:
             if self.needs_target:
                 raise ValueError("this consistency loss needs a target network")
@@ -63,21 +69,27 @@ class ConsistencyLoss(abc.ABC):
         sigma_hi, sigma_lo = sigmas[n], sigmas[n + 1]
         z = torch.randn(x0.shape, generator=generator).to(x0)
         x_hi = x0 + broadcast_to_batch(sigma_hi, x0) * z
+        w = self.guidance_scales(class_labels, B, generator)
         with torch.no_grad():
-            x_lo = self.lower(x_hi, x0, z, sigma_hi, sigma_lo)
+            x_lo = self.lower(x_hi, x0, z, sigma_hi, sigma_lo, class_labels, w)
             rng = SharedRNG(x0.device)  # the target and online passes share dropout masks
-            target_out = target(x_lo, sigma_lo)
+            target_out = target(x_lo, sigma_lo, class_labels, **guidance_kwarg(w))
         rng.replay()
-        loss = self.weighting(sigma_hi, sigma_lo) * self.distance(net(x_hi, sigma_hi), target_out)
+        online = net(x_hi, sigma_hi, class_labels, **guidance_kwarg(w))
+        loss = self.weighting(sigma_hi, sigma_lo) * self.distance(online, target_out)
         return loss, {"num_levels": len(sigmas)}
 
 
 class ConsistencyDistillationLoss(ConsistencyLoss):
-    """CD: x_lo is one Heun (or Euler) step of the teacher's PF-ODE from sigma_hi to sigma_lo."""
+    """CD: x_lo is one Heun (or Euler) step of the teacher's PF-ODE from sigma_hi to sigma_lo.
+
+    With ``guidance = (lo, hi)`` the teacher's ODE is that of its classifier-free-guided denoiser at
+    a scale w ~ U[lo, hi] drawn per sample, and the student and target take w as an input."""
 
     def __init__(self, teacher, noise: NoiseConfig = NoiseConfig(), num_levels: int = 18,
-                 target_ema: float = 0.0, solver: str = "heun", **kwargs):
+                 target_ema: float = 0.0, solver: str = "heun", guidance: list[float] | None = None, **kwargs):
         super().__init__(noise, **kwargs)
+        self.guidance = check_guidance_range(guidance)
         if solver not in ("heun", "euler"):
             raise ValueError(f"unknown solver {solver!r}; use 'heun' or 'euler'")
         if num_levels < 2:
@@ -92,8 +104,25 @@ class ConsistencyDistillationLoss(ConsistencyLoss):
     def target_rate(self, step):
         return self.mu
 
-    def lower(self, x_hi, x0, z, sigma_hi, sigma_lo):
-        return teacher_step(self.teacher, x_hi, sigma_hi, sigma_lo, self.solver)
+    def guidance_scales(self, class_labels, batch, generator):
+        if self.guidance is None:
+            return None
+        if class_labels is None:
+            raise ValueError("guided distillation needs class labels")
+        return draw_scales(self.guidance, batch, generator).to(class_labels.device)
+
+    def lower(self, x_hi, x0, z, sigma_hi, sigma_lo, class_labels=None, guidance=None):
+        teacher = bind_condition(self.teacher, class_labels, guidance)
+        return teacher_step(teacher, x_hi, sigma_hi, sigma_lo, self.solver)
+
+
+def check_guidance_range(guidance) -> tuple[float, float] | None:
+    """A guided-distillation range [lo, hi] with 0 <= lo <= hi, or None."""
+    if guidance is None:
+        return None
+    if len(guidance) != 2 or not 0 <= guidance[0] <= guidance[1]:
+        raise ValueError(f"objective.guidance must be [lo, hi] with 0 <= lo <= hi, got {guidance}")
+    return float(guidance[0]), float(guidance[1])
 
 
 def teacher_step(teacher, x_hi, sigma_hi, sigma_lo, solver: str = "heun"):
@@ -123,7 +152,7 @@ class ConsistencyTrainingLoss(ConsistencyLoss):
     def target_rate(self, step):
         return ct_target_rate(self.num_levels(step), self.s0, self.mu0)
 
-    def lower(self, x_hi, x0, z, sigma_hi, sigma_lo):
+    def lower(self, x_hi, x0, z, sigma_hi, sigma_lo, class_labels=None, guidance=None):
         return x0 + broadcast_to_batch(sigma_lo, x0) * z
 
 

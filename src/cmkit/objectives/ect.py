@@ -41,7 +41,7 @@ class EasyConsistencyTuningLoss:
     def target_rate(self, step):
         return 0.0
 
-    def __call__(self, net, x0: torch.Tensor, *, step: int = 0, target=None, generator=None):
+    def __call__(self, net, x0: torch.Tensor, *, step: int = 0, target=None, generator=None, class_labels=None):
         B = x0.shape[0]
         ln_t = self.p_mean + self.p_std * torch.randn(B, generator=generator)
         t = ln_t.exp().clamp(self.noise.sigma_min, self.noise.sigma_max).to(x0)
@@ -52,8 +52,8 @@ class EasyConsistencyTuningLoss:
         x_r = x0 + broadcast_to_batch(r, x0) * z
         rng = SharedRNG(x0.device)
         with torch.no_grad():
-            target_out = net(x_r, r.clamp(min=self.noise.sigma_min))
+            target_out = net(x_r, r.clamp(min=self.noise.sigma_min), class_labels)
             target_out = torch.where(broadcast_to_batch(r, x0) > 0, target_out, x0)
         rng.replay()
-        loss = self.distance(net(x_t, t), target_out) / (t - r)
+        loss = self.distance(net(x_t, t, class_labels), target_out) / (t - r)
         return loss, {"stage": self.stage(step), "r_zero": float((r == 0).float().mean())}

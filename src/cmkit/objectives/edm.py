@@ -20,12 +20,12 @@ class EDMLoss:
     def __init__(self, sigma_data: float = 0.5, p_mean: float = -1.2, p_std: float = 1.2):
         self.sigma_data, self.p_mean, self.p_std = sigma_data, p_mean, p_std
 
-    def __call__(self, net, x0: torch.Tensor, *, step: int = 0, target=None, generator=None):
+    def __call__(self, net, x0: torch.Tensor, *, step: int = 0, target=None, generator=None, class_labels=None):
         B = x0.shape[0]
         ln_sigma = self.p_mean + self.p_std * torch.randn(B, generator=generator)
         sigma = ln_sigma.exp().to(x0)
         z = torch.randn(x0.shape, generator=generator).to(x0)
         weight = (sigma**2 + self.sigma_data**2) / (sigma * self.sigma_data) ** 2
-        denoised = net(x0 + broadcast_to_batch(sigma, x0) * z, sigma)
+        denoised = net(x0 + broadcast_to_batch(sigma, x0) * z, sigma, class_labels)
         loss = weight * (denoised - x0).pow(2).flatten(1).mean(1)
         return loss, {}

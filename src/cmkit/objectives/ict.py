@@ -51,5 +51,5 @@ class ImprovedConsistencyTrainingLoss(ConsistencyLoss):
         probs = lognormal_pair_probs(sigmas.cpu(), self.p_mean, self.p_std)
         return torch.multinomial(probs, batch, replacement=True, generator=generator)
 
-    def lower(self, x_hi, x0, z, sigma_hi, sigma_lo):
+    def lower(self, x_hi, x0, z, sigma_hi, sigma_lo, class_labels=None, guidance=None):
         return x0 + broadcast_to_batch(sigma_lo, x0) * z

@@ -22,9 +22,11 @@ def logit_normal(n: int, p_mean: float, p_std: float, generator) -> torch.Tensor
     return torch.sigmoid(p_mean + p_std * torch.randn(n, generator=generator))
 
 
-def meanflow_jvp(model, z, r, t, v, mode: str = "autograd", eps: float = 1e-3):
+def meanflow_jvp(model, z, r, t, v, mode: str = "autograd", eps: float = 1e-3, class_labels=None):
     """(u(z, r, t), d/ds u(z + s v, r, t + s) at s = 0)."""
-    return jvp(model.velocity, (z, r, t), (v, torch.zeros_like(r), torch.ones_like(t)), mode, eps, model)
+    def u(z, r, t):
+        return model.velocity(z, r, t, class_labels)
+    return jvp(u, (z, r, t), (v, torch.zeros_like(r), torch.ones_like(t)), mode, eps, model)
 
 
 class MeanFlowLoss:
@@ -59,12 +61,12 @@ class MeanFlowLoss:
         same = torch.rand(n, generator=generator) < self.flow_fraction
         return torch.where(same, t, r), t
 
-    def target(self, model, z, r, t, v):
+    def target(self, model, z, r, t, v, class_labels=None):
         """u(z, r, t) (no grad) and the MeanFlow target."""
-        u, du_dt = meanflow_jvp(model, z, r, t, v, self.jvp)
+        u, du_dt = meanflow_jvp(model, z, r, t, v, self.jvp, class_labels=class_labels)
         return u, v - broadcast_to_batch(t - r, v) * du_dt
 
-    def __call__(self, net, x0: torch.Tensor, *, step: int = 0, target=None, generator=None):
+    def __call__(self, net, x0: torch.Tensor, *, step: int = 0, target=None, generator=None, class_labels=None):
         model = getattr(net, "_orig_mod", net)
         r, t = (s.to(x0) for s in self.sample_times(x0.shape[0], generator))
         eps = torch.randn(x0.shape, generator=generator).to(x0)
@@ -72,8 +74,8 @@ class MeanFlowLoss:
         v = eps - x0
         with torch.no_grad():
             rng = SharedRNG(x0.device)
-            _, u_tgt = self.target(model, z, r, t, v)
+            _, u_tgt = self.target(model, z, r, t, v, class_labels)
         rng.replay()
-        sq = (model.velocity(z, r, t) - u_tgt).float().pow(2).flatten(1).sum(1)
+        sq = (model.velocity(z, r, t, class_labels) - u_tgt).float().pow(2).flatten(1).sum(1)
         weight = 1 / (sq.detach() + self.c) ** self.p
         return weight * sq, {"mse": float(sq.detach().mean() / x0[0].numel())}

@@ -21,7 +21,10 @@ import math
 import torch
 from torch import nn
 
+from ..guidance import bind_condition, draw_scales
 from ..noise import NoiseConfig, broadcast_to_batch
+from ..precond import guidance_kwarg
+from .consistency import check_guidance_range
 from .jvp import JVP_MODES, jvp
 from .rng import SharedRNG
 
@@ -42,12 +45,13 @@ class AdaptiveWeight(nn.Module):
         return self.net(torch.cat([angles.cos(), angles.sin()], 1))[:, 0]
 
 
-def trigflow_F(model) -> callable:
+def trigflow_F(model, class_labels=None, guidance=None) -> callable:
     """(u, t) -> F_trig(u, t) = -backbone(u, c_noise(sd tan t)) of an EDM-shaped model, u = x_t / sd."""
     sd = model.noise.sigma_data
+    extra = guidance_kwarg(guidance)
 
     def F(u, t):
-        return -model.backbone(u, model.c_noise(sd * torch.tan(t)), None)
+        return -model.backbone(u, model.c_noise(sd * torch.tan(t)), class_labels, **extra)
     return F
 
 
@@ -57,7 +61,7 @@ def jvp_F(F, u, t, du, mode: str = "autograd", eps: float = 1e-3, module=None):
 
 
 def teacher_velocity(teacher, x_t: torch.Tensor, t: torch.Tensor, sd: float) -> torch.Tensor:
-    """dx_t/dt of the PF-ODE in TrigFlow, from an EDM denoiser D(x_sigma, sigma)."""
+    """dx_t/dt of the PF-ODE in TrigFlow, from an EDM denoiser D(x_sigma, sigma) (labels bound)."""
     cos, sin = broadcast_to_batch(t.cos(), x_t), broadcast_to_batch(t.sin(), x_t)
     x0_hat = teacher(x_t / cos, sd * torch.tan(t))
     z_hat = (x_t - cos * x0_hat) / sin
@@ -65,13 +69,15 @@ def teacher_velocity(teacher, x_t: torch.Tensor, t: torch.Tensor, sd: float) -> 
 
 
 class ContinuousConsistencyLoss:
-    """sCT (``teacher=None``: dx_t/dt = cos t z' - sin t x0) or sCD (the teacher's velocity)."""
+    """sCT (``teacher=None``: dx_t/dt = cos t z' - sin t x0) or sCD (the teacher's velocity; with
+    ``guidance = (lo, hi)``, that of its classifier-free-guided denoiser at w ~ U[lo, hi] per
+    sample, w given to the student as an input)."""
 
     needs_target = False
 
     def __init__(self, noise: NoiseConfig = NoiseConfig(), teacher=None, p_mean: float = -1.0,
                  p_std: float = 1.4, tangent_warmup: int = 10000, tangent_norm_c: float = 0.1,
-                 jvp: str = "autograd", adaptive_weighting: bool = True):
+                 jvp: str = "autograd", adaptive_weighting: bool = True, guidance: list[float] | None = None):
         if jvp not in JVP_MODES:
             raise ValueError(f"unknown jvp {jvp!r}; known: {', '.join(JVP_MODES)}")
         if p_std <= 0 or tangent_warmup < 0 or tangent_norm_c < 0:
@@ -79,6 +85,9 @@ class ContinuousConsistencyLoss:
         self.noise, self.teacher, self.p_mean, self.p_std = noise, teacher, p_mean, p_std
         self.tangent_warmup, self.c, self.jvp = tangent_warmup, tangent_norm_c, jvp
         self.weight = AdaptiveWeight() if adaptive_weighting else None
+        self.guidance = check_guidance_range(guidance)
+        if self.guidance is not None and teacher is None:
+            raise ValueError("guided distillation (objective.guidance) needs a teacher: use sCD")
 
     @property
     def modules(self) -> dict:
@@ -97,7 +106,7 @@ class ContinuousConsistencyLoss:
         cos, sin = broadcast_to_batch(t.cos(), x_t), broadcast_to_batch(t.sin(), x_t)
         return -cos**2 * (sd * F_minus - v) - r * cos * sin * (x_t + sd * dF_dt)
 
-    def __call__(self, net, x0: torch.Tensor, *, step: int = 0, target=None, generator=None):
+    def __call__(self, net, x0: torch.Tensor, *, step: int = 0, target=None, generator=None, class_labels=None):
         sd, B = self.noise.sigma_data, x0.shape[0]
         sigma = (self.p_mean + self.p_std * torch.randn(B, generator=generator)).exp()
         t = torch.atan(sigma.clamp(self.noise.sigma_min, self.noise.sigma_max) / sd).to(x0)
@@ -105,9 +114,15 @@ class ContinuousConsistencyLoss:
         cos, sin = broadcast_to_batch(t.cos(), x0), broadcast_to_batch(t.sin(), x0)
         x_t = cos * x0 + sin * z
         model = getattr(net, "_orig_mod", net)  # the JVP runs on the plain module
-        F = trigflow_F(model)
+        w = None
+        if self.guidance is not None:
+            if class_labels is None:
+                raise ValueError("guided distillation needs class labels")
+            w = draw_scales(self.guidance, B, generator).to(x0.device)
+        F = trigflow_F(model, class_labels, w)
         with torch.no_grad():
-            v = cos * z - sin * x0 if self.teacher is None else teacher_velocity(self.teacher, x_t, t, sd)
+            v = (cos * z - sin * x0 if self.teacher is None
+                 else teacher_velocity(bind_condition(self.teacher, class_labels, w), x_t, t, sd))
             rng = SharedRNG(x0.device)
             F_minus, dF_dt = jvp_F(F, x_t / sd, t, v / sd, self.jvp, module=model)
             r = self.warmup(step)

@@ -1,0 +1,93 @@
+"""Classifier-free guidance (Ho & Salimans 2022), in the convention diffusers uses:
+
+    D_w(x, sigma, c) = D(x, sigma, null) + w (D(x, sigma, c) - D(x, sigma, null))
+
+w = 1 is the plain conditional denoiser, w = 0 the unconditional one, w > 1 sharpens toward the
+class. The null label is index K of a K-class model (see `cmkit.nets.conditioning`); a teacher must
+be trained with label dropout (``--label-dropout``) for it to mean anything.
+
+Guided distillation (as in latent consistency models) trains a student on the ODE of D_w with w
+drawn per sample from a range, and gives w to the student as an input: `GuidanceInput` binds a
+sampling-time w to such a student.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def null_labels(model, batch: int, device) -> torch.Tensor:
+    return torch.full((batch,), model.num_classes, dtype=torch.long, device=device)
+
+
+def guided_denoise(denoiser, x: torch.Tensor, sigma, class_labels: torch.Tensor, scale) -> torch.Tensor:
+    """D_w(x, sigma, c) for a scalar or per-sample scale w, in one batched call of the denoiser
+    (conditional and unconditional halves side by side)."""
+    B = x.shape[0]
+    scale = torch.as_tensor(scale, dtype=x.dtype, device=x.device)
+    if scale.ndim == 0 and float(scale) == 1.0:
+        return denoiser(x, sigma, class_labels)
+    sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
+    sigma = sigma.expand(B) if sigma.ndim == 0 else sigma
+    labels = torch.as_tensor(class_labels, device=x.device).long().expand(B)
+    both = denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]),
+                    torch.cat([labels, null_labels(denoiser, B, x.device)]))
+    cond, uncond = both[:B], both[B:]
+    w = scale.reshape(-1, *[1] * (x.ndim - 1)) if scale.ndim else scale
+    return uncond + w * (cond - uncond)
+
+
+class GuidedDenoiser(nn.Module):
+    """A denoiser with classifier-free guidance at scale ``scale``, for the samplers."""
+
+    def __init__(self, denoiser: nn.Module, scale):
+        super().__init__()
+        if not getattr(denoiser, "num_classes", 0):
+            raise ValueError("classifier-free guidance needs a class-conditional denoiser")
+        self.denoiser, self.scale = denoiser, scale
+
+    @property
+    def num_classes(self) -> int:
+        return self.denoiser.num_classes
+
+    def forward(self, x, sigma, class_labels=None, guidance=None):
+        if class_labels is None:
+            raise ValueError("classifier-free guidance needs class labels")
+        return guided_denoise(self.denoiser, x, sigma, class_labels, self.scale if guidance is None else guidance)
+
+
+class GuidanceInput(nn.Module):
+    """A guided-distilled student with its guidance-scale input fixed to ``scale``."""
+
+    def __init__(self, model: nn.Module, scale: float):
+        super().__init__()
+        self.model, self.scale = model, float(scale)
+
+    @property
+    def num_classes(self) -> int:
+        return self.model.num_classes
+
+    def forward(self, x, sigma, class_labels=None):
+        return self.model(x, sigma, class_labels, guidance=torch.full((x.shape[0],), self.scale, device=x.device))
+
+
+def draw_scales(scale_range, batch: int, generator) -> torch.Tensor:
+    """Guidance scales for one training batch, uniform in [lo, hi]."""
+    lo, hi = scale_range
+    return lo + (hi - lo) * torch.rand(batch, generator=generator)
+
+
+def bind_condition(denoiser, class_labels=None, guidance=None):
+    """D(x, sigma) with the labels bound, guided at per-sample scales ``guidance`` when given: the
+    teacher's denoiser as the distillation objectives step its ODE."""
+    if guidance is None:
+        return lambda x, sigma: denoiser(x, sigma, class_labels)
+    return lambda x, sigma: guided_denoise(denoiser, x, sigma, class_labels, guidance)
+
+
+def default_guidance(scale_range) -> float:
+    """The scale a guided student samples at when none is given: 1 (the teacher's plain
+    conditional ODE, as for the teacher itself) clamped into the trained range."""
+    lo, hi = scale_range
+    return min(max(1.0, lo), hi)

@@ -1,0 +1,37 @@
+"""Extra inputs of a backbone beyond x and the noise level: a class label and a guidance scale.
+
+Labels are integers 0..K-1 plus one more, K, the *null* label: the "no class" input a model trained
+with label dropout knows, which classifier-free guidance needs. ``class_labels=None`` on a
+conditional backbone means the null label. A guidance scale w (a guided-distilled student's extra
+input) enters through its own embedding whose last layer starts at zero, so a student initialised
+from its teacher computes exactly the teacher's function at every w when training starts.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def labels_or_null(class_labels: torch.Tensor | None, num_classes: int, batch: int, device) -> torch.Tensor:
+    """The labels to embed: ``class_labels`` as int64, or the null label K for all when None."""
+    if class_labels is None:
+        return torch.full((batch,), num_classes, dtype=torch.long, device=device)
+    class_labels = torch.as_tensor(class_labels, device=device).long()
+    return class_labels.expand(batch) if class_labels.ndim == 0 else class_labels
+
+
+def check_condition(name: str, num_classes: int, guidance_input: bool, class_labels, guidance) -> None:
+    if class_labels is not None and not num_classes:
+        raise ValueError(f"this {name} is unconditional: it takes no class labels")
+    if (guidance is not None) != guidance_input:
+        raise ValueError(f"this {name} {'needs' if guidance_input else 'takes no'} guidance scale input"
+                         + (" (it was distilled with guidance)" if guidance_input else ""))
+
+
+def zero_last_layer(mlp: nn.Module) -> nn.Module:
+    """Zero the last Linear of ``mlp`` so that its output starts at 0."""
+    last = [m for m in mlp.modules() if isinstance(m, nn.Linear)][-1]
+    nn.init.zeros_(last.weight)
+    nn.init.zeros_(last.bias)
+    return mlp
