@@ -30,7 +30,7 @@ table() {  # every evaluation so far: FD and the classifier's accuracy on the re
   python3 - "$OUT" <<'PY'
 import glob, json, os, sys
 rows = []
-for path in sorted(glob.glob(f"{sys.argv[1]}/eval-*.json")):
+for path in sorted(glob.glob(f"{sys.argv[1]}/eval-*.json"), key=os.path.getmtime):  # in training order
     result = json.load(open(path))
     model = os.path.basename(path)[5:-5].rsplit("-w", 1)[0]
     for r in result["results"]:

@@ -3,6 +3,7 @@
 from .analytic import Gaussian, GaussianMixture
 from .config import build_config, default_config
 from .errors import CmkitError
+from .guidance import GuidedDenoiser
 from .noise import NoiseConfig, karras_sigmas
 from .precond import ConsistencyFunction, EDMDenoiser
 from .run import Run, load_run
@@ -11,6 +12,6 @@ from .train import train
 
 __version__ = "0.1.0"
 
-__all__ = ["CmkitError", "ConsistencyFunction", "EDMDenoiser", "Gaussian", "GaussianMixture",
+__all__ = ["CmkitError", "ConsistencyFunction", "EDMDenoiser", "Gaussian", "GaussianMixture", "GuidedDenoiser",
            "NoiseConfig", "Run", "build_config", "default_config", "karras_sigmas", "load_run",
            "sample_consistency", "sample_euler", "sample_heun", "train"]

@@ -43,16 +43,21 @@ def _resolve_edm_run(config: dict, key: str, flag: str, resumed: bool) -> Run:
         raise CmkitError(f"{flag} {path} is a {source.method} run; {config['method']} needs an edm {role}")
     config[key] = str(Path(path).resolve())
     for section in ("noise", "model", "standardizer"):
-        if resumed and _without_guidance(config[section]) != source.config[section]:
+        if resumed and _comparable(config[section]) != _comparable(source.config[section]):
             raise CmkitError(f"{flag} {path} differs from this run in its {section} (a run that changed since "
                              "this one started, or --init and --teacher runs that do not match)")
         config[section] = copy.deepcopy(source.config[section])
+    config["model"].setdefault("num_classes", 0)  # a run from before class conditioning is unconditional
     return source
 
 
-def _without_guidance(section: dict) -> dict:
-    """A config section less a guided student's guidance input (which its teacher lacks)."""
-    return {k: v for k, v in section.items() if k != "guidance"}
+def _comparable(section: dict) -> dict:
+    """A config section as a resumed run compares it with its source: less a guided student's
+    guidance input (which its teacher lacks), with runs from before class conditioning unconditional."""
+    section = {k: v for k, v in section.items() if k != "guidance"}
+    if "backbone" in section:
+        section.setdefault("num_classes", 0)
+    return section
 
 
 def _resolve_sources(config: dict) -> tuple[Run | None, Run | None]:
