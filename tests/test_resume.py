@@ -4,6 +4,7 @@ run does (weights, EMA, target, optimizer, RNG and the metrics log), on CPU."""
 import json
 
 import pytest
+import torch
 
 import cmkit.objectives.consistency as consistency
 import cmkit.objectives.edm as edm
@@ -63,19 +64,45 @@ def test_resume_extends_a_finished_run(tmp_path):
     assert _comparable(tmp_path / "straight") == _comparable(tmp_path / "split")
 
 
-def test_nan_loss_stops_training_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):
+def _poison(monkeypatch, bad_steps, kind="loss"):
+    """Make the EDM loss NaN (kind "loss") or its gradient NaN with a finite loss ("grad") at ``bad_steps``."""
     original = edm.EDMLoss.__call__
 
-    def poisoned(self, *args, step=0, **kwargs):
-        loss, extra = original(self, *args, step=step, **kwargs)
-        return (loss * float("nan") if step == 5 else loss), extra
+    def poisoned(self, net, *args, step=0, **kwargs):
+        loss, extra = original(self, net, *args, step=step, **kwargs)
+        if step in bad_steps:
+            if kind == "loss":
+                loss = loss * float("nan")
+            else:  # sqrt'(0) is inf: a finite loss whose gradient is not
+                loss = loss + torch.sqrt(sum((p - p.detach()).sum() for p in net.parameters()))
+        return loss, extra
 
     monkeypatch.setattr(edm.EDMLoss, "__call__", poisoned)
+
+
+@pytest.mark.parametrize("kind", ["loss", "grad"])
+def test_bad_steps_are_skipped_and_counted(tmp_path, monkeypatch, kind):
+    common = ["train", "--method", "edm", "--data", "moons", "--steps", 6, *TINY]
+    assert cli(*common, "--out", tmp_path / "clean") == 0
+    _poison(monkeypatch, {2, 3}, kind)
+    assert cli(*common, "--out", tmp_path / "poisoned") == 0
+    records = [json.loads(line) for line in (tmp_path / "poisoned" / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("skipped", False) for r in records] == [False, False, True, True, False, False]
+    assert [r["skipped_steps"] for r in records] == [0, 0, 1, 2, 2, 2]
+    clean = [json.loads(line) for line in (tmp_path / "clean" / "metrics.jsonl").read_text().splitlines()]
+    assert records[1]["loss"] == clean[1]["loss"]  # the same run up to the bad steps
+    from cmkit.checkpoint import load_weights
+    weights = load_weights(tmp_path / "poisoned", "model")
+    assert all(torch.isfinite(w).all() for w in weights.values())  # nothing bad reached the weights
+
+
+def test_too_many_bad_steps_in_a_row_stop_training_and_keep_the_last_checkpoint(tmp_path, monkeypatch, capsys):
+    _poison(monkeypatch, {5, 6, 7})
     run = tmp_path / "run"
     assert cli("train", "--method", "edm", "--data", "moons", "--steps", 8, "--set", "train.save_every=4",
-               "--out", run, *TINY) == 2
+               "--set", "train.max_bad_steps=2", "--out", run, *TINY) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["cmkit: error: loss became nan at step 5; the last checkpoint is intact: lower --lr or check the data"]
+    assert len(err) == 1 and "NaN or inf for 3 steps in a row (up to step 8)" in err[0] and "intact" in err[0]
     monkeypatch.undo()
     assert json.loads((run / "checkpoint" / "state.json").read_text())["step"] == 4
     assert cli("train", "--method", "edm", "--steps", 8, "--out", run, "--resume", "--quiet") == 0

@@ -135,7 +135,7 @@ def _check_config(config: dict) -> None:
         raise CmkitError(f"unknown method {config['method']!r}; known: {', '.join(METHODS)}")
     if not config["data"]["name"]:
         raise CmkitError("no data given: pass --data NAME_OR_PATH")
-    for key in ("sample_every",):
+    for key in ("sample_every", "max_bad_steps"):
         if not isinstance(train[key], int) or isinstance(train[key], bool) or train[key] < 0:
             raise CmkitError(f"train.{key} must be a non-negative integer (0: never), got {train[key]!r}")
     for key in ("steps", "batch_size", "log_every", "save_every"):
@@ -260,6 +260,8 @@ class Trainer:
         # torch.compile wraps the online network for the objective's forward passes only, so the
         # saved weights, the EMA and the target keep their plain module names.
         self.forward_net = torch.compile(self.net) if cfg["compile"] else self.net
+        self.skipped_steps = 0  # steps skipped for a NaN/inf loss or gradient, over the whole run
+        self.bad_in_row = 0
         self.autocast = torch.autocast(torch.device(self.device).type, dtype=torch.bfloat16, enabled=cfg["bf16"])
 
     @property
@@ -287,19 +289,31 @@ class Trainer:
             per_sample, extra = self.objective(self.forward_net, batch.to(self.device), step=step,
                                                target=self.target, generator=gen, class_labels=labels)
         loss = per_sample.float().mean()
-        if not torch.isfinite(loss):
-            raise CmkitError(f"loss became {loss.item()} at step {step}; the last checkpoint is intact: "
-                             "lower --lr or check the data")
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.optimizer.param_groups[0]["params"], cfg["grad_clip"] or math.inf)
+        grad_norm = torch.tensor(math.nan)
+        if torch.isfinite(loss):
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.optimizer.param_groups[0]["params"],
+                                                       cfg["grad_clip"] or math.inf)
+        if not torch.isfinite(grad_norm):  # a NaN/inf loss or gradient: skip the step, count it
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skipped_steps += 1
+            self.bad_in_row += 1
+            if self.bad_in_row > cfg["max_bad_steps"]:
+                raise CmkitError(f"the loss or its gradients were NaN or inf for {self.bad_in_row} steps in a row "
+                                 f"(up to step {step + 1}); the last checkpoint is intact: lower --lr, set "
+                                 "train.grad_clip, or check the data")
+            return {"step": step + 1, "loss": loss.item(), "grad_norm": grad_norm.item(), "skipped": True,
+                    "skipped_steps": self.skipped_steps, **extra}
+        self.bad_in_row = 0
         for group in self.optimizer.param_groups:
             group["lr"] = cfg["lr"] * min(1.0, (step + 1) / max(1, cfg["lr_warmup"]))
         self.optimizer.step()
         if self.target is not None:
             ema_update(self.target, self.net, self.objective.target_rate(step))
         ema_update(self.ema, self.net, ema_rate(cfg["ema_rate"], step))
-        return {"step": step + 1, "loss": loss.item(), "grad_norm": grad_norm.item(), **extra}
+        return {"step": step + 1, "loss": loss.item(), "grad_norm": grad_norm.item(),
+                "lr": self.optimizer.param_groups[0]["lr"], "skipped_steps": self.skipped_steps, **extra}
 
     def sample_grid(self, path: Path) -> None:
         """A grid of EMA samples (1 step for a consistency model, 18 Heun steps for a teacher)."""
@@ -316,7 +330,8 @@ class Trainer:
 
     def save(self, out: Path, step: int) -> None:
         checkpoint.save_checkpoint(out, modules=self.modules, optimizer=self.optimizer, step=step,
-                                   rng={"generator": self.generator.get_state(), "torch": torch.get_rng_state()})
+                                   rng={"generator": self.generator.get_state(), "torch": torch.get_rng_state(),
+                                        "skipped_steps": torch.tensor([self.skipped_steps])})
 
     def restore(self, out: Path) -> int:
         """Load the latest checkpoint of ``out``; return its step."""
@@ -326,6 +341,7 @@ class Trainer:
         self.optimizer.load_state_dict(optim_state)
         self.generator.set_state(rng["generator"])
         torch.set_rng_state(rng["torch"])
+        self.skipped_steps = int(rng["skipped_steps"][0]) if "skipped_steps" in rng else 0
         return step
 
 
