@@ -16,9 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-
-def null_labels(model, batch: int, device) -> torch.Tensor:
-    return torch.full((batch,), model.num_classes, dtype=torch.long, device=device)
+from .nets.conditioning import labels_or_null
 
 
 def guided_denoise(denoiser, x: torch.Tensor, sigma, class_labels: torch.Tensor, scale) -> torch.Tensor:
@@ -32,7 +30,7 @@ def guided_denoise(denoiser, x: torch.Tensor, sigma, class_labels: torch.Tensor,
     sigma = sigma.expand(B) if sigma.ndim == 0 else sigma
     labels = torch.as_tensor(class_labels, device=x.device).long().expand(B)
     both = denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]),
-                    torch.cat([labels, null_labels(denoiser, B, x.device)]))
+                    torch.cat([labels, labels_or_null(None, denoiser.num_classes, B, x.device)]))
     cond, uncond = both[:B], both[B:]
     w = scale.reshape(-1, *[1] * (x.ndim - 1)) if scale.ndim else scale
     return uncond + w * (cond - uncond)
