@@ -24,7 +24,7 @@ from cmkit.evaluate import evaluate_run
 def train(method: str, data: str, out: Path, steps: int, reuse: bool, **extra) -> tuple[Path, str]:
     """(run directory, training wall time as text)."""
     run = out / f"{data}-{method}"
-    if reuse and (run / "checkpoint").is_dir():
+    if reuse and (run / "latest").is_file():
         return run, "reused"  # training is deterministic on CPU: a finished run equals a fresh one
     config = cmkit.build_config(method, **{"data.name": data, "train.steps": steps, **extra})
     start = time.perf_counter()

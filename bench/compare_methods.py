@@ -29,7 +29,7 @@ METHODS = {  # method: which teacher-derived sources it takes
 
 def train(method, data, out: Path, steps: int, reuse: bool, **extra):
     run = out / f"{data}-{method}"
-    if reuse and (run / "checkpoint").is_dir():
+    if reuse and (run / "latest").is_file():
         return run, None
     config = cmkit.build_config(method, **{"data.name": data, "train.steps": steps, **extra})
     start = time.perf_counter()

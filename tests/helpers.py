@@ -1,9 +1,11 @@
 """Shared settings for tests that run the real command line on tiny problems."""
 
 import hashlib
+import json
 from pathlib import Path
 
 from cmkit.cli import main
+from cmkit.train import VOLATILE_METRICS
 
 TINY_TRAIN = ["--set", "data.n=400", "--set", "data.n_holdout=200", "--set", "train.log_every=1",
               "--batch-size", "32", "--quiet"]
@@ -14,7 +16,15 @@ def cli(*args) -> int:
     return main([str(a) for a in args])
 
 
+def _content(path: Path) -> bytes:
+    """A file's bytes; for metrics.jsonl, less the timing and memory fields no two runs share."""
+    if path.name != "metrics.jsonl":
+        return path.read_bytes()
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    return "\n".join(json.dumps({k: v for k, v in r.items() if k not in VOLATILE_METRICS}) for r in records).encode()
+
+
 def tree_digest(path: Path) -> dict:
     """{relative path: sha256} of every file under ``path``."""
-    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+    return {str(p.relative_to(path)): hashlib.sha256(_content(p)).hexdigest()
             for p in sorted(Path(path).rglob("*")) if p.is_file()}

@@ -6,6 +6,7 @@ import sys
 import numpy as np
 import pytest
 
+from cmkit.checkpoint import checkpoint_dir
 from helpers import TINY, TINY_TRAIN, cli, tree_digest
 
 
@@ -111,7 +112,7 @@ def test_corrupt_weights_and_churn_settings(tmp_path, teacher, capsys):
     import shutil
     broken = tmp_path / "broken"
     shutil.copytree(teacher, broken)
-    (broken / "checkpoint" / "ema.safetensors").write_bytes(b"garbage")
+    (checkpoint_dir(broken) / "ema.safetensors").write_bytes(b"garbage")
     assert cli("sample", "--checkpoint", broken, "--n", 3, "--out", tmp_path / "x.npy") == 2
     assert "unreadable or corrupt" in _error_line(capsys)
     assert cli("sample", "--checkpoint", teacher, "--n", 3, "--s-churn", -5, "--out", tmp_path / "x.npy") == 2

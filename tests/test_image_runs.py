@@ -14,6 +14,7 @@ from PIL import Image
 from cmkit.config import build_config
 from cmkit.evaluate import ImageScorer
 from cmkit.train import Trainer
+from cmkit.checkpoint import checkpoint_dir
 from helpers import cli, tree_digest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,7 +81,7 @@ def test_image_resume_is_bit_exact_with_flips(tmp_path):
     assert cli("train", *args, "--steps", 6, "--out", tmp_path / "straight") == 0
     assert cli("train", *args, "--steps", 3, "--out", tmp_path / "split") == 0
     assert cli("train", "--method", "edm", "--resume", "--steps", 6, "--out", tmp_path / "split", "--quiet") == 0
-    a, b = tree_digest(tmp_path / "straight" / "checkpoint"), tree_digest(tmp_path / "split" / "checkpoint")
+    a, b = tree_digest(checkpoint_dir(tmp_path / "straight")), tree_digest(checkpoint_dir(tmp_path / "split"))
     assert a == b
 
 

@@ -3,6 +3,7 @@ bit for bit (the sCM weighting head is checkpointed too) and refuses misuse with
 
 import pytest
 
+from cmkit.checkpoint import checkpoint_dir
 from helpers import TINY, TINY_TRAIN, cli, tree_digest
 
 IMAGE = ["--data", "digits", "--batch-size", "4", "--quiet", "--set", "train.sample_every=0",
@@ -30,7 +31,7 @@ def test_image_runs_resume_bit_exactly(method, image_teacher, tmp_path):
     assert cli("train", *args, "--steps", 4, "--out", tmp_path / "straight") == 0
     assert cli("train", *args, "--steps", 2, "--out", tmp_path / "split") == 0
     assert cli("train", "--method", method, "--resume", "--steps", 4, "--out", tmp_path / "split", "--quiet") == 0
-    straight, split = tree_digest(tmp_path / "straight" / "checkpoint"), tree_digest(tmp_path / "split" / "checkpoint")
+    straight, split = tree_digest(checkpoint_dir(tmp_path / "straight")), tree_digest(checkpoint_dir(tmp_path / "split"))
     assert straight == split
     if method in ("sct", "scd"):
         assert "weighting.safetensors" in straight

@@ -11,6 +11,7 @@ import cmkit
 from cmkit import checkpoint
 from cmkit.data import TOY_TRUTH
 from cmkit.evaluate import evaluate_run
+from cmkit.checkpoint import checkpoint_dir
 from helpers import TINY, TINY_TRAIN, cli
 
 
@@ -28,7 +29,7 @@ def test_run_directory_layout_and_config(runs):
     teacher_cfg = json.loads((runs / "edm" / "config.json").read_text())
     assert cfg["model"] == teacher_cfg["model"] and cfg["noise"] == teacher_cfg["noise"]
     assert cfg["standardizer"] == teacher_cfg["standardizer"]
-    files = {p.name for p in (runs / "cd" / "checkpoint").iterdir()}
+    files = {p.name for p in checkpoint_dir(runs / "cd").iterdir()}
     assert {"model.safetensors", "ema.safetensors", "target.safetensors", "optimizer.safetensors",
             "rng.safetensors", "state.json", "optimizer.json"} <= files
     lines = (runs / "cd" / "metrics.jsonl").read_text().splitlines()
@@ -123,11 +124,15 @@ def test_eval_compares_with_held_out_data_in_data_units(runs, tmp_path, monkeypa
     assert [r["steps"] for r in saved["results"]] == [1, 2] and saved["n"] == 200
 
 
-def test_checkpoint_swap_recovers_the_old_copy(runs, tmp_path):
+def test_legacy_checkpoint_swap_recovers_the_old_copy(runs, tmp_path):
     import shutil
     run = tmp_path / "run"
     shutil.copytree(runs / "edm", run)
-    (run / "checkpoint").rename(run / ".checkpoint.old")  # as if cut between the two renames
+    # A run in the layout before rotating checkpoints (one RUN/checkpoint/), cut between the two
+    # renames of its old swap: the old copy is found.
+    checkpoint_dir(run).rename(run / ".checkpoint.old")
+    shutil.rmtree(run / "checkpoints")
+    (run / "latest").unlink()
     assert cmkit.load_run(run).sample(2).shape == (2, 2)
 
 

@@ -1,16 +1,21 @@
 """Run directories and checkpoints, written atomically and read without unpickling.
 
-    RUN/config.json              the complete config (rebuilds the model)
-    RUN/metrics.jsonl            one JSON object per logged step
-    RUN/checkpoint/              the latest checkpoint, swapped in whole:
-        model.safetensors        online weights
-        ema.safetensors          EMA weights (what gets sampled)
-        target.safetensors       target network (consistency methods)
-        optimizer.safetensors    optimizer tensors; optimizer.json the rest
-        rng.safetensors          RNG states; state.json the step
+    RUN/config.json                     the complete config (rebuilds the model)
+    RUN/metrics.jsonl                   one JSON object per logged step
+    RUN/checkpoints/step-0000400/       a complete checkpoint (the newest train.keep_checkpoints kept):
+        model.safetensors               online weights
+        ema.safetensors                 EMA weights (what gets sampled)
+        target.safetensors              target network (consistency methods)
+        optimizer.safetensors           optimizer tensors; optimizer.json the rest
+        rng.safetensors                 counters (skipped steps); state.json the step, format, file sizes
+    RUN/latest                          the newest checkpoint's path, for people and tools
 
-A checkpoint is first written to RUN/.checkpoint.tmp, then renamed into place, so an
-interruption leaves either the old or the new checkpoint, never a mix.
+A checkpoint is written into RUN/checkpoints/.tmp-step-N, every file flushed to disk (fsync), and
+the folder renamed into place, so a process killed at any moment leaves complete checkpoints and
+at most a temporary folder that the next save removes. Readers take the newest complete
+checkpoint (state.json present, every file at its recorded size), whatever ``latest`` says: a
+kill between the rename and the pointer update loses nothing. Runs from before this layout kept
+one checkpoint in RUN/checkpoint/; they still load.
 """
 
 from __future__ import annotations
@@ -26,17 +31,33 @@ from safetensors.torch import load_file, save_file
 
 from .errors import CmkitError
 
-CHECKPOINT = "checkpoint"
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+LEGACY = "checkpoint"  # the single checkpoint of runs from before the rotating layout
+FORMAT = 1  # the checkpoint layout this cmkit writes and the newest it reads
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file, or a folder's entries, to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a flushed temporary file and a rename."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
     os.replace(tmp, path)
 
 
-RUN_ENTRIES = {"config.json", "config.json.tmp", "metrics.jsonl", "metrics.jsonl.tmp", CHECKPOINT,
-               ".checkpoint.tmp", ".checkpoint.old"}
+RUN_ENTRIES = {"config.json", "config.json.tmp", "metrics.jsonl", "metrics.jsonl.tmp", CHECKPOINTS, LATEST,
+               LATEST + ".tmp", "samples", "tensorboard", LEGACY, ".checkpoint.tmp", ".checkpoint.old"}
 
 
 def is_run_dir(path: Path) -> bool:
@@ -45,19 +66,13 @@ def is_run_dir(path: Path) -> bool:
             and all(entry.name in RUN_ENTRIES for entry in path.iterdir()))
 
 
-def prepare_run_dir(path: str | Path, *, resume: bool, force: bool, protect: tuple = ()) -> Path:
-    """Create a run directory; refuse to touch an existing one without resume or force.
-
-    ``--force`` deletes only a directory holding nothing but a cmkit run's files, and never one
-    that is or contains a path in ``protect`` (the working directory, the teacher, the data)."""
+def check_new_run_dir(path: str | Path, *, force: bool, protect: tuple = ()) -> None:
+    """Refuse a non-empty ``path`` unless ``force`` is given and it is a cmkit run that holds nothing
+    in ``protect`` (the working directory, the teacher, the data). Changes nothing."""
     path = Path(path)
-    if resume and force:
-        raise CmkitError("--resume and --force exclude each other")
-    if resume:
-        if not (checkpoint_dir(path) / "state.json").is_file():
-            raise CmkitError(f"cannot resume: {path} holds no checkpoint")
-        return path
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+    if path.exists() and not path.is_dir():
+        raise CmkitError(f"run directory {path} exists and is not a directory")
+    if path.is_dir() and any(path.iterdir()):
         if not force:
             raise CmkitError(f"run directory {path} already exists: pass --resume to continue it "
                              "or --force to overwrite it")
@@ -69,6 +84,20 @@ def prepare_run_dir(path: str | Path, *, resume: bool, force: bool, protect: tup
             kept = Path(kept).resolve()
             if kept == target or target in kept.parents:
                 raise CmkitError(f"--force refuses to delete {path}: it holds {kept}, which this run needs")
+
+
+def prepare_run_dir(path: str | Path, *, resume: bool, force: bool, protect: tuple = ()) -> Path:
+    """Create a run directory; refuse to touch an existing one without resume or force
+    (see `check_new_run_dir`)."""
+    path = Path(path)
+    if resume and force:
+        raise CmkitError("--resume and --force exclude each other")
+    if resume:
+        if not has_checkpoint(path):
+            raise CmkitError(f"cannot resume: {path} holds no checkpoint")
+        return path
+    check_new_run_dir(path, force=force, protect=protect)
+    if path.is_dir() and any(path.iterdir()):
         shutil.rmtree(path)
     path.mkdir(parents=True, exist_ok=True)
     return path
@@ -113,36 +142,114 @@ def _optimizer_from_files(tensors: dict, meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def save_checkpoint(run_dir: Path, *, modules: dict, optimizer, step: int, rng: dict) -> None:
-    tmp = run_dir / ".checkpoint.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+def _write_checkpoint(folder: Path, *, modules: dict, optimizer, step: int, rng: dict) -> None:
+    folder.mkdir()
     for name, module in modules.items():
-        save_file(_state_dict(module), str(tmp / f"{name}.safetensors"), metadata={"step": str(step)})
+        save_file(_state_dict(module), str(folder / f"{name}.safetensors"), metadata={"step": str(step)})
     tensors, meta = _optimizer_to_files(optimizer)
-    save_file(tensors, str(tmp / "optimizer.safetensors"))
-    (tmp / "optimizer.json").write_text(json.dumps(meta))
-    save_file({k: v.contiguous() for k, v in rng.items()}, str(tmp / "rng.safetensors"))
-    (tmp / "state.json").write_text(json.dumps({"step": step, "modules": sorted(modules)}))
-    final, old = run_dir / CHECKPOINT, run_dir / ".checkpoint.old"
-    if not final.exists() and old.exists():
-        os.replace(old, final)  # an earlier swap was cut short: its old copy is the only one
-    if old.exists():
-        shutil.rmtree(old)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old.exists():
-        shutil.rmtree(old)
+    save_file(tensors, str(folder / "optimizer.safetensors"))
+    (folder / "optimizer.json").write_text(json.dumps(meta))
+    save_file({k: v.contiguous() for k, v in rng.items()}, str(folder / "rng.safetensors"))
+    files = sorted(f.name for f in folder.iterdir())
+    for name in files:
+        _fsync(folder / name)
+    state = {"format": FORMAT, "step": step, "modules": sorted(modules),
+             "files": {name: (folder / name).stat().st_size for name in files}}
+    atomic_write_text(folder / "state.json", json.dumps(state))  # last: its presence marks the folder complete
+    _fsync(folder)
+
+
+def _remove(folder: Path) -> None:
+    """Delete a folder so that no reader ever sees it half deleted: rename it out of view first."""
+    trash = folder.with_name(f".trash-{folder.name}")
+    if trash.exists():
+        shutil.rmtree(trash)
+    os.replace(folder, trash)
+    shutil.rmtree(trash)
+
+
+def save_checkpoint(run_dir: Path, *, modules: dict, optimizer, step: int, rng: dict, keep: int = 3) -> Path:
+    """Write a checkpoint at ``step``, point ``latest`` at it and keep the newest ``keep``. A write
+    that fails (a full disk, say) leaves the earlier checkpoints as they were."""
+    root = Path(run_dir) / CHECKPOINTS
+    root.mkdir(exist_ok=True)
+    for stale in root.glob(".*"):  # left by a process killed while writing or deleting
+        shutil.rmtree(stale, ignore_errors=True)
+    name = f"step-{step:07d}"
+    tmp = root / f".tmp-{name}"
+    try:
+        _write_checkpoint(tmp, modules=modules, optimizer=optimizer, step=step, rng=rng)
+        final = root / name
+        if final.exists():  # saved again at the same step (a resumed run stopped at once)
+            _remove(final)
+        os.replace(tmp, final)
+        _fsync(root)
+        atomic_write_text(Path(run_dir) / LATEST, f"{CHECKPOINTS}/{name}\n")
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CmkitError(f"could not write the step-{step} checkpoint in {run_dir}: {e.strerror or e}; "
+                         "the earlier checkpoints are intact") from None
+    for old in _complete_checkpoints(root)[0][:-keep]:
+        _remove(old)
+    return final
+
+
+def _read_state(folder: Path) -> tuple[dict | None, str]:
+    """(state.json, "") of a complete checkpoint folder, else (None, what is wrong)."""
+    try:
+        state = json.loads((folder / "state.json").read_text())
+        step = state["step"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return None, f"state.json: {e.__class__.__name__}"
+    if not isinstance(state, dict) or not isinstance(step, int):
+        return None, "state.json has no step"
+    if not isinstance(state.get("format", 0), int) or state.get("format", 0) > FORMAT:
+        raise CmkitError(f"the checkpoint {folder} has format {state['format']!r}, newer than this cmkit reads "
+                         f"({FORMAT}): upgrade cmkit")
+    for name, size in state.get("files", {}).items():
+        try:
+            actual = (folder / name).stat().st_size
+        except OSError:
+            return None, f"{name} is missing"
+        if actual != size:
+            return None, f"{name} has {actual} bytes, not {size}"
+    return state, ""
+
+
+def _complete_checkpoints(root: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """(the complete checkpoints under ``root``, oldest first; the damaged ones, with the reason)."""
+    if not root.is_dir():
+        return [], []
+    found, damaged = [], []
+    for folder in root.iterdir():
+        if folder.name.startswith("step-") and folder.is_dir():
+            state, problem = _read_state(folder)
+            if state is None:
+                damaged.append((folder, problem))
+            else:
+                found.append((state["step"], folder))
+    return [folder for _, folder in sorted(found)], sorted(damaged)
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
-    """The latest complete checkpoint (recovering one left behind by an interrupted swap)."""
-    final, old = run_dir / CHECKPOINT, run_dir / ".checkpoint.old"
-    if not (final / "state.json").is_file() and (old / "state.json").is_file():
-        return old
-    return final
+    """The newest complete checkpoint of a run (a path without a state.json when it has none)."""
+    run_dir = Path(run_dir)
+    complete, damaged = _complete_checkpoints(run_dir / CHECKPOINTS)
+    if complete:
+        return complete[-1]
+    if damaged:
+        folder, problem = damaged[-1]
+        raise CmkitError(f"{run_dir} holds no complete checkpoint: {folder.name} is unreadable or corrupt ({problem})")
+    legacy, old = run_dir / LEGACY, run_dir / ".checkpoint.old"
+    if not (legacy / "state.json").is_file() and (old / "state.json").is_file():
+        return old  # a legacy swap cut between its two renames
+    if (legacy / "state.json").is_file():
+        _read_state(legacy)  # refuses a newer format
+    return legacy
+
+
+def has_checkpoint(run_dir: Path) -> bool:
+    return (checkpoint_dir(run_dir) / "state.json").is_file()
 
 
 def load_weights(run_dir: Path, name: str) -> dict:
@@ -156,7 +263,7 @@ def load_weights(run_dir: Path, name: str) -> dict:
 
 
 def load_training_state(run_dir: Path):
-    """(step, optimizer state dict, rng tensors) of the latest checkpoint."""
+    """(step, optimizer state dict, rng tensors) of the newest complete checkpoint."""
     ckpt = checkpoint_dir(run_dir)
     try:
         step = json.loads((ckpt / "state.json").read_text())["step"]

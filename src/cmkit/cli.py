@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import CmkitError
+from .errors import CmkitError, Stopped
 
 
 class _Parser(argparse.ArgumentParser):
@@ -335,13 +335,23 @@ COMMANDS = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "train-c
             "edit": cmd_edit, "demo": cmd_demo}
 
 
+def _rank_tag() -> str:
+    """' (rank N)' in a torchrun worker other than rank 0, so that its messages can be told apart."""
+    import os
+    rank = os.environ.get("RANK", "0")
+    return f" (rank {rank})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 and rank != "0" else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         COMMANDS[args.command](args)
     except CmkitError as e:
-        print(f"cmkit: error: {e}", file=sys.stderr)
+        print(f"cmkit: error{_rank_tag()}: {e}", file=sys.stderr)
         return 2
+    except Stopped as e:  # pre-emption: a checkpoint was saved
+        print(f"cmkit: {e}; a checkpoint was saved there: continue with --resume", file=sys.stderr)
+        return 128 + e.signum
     except OSError as e:  # unwritable --out, a full disk, a path that is a directory
         print(f"cmkit: error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr)
         return 2

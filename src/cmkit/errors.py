@@ -3,3 +3,12 @@
 
 class CmkitError(Exception):
     """A problem with the user's input (paths, data, options, run directories)."""
+
+
+class Stopped(Exception):
+    """Training stopped by SIGTERM or SIGINT after saving a checkpoint at ``step``."""
+
+    def __init__(self, signum: int, step: int):
+        import signal
+        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}")
+        self.signum, self.step = signum, step

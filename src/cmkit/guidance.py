@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .batch_rng import batch_rng
 from .nets.conditioning import labels_or_null
 
 
@@ -73,7 +74,7 @@ class GuidanceInput(nn.Module):
 def draw_scales(scale_range, batch: int, generator) -> torch.Tensor:
     """Guidance scales for one training batch, uniform in [lo, hi]."""
     lo, hi = scale_range
-    return lo + (hi - lo) * torch.rand(batch, generator=generator)
+    return lo + (hi - lo) * batch_rng(generator).rand(batch)
 
 
 def bind_condition(denoiser, class_labels=None, guidance=None):

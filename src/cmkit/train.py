@@ -2,9 +2,11 @@
 
     run_dir = cmkit.train(config, "runs/teacher")
 
-The loop draws batches and noise from one seeded ``torch.Generator`` (dropout uses torch's
-global RNG, also seeded); both states, the optimizer, the EMA and the target network are in
-every checkpoint, so ``resume=True`` continues a run bit for bit on CPU.
+Every random draw of a step comes from generators seeded by (seed, step): batches and noise from
+one shared by all processes and micro-batches (each keeps its rows of the global batch, see
+batch_rng.py), dropout from one per micro-batch. So a resumed run continues bit for bit on CPU,
+and 1 or N processes (torchrun) with the same global batch train the same model to float
+rounding. The optimizer, EMA and target network are in every checkpoint.
 """
 
 from __future__ import annotations
@@ -12,16 +14,21 @@ from __future__ import annotations
 import copy
 import json
 import math
+import resource
+import signal
 import sys
+import time
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from . import checkpoint
+from .batch_rng import BatchRNG, step_seed
 from .config import INIT_METHODS, METHODS, TEACHER_METHODS
+from .distributed import World, sum_gradients, close, world_from_env
 from .data import ImageData, ImageScaler, Standardizer, is_builtin, load_dataset, random_hflip
-from .errors import CmkitError
+from .errors import CmkitError, Stopped
 from .guidance import GuidanceInput, default_guidance
 from .nets import load_backbone_weights
 from .objectives import (ConsistencyDistillationLoss, ConsistencyTrainingLoss, ContinuousConsistencyLoss, EDMLoss,
@@ -30,6 +37,7 @@ from .plotting import save_image_grid
 from .run import Run, build_model, default_levels, generate, noise_config
 
 GRID_SAMPLES = 64  # images in each progress grid (8 x 8)
+VOLATILE_METRICS = ("images_per_s", "max_memory_mb")  # measured, so no two runs share them
 GRID_SEED = 0  # the same noise every time, so grids show the model changing, not the noise
 
 
@@ -129,7 +137,7 @@ def ema_rate(rate: float, step: int) -> float:
     return min(rate, (1 + step) / (10 + step))
 
 
-def _check_config(config: dict) -> None:
+def _check_config(config: dict, world: World = World()) -> None:
     train = config["train"]
     if config["method"] not in METHODS:
         raise CmkitError(f"unknown method {config['method']!r}; known: {', '.join(METHODS)}")
@@ -138,12 +146,18 @@ def _check_config(config: dict) -> None:
     for key in ("sample_every", "max_bad_steps"):
         if not isinstance(train[key], int) or isinstance(train[key], bool) or train[key] < 0:
             raise CmkitError(f"train.{key} must be a non-negative integer (0: never), got {train[key]!r}")
-    for key in ("steps", "batch_size", "log_every", "save_every"):
+    for key in ("steps", "batch_size", "log_every", "save_every", "grad_accum", "keep_checkpoints"):
         if not isinstance(train[key], int) or isinstance(train[key], bool) or train[key] < 1:
             raise CmkitError(f"train.{key} must be a positive integer, got {train[key]!r}")
     for key in ("n", "n_holdout"):
         if not isinstance(config["data"][key], int) or config["data"][key] < 2:
             raise CmkitError(f"data.{key} must be an integer of at least 2, got {config['data'][key]!r}")
+    shards = world.size * train["grad_accum"]
+    if train["batch_size"] % shards:
+        raise CmkitError(f"train.batch_size {train['batch_size']} must divide evenly over {world.size} process(es) "
+                         f"x {train['grad_accum']} accumulated micro-batch(es)")
+    if not isinstance(train["tensorboard"], bool):
+        raise CmkitError(f"train.tensorboard must be true or false, got {train['tensorboard']!r}")
     if not (isinstance(train["lr"], (int, float)) and train["lr"] > 0):
         raise CmkitError(f"train.lr must be positive, got {train['lr']!r}")
     if not (isinstance(train["ema_rate"], (int, float)) and 0 <= train["ema_rate"] < 1):
@@ -199,8 +213,9 @@ class Trainer:
     ``step()`` performs one optimisation step; ``save()``/``restore()`` round-trip everything
     that a bit-exact resume needs."""
 
-    def __init__(self, config: dict):
-        _check_config(config)
+    def __init__(self, config: dict, world: World = World()):
+        self.world = world
+        _check_config(config, world)
         teacher, init = _resolve_sources(config)
         d = config["data"]
         data = load_dataset(d)
@@ -233,10 +248,10 @@ class Trainer:
     def _build(self, config: dict, teacher: Run | None, init: Run | None, data) -> None:
         """``data``: the loaded data set (its training split and labels are used)."""
         self.cfg = cfg = config["train"]
-        self.device = cfg["device"] if cfg["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = self.world.device(cfg["device"])
 
-        torch.manual_seed(cfg["seed"])  # dropout and initialisation
-        self.generator = torch.Generator().manual_seed(cfg["seed"])  # batches and noise
+        torch.manual_seed(cfg["seed"])  # initialisation: the same on every rank
+        self.generator = torch.Generator()  # batches and noise, reseeded every step
         self.net = build_model(config)
         self.objective = build_objective(config, teacher)  # after the seed: it may own weights
         if teacher is not None:
@@ -262,6 +277,9 @@ class Trainer:
         self.forward_net = torch.compile(self.net) if cfg["compile"] else self.net
         self.skipped_steps = 0  # steps skipped for a NaN/inf loss or gradient, over the whole run
         self.bad_in_row = 0
+        self.stop_signal = None  # set by SIGTERM/SIGINT; the run stops, saved, after the step in progress
+        self.stopping = False  # a stop every rank agreed on
+        self._sync_weights()
         self.autocast = torch.autocast(torch.device(self.device).type, dtype=torch.bfloat16, enabled=cfg["bf16"])
 
     @property
@@ -271,30 +289,56 @@ class Trainer:
             modules["target"] = self.target
         return modules
 
-    def step(self, step: int) -> dict:
-        cfg, gen = self.cfg, self.generator
-        index = torch.randint(len(self.x_train), (cfg["batch_size"],), generator=gen).to(self.device)
+    def _sync_weights(self) -> None:
+        """Start every rank from rank 0's weights (the same seed builds the same ones; this makes it certain)."""
+        self.world.broadcast_([t for m in self.modules.values() for t in (*m.parameters(), *m.buffers())])
+
+    def _draw(self, rng: BatchRNG, size: int):
+        """This shard's ``size`` training samples (in model units) and labels."""
+        cfg = self.cfg
+        index = rng.randint(len(self.x_train), size).to(self.device)
         batch = self.x_train[index]
         if self.images:
             if self.config["data"]["hflip"]:
-                batch = random_hflip(batch, gen)
+                batch = random_hflip(batch, rng)
             batch = ImageScaler.to_model(batch).contiguous(memory_format=self.memory_format)
         labels = None
         if self.y_train is not None:
             labels = self.y_train[index]
             if cfg.get("label_dropout"):  # classifier-free guidance training: some labels become null
-                drop = (torch.rand(len(labels), generator=gen) < cfg["label_dropout"]).to(self.device)
+                drop = (rng.rand(size) < cfg["label_dropout"]).to(self.device)
                 labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
-        with self.autocast:
-            per_sample, extra = self.objective(self.forward_net, batch.to(self.device), step=step,
-                                               target=self.target, generator=gen, class_labels=labels)
-        loss = per_sample.float().mean()
+        return batch.to(self.device), labels
+
+    def step(self, step: int) -> dict:
+        """One optimisation step on the global batch: this rank's micro-batches, gradients averaged
+        over the ranks, then one update (skipped everywhere if any rank saw a NaN/inf)."""
+        cfg, world = self.cfg, self.world
+        accum, total = cfg["grad_accum"], cfg["batch_size"]
+        micro = total // (world.size * accum)
+        params = self.optimizer.param_groups[0]["params"]
         self.optimizer.zero_grad(set_to_none=True)
+        loss_sum, bad, extra = torch.zeros(()), 0.0, {}
+        for a in range(accum):
+            m = world.rank * accum + a  # this micro-batch's place in the global batch
+            rng = BatchRNG(self.generator.manual_seed(step_seed(cfg["seed"], step)), start=m * micro, total=total)
+            torch.manual_seed(step_seed(cfg["seed"], step, 1 + m))  # dropout
+            batch, labels = self._draw(rng, micro)
+            with self.autocast:
+                per_sample, extra = self.objective(self.forward_net, batch, step=step, target=self.target,
+                                                   generator=rng, class_labels=labels)
+            loss = per_sample.float().mean() / (accum * world.size)
+            if torch.isfinite(loss):
+                loss.backward()
+            else:
+                bad = 1.0
+            loss_sum += loss.detach().cpu()
+        flags = sum_gradients(world, params, torch.stack([loss_sum, torch.tensor(bad),
+                                                              torch.tensor(float(self.stop_signal is not None))]))
+        loss_value, bad, self.stopping = flags[0].item(), flags[1].item() > 0, flags[2].item() > 0
         grad_norm = torch.tensor(math.nan)
-        if torch.isfinite(loss):
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.optimizer.param_groups[0]["params"],
-                                                       cfg["grad_clip"] or math.inf)
+        if not bad:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"] or math.inf)
         if not torch.isfinite(grad_norm):  # a NaN/inf loss or gradient: skip the step, count it
             self.optimizer.zero_grad(set_to_none=True)
             self.skipped_steps += 1
@@ -303,7 +347,7 @@ class Trainer:
                 raise CmkitError(f"the loss or its gradients were NaN or inf for {self.bad_in_row} steps in a row "
                                  f"(up to step {step + 1}); the last checkpoint is intact: lower --lr, set "
                                  "train.grad_clip, or check the data")
-            return {"step": step + 1, "loss": loss.item(), "grad_norm": grad_norm.item(), "skipped": True,
+            return {"step": step + 1, "loss": loss_value, "grad_norm": grad_norm.item(), "skipped": True,
                     "skipped_steps": self.skipped_steps, **extra}
         self.bad_in_row = 0
         for group in self.optimizer.param_groups:
@@ -312,7 +356,7 @@ class Trainer:
         if self.target is not None:
             ema_update(self.target, self.net, self.objective.target_rate(step))
         ema_update(self.ema, self.net, ema_rate(cfg["ema_rate"], step))
-        return {"step": step + 1, "loss": loss.item(), "grad_norm": grad_norm.item(),
+        return {"step": step + 1, "loss": loss_value, "grad_norm": grad_norm.item(),
                 "lr": self.optimizer.param_groups[0]["lr"], "skipped_steps": self.skipped_steps, **extra}
 
     def sample_grid(self, path: Path) -> None:
@@ -329,9 +373,12 @@ class Trainer:
         save_image_grid(ImageScaler.to_data(x), path)
 
     def save(self, out: Path, step: int) -> None:
-        checkpoint.save_checkpoint(out, modules=self.modules, optimizer=self.optimizer, step=step,
-                                   rng={"generator": self.generator.get_state(), "torch": torch.get_rng_state(),
-                                        "skipped_steps": torch.tensor([self.skipped_steps])})
+        """A checkpoint from rank 0, once every rank has checked that their weights agree."""
+        self.world.check_in_sync(self.modules)
+        if self.world.is_main:
+            checkpoint.save_checkpoint(out, modules=self.modules, optimizer=self.optimizer, step=step,
+                                       rng={"skipped_steps": torch.tensor([self.skipped_steps])},
+                                       keep=self.cfg["keep_checkpoints"])
 
     def restore(self, out: Path) -> int:
         """Load the latest checkpoint of ``out``; return its step."""
@@ -339,10 +386,74 @@ class Trainer:
         for name, module in self.modules.items():
             module.load_state_dict(checkpoint.load_weights(out, name))
         self.optimizer.load_state_dict(optim_state)
-        self.generator.set_state(rng["generator"])
-        torch.set_rng_state(rng["torch"])
         self.skipped_steps = int(rng["skipped_steps"][0]) if "skipped_steps" in rng else 0
         return step
+
+
+class _StopOnSignals:
+    """While active, SIGTERM and SIGINT ask the trainer to stop after the step in progress (a
+    second SIGINT interrupts at once). Only the main thread can own signal handlers; elsewhere
+    this does nothing."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, trainer: Trainer):
+        self.trainer, self.previous = trainer, {}
+
+    def _handle(self, signum, frame):
+        if self.trainer.stop_signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.trainer.stop_signal = signum
+
+    def __enter__(self):
+        try:
+            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        except ValueError:  # not the main thread
+            self.previous = {}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def _peak_memory_mb(device: str) -> float:
+    """Peak memory of this process: CUDA memory allocated on a GPU, else the resident set size."""
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+class _Logs:
+    """metrics.jsonl (and TensorBoard when asked for), written by rank 0 only."""
+
+    def __init__(self, out: Path, cfg: dict, active: bool):
+        self.active, self.tensorboard = active, None
+        if not active:
+            return
+        self.file = open(out / "metrics.jsonl", "a")
+        if cfg["tensorboard"]:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise CmkitError("train.tensorboard needs the tensorboard package: pip install tensorboard") from None
+            self.tensorboard = SummaryWriter(str(out / "tensorboard"))
+
+    def write(self, record: dict) -> None:
+        if not self.active:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tensorboard is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.tensorboard.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        if self.active:
+            self.file.close()
+            if self.tensorboard is not None:
+                self.tensorboard.close()
 
 
 def train(config: dict, out: str | Path, *, resume: bool = False, force: bool = False,
@@ -350,10 +461,19 @@ def train(config: dict, out: str | Path, *, resume: bool = False, force: bool = 
     """Train (or, with ``resume``, continue training) the run ``config`` describes into ``out``.
 
     On resume the run's saved config is used, with ``train.steps`` (the step to stop at) taken
-    from ``config``. Ctrl-C leaves the last checkpoint intact (a step may be half applied, so
-    the state at the interruption is not saved).
+    from ``config``. Under torchrun every process calls this; rank 0 writes the run directory.
+    SIGTERM or SIGINT (pre-emption, Ctrl-C) finish the step in progress, save a checkpoint and
+    raise `Stopped`.
     """
     out = Path(out)
+    world = world_from_env(config["train"].get("device", "auto"))
+    try:
+        return _train(config, out, world, resume=resume, force=force, progress=progress and world.is_main)
+    finally:
+        close(world)
+
+
+def _train(config: dict, out: Path, world: World, *, resume: bool, force: bool, progress: bool) -> Path:
     if resume:
         checkpoint.prepare_run_dir(out, resume=True, force=force)
         steps, method = config["train"]["steps"], config.get("method")
@@ -361,38 +481,58 @@ def train(config: dict, out: str | Path, *, resume: bool = False, force: bool = 
         if method is not None and method != config["method"]:
             raise CmkitError(f"{out} is a run of method {config['method']}, not {method}")
         config["train"]["steps"] = steps
-    trainer = Trainer(config)
+    trainer = Trainer(config, world)
     total = config["train"]["steps"]
     start = 0
     if resume:
         start = trainer.restore(out)
         if start >= total:
             raise CmkitError(f"{out} is already at step {start}; pass --steps above it to train further")
-        _truncate_metrics(out / "metrics.jsonl", start, config["train"]["log_every"])
+        world.barrier()  # every rank has read the log's checkpoint before rank 0 rewrites the log
+        if world.is_main:
+            _truncate_metrics(out / "metrics.jsonl", start, config["train"]["log_every"])
         horizon = config["objective"].get("total_steps")
         if progress and config["method"] == "ct" and horizon != total:
             print(f"cmkit: note: the CT curriculum keeps its horizon objective.total_steps = {horizon}",
                   file=sys.stderr)
     else:
-        checkpoint.prepare_run_dir(out, resume=False, force=force, protect=tuple(trainer.protected))
-    checkpoint.atomic_write_text(out / "config.json", json.dumps(config, indent=2) + "\n")
+        checkpoint.check_new_run_dir(out, force=force, protect=tuple(trainer.protected))
+        world.barrier()  # every rank checked before rank 0 creates (or replaces) the directory
+        if world.is_main:
+            checkpoint.prepare_run_dir(out, resume=False, force=force, protect=tuple(trainer.protected))
+    if world.is_main:
+        checkpoint.atomic_write_text(out / "config.json", json.dumps(config, indent=2) + "\n")
+    world.barrier()
 
     cfg = config["train"]
-    with open(out / "metrics.jsonl", "a") as log, \
-            tqdm(range(start, total), initial=start, total=total, disable=not progress,
-                 desc=f"train {config['method']}", dynamic_ncols=True) as bar:
-        for step in bar:
-            record = trainer.step(step)
-            done = record["step"]
-            if done % cfg["log_every"] == 0 or done == total:
-                log.write(json.dumps(record) + "\n")
-                log.flush()
-                bar.set_postfix(loss=f"{record['loss']:.4g}")
-            if done % cfg["save_every"] == 0 and done != total:
-                trainer.save(out, done)
-            if trainer.images and cfg["sample_every"] and (done % cfg["sample_every"] == 0 or done == total):
-                trainer.sample_grid(out / "samples" / f"step-{done:07d}.png")
-    trainer.save(out, total)
+    logs = _Logs(out, cfg, world.is_main)
+    try:
+        with _StopOnSignals(trainer), \
+                tqdm(range(start, total), initial=start, total=total, disable=not progress,
+                     desc=f"train {config['method']}", dynamic_ncols=True) as bar:
+            for step in bar:
+                tick = time.perf_counter()
+                record = trainer.step(step)
+                # Throughput of the step itself (checkpoints and grids excluded), and peak memory.
+                record["images_per_s"] = round(cfg["batch_size"] / (time.perf_counter() - tick), 2)
+                record["max_memory_mb"] = round(_peak_memory_mb(trainer.device), 1)
+                done = record["step"]
+                if done % cfg["log_every"] == 0 or done == total or trainer.stopping:
+                    logs.write(record)
+                    bar.set_postfix(loss=f"{record['loss']:.4g}")
+                if trainer.stopping and done != total:
+                    trainer.save(out, done)
+                    world.barrier()
+                    raise Stopped(trainer.stop_signal or signal.SIGTERM, done)
+                if done % cfg["save_every"] == 0 and done != total:
+                    trainer.save(out, done)
+                if (world.is_main and trainer.images and cfg["sample_every"]
+                        and (done % cfg["sample_every"] == 0 or done == total)):
+                    trainer.sample_grid(out / "samples" / f"step-{done:07d}.png")
+        trainer.save(out, total)
+        world.barrier()
+    finally:
+        logs.close()
     return out
 
 

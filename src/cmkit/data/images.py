@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..batch_rng import batch_rng
 from ..errors import CmkitError
 from .files import holdout_split, validate_labels
 
@@ -242,8 +243,9 @@ def fit_resolution(images: torch.Tensor, resolution: int | None, fit: str = "pad
     return torch.cat(out)
 
 
-def random_hflip(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    flip = torch.rand(len(batch), generator=generator) < 0.5
+def random_hflip(batch: torch.Tensor, generator) -> torch.Tensor:
+    """Each image mirrored with probability 1/2 (``generator``: a torch.Generator or a BatchRNG)."""
+    flip = batch_rng(generator).rand(len(batch)) < 0.5
     return torch.where(flip.view(-1, 1, 1, 1).to(batch.device), batch.flip(-1), batch)
 
 

@@ -13,6 +13,7 @@ import math
 
 import torch
 
+from ..batch_rng import batch_rng
 from ..guidance import bind_condition, draw_scales
 from ..noise import NoiseConfig, broadcast_to_batch
 from ..precond import guidance_kwarg
@@ -52,7 +53,7 @@ class ConsistencyLoss(abc.ABC):
 
     def sample_pairs(self, sigmas: torch.Tensor, batch: int, generator) -> torch.Tensor:
         """Index n of each sample's pair (sigmas[n], sigmas[n + 1]): uniform here."""
-        return torch.randint(0, len(sigmas) - 1, (batch,), generator=generator)
+        return batch_rng(generator).randint(len(sigmas) - 1, batch)
 
     def guidance_scales(self, class_labels, batch: int, generator) -> torch.Tensor | None:
         """Per-sample guidance scales of guided distillation (None: not guided)."""
@@ -67,7 +68,7 @@ class ConsistencyLoss(abc.ABC):
         sigmas = self.noise.karras(self.num_levels(step)).to(x0)
         n = self.sample_pairs(sigmas, B, generator).to(x0.device)
         sigma_hi, sigma_lo = sigmas[n], sigmas[n + 1]
-        z = torch.randn(x0.shape, generator=generator).to(x0)
+        z = batch_rng(generator).randn(x0.shape).to(x0)
         x_hi = x0 + broadcast_to_batch(sigma_hi, x0) * z
         w = self.guidance_scales(class_labels, B, generator)
         with torch.no_grad():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from ..batch_rng import batch_rng
 from ..noise import NoiseConfig, broadcast_to_batch
 from .distances import make_distance
 from .rng import SharedRNG
@@ -43,11 +44,12 @@ class EasyConsistencyTuningLoss:
 
     def __call__(self, net, x0: torch.Tensor, *, step: int = 0, target=None, generator=None, class_labels=None):
         B = x0.shape[0]
-        ln_t = self.p_mean + self.p_std * torch.randn(B, generator=generator)
+        rng = batch_rng(generator)
+        ln_t = self.p_mean + self.p_std * rng.randn((B,))
         t = ln_t.exp().clamp(self.noise.sigma_min, self.noise.sigma_max).to(x0)
         r = ect_r(t, self.stage(step), self.k, self.b, self.q)
         r = torch.where(r < self.noise.sigma_min, torch.zeros_like(r), r)  # below sigma_min: the data
-        z = torch.randn(x0.shape, generator=generator).to(x0)
+        z = rng.randn(x0.shape).to(x0)
         x_t = x0 + broadcast_to_batch(t, x0) * z
         x_r = x0 + broadcast_to_batch(r, x0) * z
         rng = SharedRNG(x0.device)

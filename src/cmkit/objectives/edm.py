@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..batch_rng import batch_rng
 from ..noise import broadcast_to_batch
 
 
@@ -22,9 +23,10 @@ class EDMLoss:
 
     def __call__(self, net, x0: torch.Tensor, *, step: int = 0, target=None, generator=None, class_labels=None):
         B = x0.shape[0]
-        ln_sigma = self.p_mean + self.p_std * torch.randn(B, generator=generator)
+        rng = batch_rng(generator)
+        ln_sigma = self.p_mean + self.p_std * rng.randn((B,))
         sigma = ln_sigma.exp().to(x0)
-        z = torch.randn(x0.shape, generator=generator).to(x0)
+        z = rng.randn(x0.shape).to(x0)
         weight = (sigma**2 + self.sigma_data**2) / (sigma * self.sigma_data) ** 2
         denoised = net(x0 + broadcast_to_batch(sigma, x0) * z, sigma, class_labels)
         loss = weight * (denoised - x0).pow(2).flatten(1).mean(1)

@@ -11,6 +11,7 @@ import math
 
 import torch
 
+from ..batch_rng import batch_rng
 from ..noise import NoiseConfig, broadcast_to_batch
 from .consistency import ConsistencyLoss
 
@@ -49,7 +50,7 @@ class ImprovedConsistencyTrainingLoss(ConsistencyLoss):
 
     def sample_pairs(self, sigmas, batch, generator):
         probs = lognormal_pair_probs(sigmas.cpu(), self.p_mean, self.p_std)
-        return torch.multinomial(probs, batch, replacement=True, generator=generator)
+        return batch_rng(generator).multinomial(probs, batch)
 
     def lower(self, x_hi, x0, z, sigma_hi, sigma_lo, class_labels=None, guidance=None):
         return x0 + broadcast_to_batch(sigma_lo, x0) * z

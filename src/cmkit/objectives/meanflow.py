@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import torch
 
+from ..batch_rng import batch_rng
 from ..noise import broadcast_to_batch
 from .rng import SharedRNG
 from .jvp import JVP_MODES, jvp
 
 
 def logit_normal(n: int, p_mean: float, p_std: float, generator) -> torch.Tensor:
-    return torch.sigmoid(p_mean + p_std * torch.randn(n, generator=generator))
+    return torch.sigmoid(p_mean + p_std * batch_rng(generator).randn((n,)))
 
 
 def meanflow_jvp(model, z, r, t, v, mode: str = "autograd", eps: float = 1e-3, class_labels=None):
@@ -58,7 +59,7 @@ class MeanFlowLoss:
         else:
             b = logit_normal(n, self.r_p_mean, self.r_p_std, generator)
         t, r = torch.maximum(a, b), torch.minimum(a, b)
-        same = torch.rand(n, generator=generator) < self.flow_fraction
+        same = batch_rng(generator).rand(n) < self.flow_fraction
         return torch.where(same, t, r), t
 
     def target(self, model, z, r, t, v, class_labels=None):
@@ -69,7 +70,7 @@ class MeanFlowLoss:
     def __call__(self, net, x0: torch.Tensor, *, step: int = 0, target=None, generator=None, class_labels=None):
         model = getattr(net, "_orig_mod", net)
         r, t = (s.to(x0) for s in self.sample_times(x0.shape[0], generator))
-        eps = torch.randn(x0.shape, generator=generator).to(x0)
+        eps = batch_rng(generator).randn(x0.shape).to(x0)
         z = broadcast_to_batch(1 - t, x0) * x0 + broadcast_to_batch(t, x0) * eps
         v = eps - x0
         with torch.no_grad():

@@ -21,6 +21,7 @@ import math
 import torch
 from torch import nn
 
+from ..batch_rng import batch_rng
 from ..guidance import bind_condition, draw_scales
 from ..noise import NoiseConfig, broadcast_to_batch
 from ..precond import guidance_kwarg
@@ -108,9 +109,10 @@ class ContinuousConsistencyLoss:
 
     def __call__(self, net, x0: torch.Tensor, *, step: int = 0, target=None, generator=None, class_labels=None):
         sd, B = self.noise.sigma_data, x0.shape[0]
-        sigma = (self.p_mean + self.p_std * torch.randn(B, generator=generator)).exp()
+        rng = batch_rng(generator)
+        sigma = (self.p_mean + self.p_std * rng.randn((B,))).exp()
         t = torch.atan(sigma.clamp(self.noise.sigma_min, self.noise.sigma_max) / sd).to(x0)
-        z = sd * torch.randn(x0.shape, generator=generator).to(x0)
+        z = sd * rng.randn(x0.shape).to(x0)
         cos, sin = broadcast_to_batch(t.cos(), x0), broadcast_to_batch(t.sin(), x0)
         x_t = cos * x0 + sin * z
         model = getattr(net, "_orig_mod", net)  # the JVP runs on the plain module
@@ -118,7 +120,7 @@ class ContinuousConsistencyLoss:
         if self.guidance is not None:
             if class_labels is None:
                 raise ValueError("guided distillation needs class labels")
-            w = draw_scales(self.guidance, B, generator).to(x0.device)
+            w = draw_scales(self.guidance, B, rng).to(x0.device)
         F = trigflow_F(model, class_labels, w)
         with torch.no_grad():
             v = (cos * z - sin * x0 if self.teacher is None
