@@ -109,3 +109,37 @@ def test_too_many_bad_steps_in_a_row_stop_training_and_keep_the_last_checkpoint(
     monkeypatch.undo()
     assert json.loads((checkpoint_dir(run) / "state.json").read_text())["step"] == 4
     assert cli("train", "--method", "edm", "--steps", 8, "--out", run, "--resume", "--quiet") == 0
+
+
+def test_metrics_log_and_tensorboard(tmp_path, monkeypatch, capsys):
+    """Each metrics.jsonl record has the loss, lr, gradient norm, skipped steps, throughput and peak
+    memory; with train.tensorboard the same scalars go to a SummaryWriter (faked here, so the test
+    needs no tensorboard install), and without the package the run stops with the install hint."""
+    import sys
+    import types
+
+    written = []
+
+    class FakeWriter:
+        def __init__(self, log_dir):
+            written.append(("dir", log_dir))
+
+        def add_scalar(self, key, value, step):
+            written.append((key, value, step))
+
+        def close(self):
+            written.append(("closed",))
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=FakeWriter))
+    args = ["train", "--method", "edm", "--data", "moons", "--steps", 3, *TINY, "--set", "train.tensorboard=true"]
+    assert cli(*args, "--out", tmp_path / "run") == 0
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    for r in records:
+        assert r["images_per_s"] > 0 and r["max_memory_mb"] > 10 and r["grad_norm"] > 0 and r["lr"] > 0
+        assert r["skipped_steps"] == 0 and r["loss"] > 0
+    assert written[0] == ("dir", str(tmp_path / "run" / "tensorboard")) and written[-1] == ("closed",)
+    assert ("loss", records[2]["loss"], 3) in written and ("images_per_s", records[0]["images_per_s"], 1) in written
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # not installed
+    assert cli(*args, "--out", tmp_path / "run2") == 2
+    assert "pip install tensorboard" in capsys.readouterr().err and not (tmp_path / "run2").exists()

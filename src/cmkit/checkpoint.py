@@ -30,6 +30,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import CmkitError
+from .safe_io import READ_ERRORS, read_json
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -108,10 +109,7 @@ def read_run_config(path: str | Path) -> dict:
     cfg = path / "config.json"
     if not cfg.is_file():
         raise CmkitError(f"{path} is not a cmkit run directory (no config.json)")
-    try:
-        config = json.loads(cfg.read_text())
-    except json.JSONDecodeError as e:
-        raise CmkitError(f"{cfg} is not valid JSON: {e}") from None
+    config = read_json(cfg, "run config")
     if not isinstance(config, dict) or not isinstance(config.get("train"), dict):
         raise CmkitError(f"{cfg} is not a cmkit run config")
     return config
@@ -197,9 +195,9 @@ def save_checkpoint(run_dir: Path, *, modules: dict, optimizer, step: int, rng: 
 def _read_state(folder: Path) -> tuple[dict | None, str]:
     """(state.json, "") of a complete checkpoint folder, else (None, what is wrong)."""
     try:
-        state = json.loads((folder / "state.json").read_text())
+        state = read_json(folder / "state.json", "checkpoint state")
         step = state["step"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (CmkitError, *READ_ERRORS) as e:
         return None, f"state.json: {e.__class__.__name__}"
     if not isinstance(state, dict) or not isinstance(step, int):
         return None, "state.json has no step"
@@ -258,7 +256,7 @@ def load_weights(run_dir: Path, name: str) -> dict:
         raise CmkitError(f"{run_dir} has no {name} weights (no {path.name} in its checkpoint)")
     try:
         return load_file(str(path))
-    except (SafetensorError, OSError) as e:
+    except (SafetensorError, *READ_ERRORS) as e:
         raise CmkitError(f"{path} is unreadable or corrupt: {e}") from None
 
 
@@ -270,5 +268,5 @@ def load_training_state(run_dir: Path):
         optim = _optimizer_from_files(load_file(str(ckpt / "optimizer.safetensors")),
                                       json.loads((ckpt / "optimizer.json").read_text()))
         return step, optim, load_file(str(ckpt / "rng.safetensors"))
-    except (SafetensorError, OSError, ValueError, KeyError, TypeError) as e:
+    except (SafetensorError, *READ_ERRORS) as e:
         raise CmkitError(f"the checkpoint in {run_dir} is unreadable or corrupt: {e}") from None

@@ -19,7 +19,22 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line and exit status 2 (no usage dump)."""
 
     def error(self, message):
+        if message.startswith("unrecognized arguments:"):
+            message += _suggest_options(self, message.split(":", 1)[1].split())
         raise CmkitError(message)
+
+
+def _suggest_options(parser: argparse.ArgumentParser, unknown: list[str]) -> str:
+    """' (did you mean --x?)' for unknown options close to one that some command takes."""
+    import difflib
+    known = set(parser._option_string_actions)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                known |= set(sub._option_string_actions)
+    hints = [match[0] for token in unknown if token.startswith("--")
+             for match in [difflib.get_close_matches(token.split("=")[0], sorted(known), n=1, cutoff=0.7)] if match]
+    return f" (did you mean {', '.join(hints)}?)" if hints else ""
 
 
 def _int_list(text: str) -> list[int]:
@@ -281,10 +296,8 @@ def _refuse_to_clobber(out: Path, run_dir: str | Path) -> None:
 def _load_noise(path: str) -> np.ndarray:
     if not Path(path).is_file() or not path.endswith(".npy"):
         raise CmkitError(f"--noise must be an existing .npy file, got {path!r}")
-    try:
-        noise = np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as e:
-        raise CmkitError(f"cannot read noise file {path}: {e}") from None
+    from .safe_io import load_npy
+    noise = load_npy(path)
     if noise.dtype.kind != "f" or noise.ndim < 2 or not np.isfinite(noise).all():
         raise CmkitError(f"noise file {path} must hold finite floats of shape (n, *sample_shape), "
                          f"got {noise.dtype} {noise.shape}")

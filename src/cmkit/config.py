@@ -8,11 +8,13 @@ Every key a user sets must exist in the defaults, so a typo is an error, not a s
 from __future__ import annotations
 
 import copy
+import difflib
 import json
 from importlib import resources
 from pathlib import Path
 
 from .errors import CmkitError
+from .safe_io import read_json
 
 
 def _is_image_source(name) -> bool:
@@ -52,10 +54,7 @@ def read_config_file(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise CmkitError(f"config file not found: {path}")
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CmkitError(f"{path.name} is not valid JSON: {e}") from None
+    config = read_json(path, "config file")
     if not isinstance(config, dict):
         raise CmkitError(f"{path.name} must hold a JSON object")
     return config
@@ -97,7 +96,9 @@ def merge(base: dict, update: dict, where: str = "") -> dict:
         name = f"{where}{key}"
         if key not in out:
             known = ", ".join(where + k for k in out) or "none"
-            raise CmkitError(f"unknown config key {name!r} (known here: {known})")
+            close = difflib.get_close_matches(str(key), [str(k) for k in out], n=1, cutoff=0.6)
+            hint = f": did you mean {where + close[0]!r}?" if close else ""
+            raise CmkitError(f"unknown config key {name!r}{hint} (known here: {known})")
         if name == "method" and value != out[key]:
             raise CmkitError(f"the method is chosen with --method, not in the config ({value!r})")
         if isinstance(out[key], dict):

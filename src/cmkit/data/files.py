@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CmkitError
+from ..safe_io import READ_ERRORS, NpzArchive, load_npy
 
 SUFFIXES = (".npy", ".npz", ".csv")
 
@@ -26,9 +27,9 @@ def load_labelled_array(path: str | Path) -> tuple[np.ndarray, np.ndarray | None
         raise CmkitError(f"unsupported data file {path.name!r}: use .npy, .npz or .csv, or a built-in set")
     try:
         if path.suffix.lower() == ".npy":
-            arr, labels = np.load(path, allow_pickle=False), None
+            arr, labels = load_npy(path), None
         elif path.suffix.lower() == ".npz":
-            with np.load(path, allow_pickle=False) as archive:
+            with NpzArchive(path) as archive:
                 keys = ([k for k in ("data", "x", "arr_0") if k in archive.files]
                         or [k for k in archive.files if k != "labels"])
                 if not keys:
@@ -39,8 +40,8 @@ def load_labelled_array(path: str | Path) -> tuple[np.ndarray, np.ndarray | None
             arr, labels = _load_csv(path), None
     except CmkitError:
         raise
-    except (ValueError, OSError) as e:
-        raise CmkitError(f"cannot read {path.name}: {str(e).splitlines()[0]}") from None
+    except READ_ERRORS as e:
+        raise CmkitError(f"cannot read {path.name}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     arr = validate_array(arr, path.name)
     return arr, validate_labels(labels, len(arr), path.name)
 

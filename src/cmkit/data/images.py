@@ -6,7 +6,9 @@ become floats in [-1, 1] only when drawn, so 60,000 images cost 60 MB, not 240.
 from __future__ import annotations
 
 import gzip
+import math
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +18,7 @@ import torch.nn.functional as F
 
 from ..batch_rng import batch_rng
 from ..errors import CmkitError
+from ..safe_io import READ_ERRORS, NpzArchive, load_npy, memory_bytes, npy_header, open_image
 from .files import holdout_split, validate_labels
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian package dataset-fashion-mnist
@@ -72,23 +75,38 @@ def read_idx(path: str | Path) -> np.ndarray:
     """An IDX file (optionally gzipped) of unsigned bytes, as LeCun's MNIST format defines it:
     two zero bytes, type code 0x08, the number of dimensions, then big-endian int32 sizes."""
     path = Path(path)
-    try:
-        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
+    try:  # streamed, so a header (or a gzip stream) that promises terabytes is refused before reading them
+        with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as fh:
+            magic = fh.read(4)
+            if len(magic) < 4 or magic[0] != 0 or magic[1] != 0:
+                raise CmkitError(f"{path.name} is not an IDX file (bad magic number)")
+            if magic[2] != 0x08:
+                raise CmkitError(f"{path.name}: only unsigned-byte IDX files are supported (type code {magic[2]:#04x})")
+            ndim = magic[3]
+            sizes = fh.read(4 * ndim)
+            if ndim == 0 or len(sizes) < 4 * ndim:
+                raise CmkitError(f"{path.name}: truncated IDX header")
+            dims = tuple(int.from_bytes(sizes[4 * i:4 * i + 4], "big") for i in range(ndim))
+            body = math.prod(dims)
+            if body > memory_bytes():
+                raise CmkitError(f"{path.name}: IDX header declares {dims} ({body} bytes), more than this "
+                                 "machine's memory")
+            chunks, got = [], 0
+            while got <= body:  # read in chunks: a short file stops early, a long one at body + 1
+                chunk = fh.read(min(2**24, body + 1 - got))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                got += len(chunk)
+            raw = b"".join(chunks)
+    except CmkitError:
+        raise
+    except (OSError, EOFError, ValueError, zlib.error) as e:
         raise CmkitError(f"cannot read {path}: {e}") from None
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
-        raise CmkitError(f"{path.name} is not an IDX file (bad magic number)")
-    if raw[2] != 0x08:
-        raise CmkitError(f"{path.name}: only unsigned-byte IDX files are supported (type code {raw[2]:#04x})")
-    ndim = raw[3]
-    header = 4 + 4 * ndim
-    if ndim == 0 or len(raw) < header:
-        raise CmkitError(f"{path.name}: truncated IDX header")
-    dims = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
-    expected = header + int(np.prod(dims, dtype=np.int64))
-    if len(raw) != expected:
-        raise CmkitError(f"{path.name}: IDX header declares {dims} ({expected} bytes) but the file has {len(raw)}")
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims).copy()  # writable
+    if len(raw) != body:
+        raise CmkitError(f"{path.name}: IDX header declares {dims} ({4 + 4 * ndim + body} bytes) but the file has "
+                         f"{4 + 4 * ndim + len(raw)}")
+    return np.frombuffer(raw, dtype=np.uint8).reshape(dims).copy()  # writable
 
 
 def _find(root: Path, stem: str) -> Path:
@@ -124,8 +142,6 @@ def load_image_folder(root: str | Path) -> tuple[np.ndarray, np.ndarray | None, 
     """Every PNG/JPEG below ``root`` (recursive, sorted). If every image sits in a first-level
     sub-folder, those folders are the classes (sorted names -> labels 0..K-1). All images must
     share one size; they load as grayscale if all are grey, else as RGB."""
-    from PIL import Image, UnidentifiedImageError
-
     root = Path(root)
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
@@ -133,11 +149,10 @@ def load_image_folder(root: str | Path) -> tuple[np.ndarray, np.ndarray | None, 
     images, modes = [], set()
     for path in files:
         try:
-            with Image.open(path) as im:
-                im.load()
+            with open_image(path) as im:
                 modes.add("L" if im.mode in ("1", "L", "I", "I;16", "F") else "RGB")
                 images.append((path, im.convert("RGB") if im.mode not in ("1", "L", "I", "I;16", "F") else im.convert("L")))
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        except READ_ERRORS as e:  # converting a decoded image can still fail
             raise CmkitError(f"cannot read image {path}: {e}") from None
     sizes = {im.size for _, im in images}
     if len(sizes) > 1:
@@ -160,9 +175,9 @@ def load_image_array(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
     path = Path(path)
     try:
         if path.suffix.lower() == ".npy":
-            arr, labels = np.load(path, allow_pickle=False), None
+            arr, labels = load_npy(path), None
         else:
-            with np.load(path, allow_pickle=False) as archive:
+            with NpzArchive(path) as archive:
                 key = next((k for k in ("images", "x", "data", "arr_0") if k in archive.files), None)
                 if key is None:
                     raise CmkitError(f"{path.name} has no images, x, data or arr_0 array (has: "
@@ -171,7 +186,7 @@ def load_image_array(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
                 labels = archive["labels"] if "labels" in archive.files else None
     except CmkitError:
         raise
-    except (ValueError, OSError, EOFError) as e:
+    except READ_ERRORS as e:
         raise CmkitError(f"cannot read {path.name}: {str(e).splitlines()[0]}") from None
     return to_nchw(arr, path.name), validate_labels(labels, len(arr), path.name)
 
@@ -183,11 +198,12 @@ def is_image_array(path: str | Path) -> bool:
         return False
     try:
         if path.suffix.lower() == ".npy":
-            return np.load(path, mmap_mode="r", allow_pickle=False).ndim >= 3
-        with np.load(path, allow_pickle=False) as archive:
+            with open(path, "rb") as fh:
+                return len(npy_header(fh)[0]) >= 3
+        with NpzArchive(path) as archive:
             key = next((k for k in ("images", "x", "data", "arr_0") if k in archive.files), None)
             return key is not None and archive[key].ndim >= 3
-    except (ValueError, OSError, EOFError):
+    except (CmkitError, *READ_ERRORS):
         return False  # the vector reader reports the problem
 
 

@@ -1,0 +1,149 @@
+"""Readers for files cmkit did not write: data arrays, images, JSON configs.
+
+Every reader checks what a file declares before acting on it (an .npy header that promises a
+terabyte, a PNG that decodes to 40 gigapixels, JSON nested 100,000 deep) and turns every way a
+file can be broken into one CmkitError naming the file. Nothing here unpickles.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from .errors import CmkitError
+
+MAX_IMAGE_PIXELS = 2**26  # 8192 x 8192: far above any training image, far below a decompression bomb
+MAX_JSON_BYTES = 16 * 2**20  # configs and run metadata are a few KB
+# What a broken or hostile file makes numpy, zipfile, json or PIL raise.
+READ_ERRORS = (ValueError, OSError, EOFError, KeyError, IndexError, TypeError, zipfile.BadZipFile,
+               zipfile.LargeZipFile, RecursionError, SyntaxError, NotImplementedError, MemoryError)
+
+
+def memory_bytes() -> int:
+    """This machine's physical memory (what no single array may exceed)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 2**40
+
+
+def npy_header(fh) -> tuple[tuple, np.dtype]:
+    """(shape, dtype) from the header at the start of an .npy stream (which is left after it)."""
+    version = np.lib.format.read_magic(fh)
+    if version == (1, 0):
+        shape, _, dtype = np.lib.format.read_array_header_1_0(fh)
+    elif version in ((2, 0), (3, 0)):
+        shape, _, dtype = np.lib.format.read_array_header_2_0(fh)
+    else:
+        raise ValueError(f"unsupported .npy version {version}")
+    return tuple(shape), dtype
+
+
+def _check_npy_header(fh, available: int, name: str) -> None:
+    """Read an .npy header from ``fh`` and refuse object arrays and shapes the bytes cannot hold."""
+    shape, dtype = npy_header(fh)
+    if dtype.hasobject:
+        raise CmkitError(f"{name} holds Python objects (a pickle); cmkit reads numeric arrays only")
+    declared = math.prod(shape) * dtype.itemsize
+    body = available - fh.tell()
+    if declared != body:
+        raise CmkitError(f"{name} declares shape {tuple(shape)} ({declared} bytes) but holds {body} bytes: "
+                         "truncated or corrupt")
+    if declared > memory_bytes():
+        raise CmkitError(f"{name} holds {declared / 2**30:.1f} GiB, more than this machine's memory")
+
+
+def load_npy(path: str | Path) -> np.ndarray:
+    """An .npy array, its header checked against the file's size first."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            _check_npy_header(fh, path.stat().st_size, path.name)
+        return np.load(path, allow_pickle=False)
+    except CmkitError:
+        raise
+    except READ_ERRORS as e:
+        raise CmkitError(f"cannot read {path.name}: {_first_line(e)}") from None
+
+
+class NpzArchive:
+    """An .npz opened for reading: ``.files`` lists its arrays (names without .npy); ``archive[k]``
+    checks the member's header against its size before loading it."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        try:
+            self._zip = zipfile.ZipFile(self.path)
+            members = self._zip.namelist()
+        except READ_ERRORS as e:
+            raise CmkitError(f"cannot read {self.path.name}: {_first_line(e)}") from None
+        self.files = [m[:-4] for m in members if m.endswith(".npy")]
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        member = f"{key}.npy"
+        try:
+            info = self._zip.getinfo(member)
+            with self._zip.open(info) as fh:
+                _check_npy_header(fh, info.file_size, f"{self.path.name}[{key}]")
+            with self._zip.open(info) as fh:
+                return np.lib.format.read_array(fh, allow_pickle=False)
+        except CmkitError:
+            raise
+        except READ_ERRORS as e:
+            raise CmkitError(f"cannot read {key!r} in {self.path.name}: {_first_line(e)}") from None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._zip.close()
+
+
+def open_image(path: str | Path):
+    """A fully decoded PIL image, refusing one whose header declares more than MAX_IMAGE_PIXELS.
+    The caller closes it (``with open_image(p) as im``)."""
+    from PIL import Image
+
+    path = Path(path)
+    try:
+        im = Image.open(path)
+        if im.width * im.height > MAX_IMAGE_PIXELS:
+            im.close()
+            raise CmkitError(f"{path} declares {im.width}x{im.height} pixels, more than cmkit reads "
+                             f"({MAX_IMAGE_PIXELS} pixels)")
+        im.load()
+        return im
+    except CmkitError:
+        raise
+    except (Image.DecompressionBombError, *READ_ERRORS) as e:
+        raise CmkitError(f"cannot read image {path}: {_first_line(e)}") from None
+
+
+def read_text(path: str | Path, what: str = "file", max_bytes: int = MAX_JSON_BYTES) -> str:
+    """A UTF-8 text file (a byte-order mark allowed), refusing other encodings and huge files."""
+    path = Path(path)
+    try:
+        if path.stat().st_size > max_bytes:
+            raise CmkitError(f"{what} {path} is {path.stat().st_size} bytes; cmkit expects at most {max_bytes}")
+        return path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise CmkitError(f"{what} {path} is not UTF-8 text (byte {e.start})") from None
+
+
+def read_json(path: str | Path, what: str = "file"):
+    """A JSON file's value; every way it can be malformed is one CmkitError."""
+    text = read_text(path, what)
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise CmkitError(f"{what} {path} is not valid JSON: {_first_line(e)}") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else e.__class__.__name__
