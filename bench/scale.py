@@ -1,12 +1,13 @@
 """Data-parallel throughput (1 vs N processes under torchrun) and the cost of checkpoints.
 
     python bench/scale.py                                  # CPU: gloo, small preset, batch 32
-    python bench/scale.py --device cuda --nproc 1,2,4 --batch 256 --steps 30   # GPUs: NCCL
+    python bench/scale.py --device cuda --runs 1x1,2x1,4x1 --batch 256 --steps 30   # GPUs: NCCL
 
-Part 1 trains the EDM teacher for --steps steps with the same global batch under torchrun with
-1, 2, ... processes and reports the median images/s that metrics.jsonl records after --warmup
-steps (each step's own time, checkpoints excluded). On a CPU the cores are split between the
-processes (OMP_NUM_THREADS = cores / N), so the comparison is at equal hardware.
+Part 1 trains the EDM teacher for --steps steps with the same global batch under torchrun, once
+per entry of --runs (PROCESSES x THREADS each; default on a 2-core CPU: 1x2, 1x1, 2x1), and
+reports the median images/s that metrics.jsonl records after --warmup steps (each step's own
+time, checkpoints excluded). 1x2 against 2x1 compares at equal hardware; 1x1 against 2x1 shows
+how well a second process adds a second core's worth.
 
 Part 2 times `Trainer.save` (model, EMA, optimizer; written, fsynced and renamed) and gives its
 share of a run that saves every --save-every steps at the measured step time.
@@ -35,11 +36,10 @@ def train_args(args, out: Path) -> list[str]:
             "--set", "train.sample_every=0", "--set", f"train.device={args.device}"]
 
 
-def throughput(args, nproc: int, work: Path) -> tuple[float, float]:
+def throughput(args, nproc: int, threads: int, work: Path) -> tuple[float, float]:
     """(median images/s, median seconds per step) of a torchrun run with ``nproc`` processes."""
-    out = work / f"run-{nproc}"
-    cores = os.cpu_count() or 1
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, cores // nproc))}
+    out = work / f"run-{nproc}x{threads}"
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "cmkit", *train_args(args, out)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -76,7 +76,9 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=32, help="global batch size")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--warmup", type=int, default=2, help="steps left out of the median")
-    p.add_argument("--nproc", default="1,2", help="comma list of process counts")
+    cores = os.cpu_count() or 1
+    p.add_argument("--runs", default=f"1x{cores},1x{max(1, cores // 2)},2x{max(1, cores // 2)}",
+                   help="comma list of PROCESSESxTHREADS")
     p.add_argument("--device", default="cpu", help="cpu (gloo) or cuda (NCCL, one GPU per process)")
     p.add_argument("--saves", type=int, default=5, help="checkpoints to time")
     p.add_argument("--save-every", type=int, default=1000, help="checkpoint interval for the share of a run")
@@ -84,17 +86,18 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        rows = [(n, *throughput(args, n, work)) for n in map(int, args.nproc.split(","))]
+        runs = [tuple(map(int, run.split("x"))) for run in args.runs.split(",")]
+        rows = [(n, t, *throughput(args, n, t, work)) for n, t in runs]
         seconds, size = checkpoint_cost(args, work)
 
-    base = rows[0][1]
+    base = rows[0][2]
     print(f"data {args.data}, preset {args.preset}, global batch {args.batch}, device {args.device}, "
           f"{os.cpu_count()} cores, median of steps {args.warmup + 1}-{args.steps}")
-    print("| processes | images/s | s/step | speed-up |")
+    print("| processes x threads | images/s | s/step | vs first row |")
     print("|---|---|---|---|")
-    for n, rate, step_s in rows:
-        print(f"| {n} | {rate:.1f} | {step_s:.3f} | {rate / base:.2f}x |")
-    step_s = rows[0][2]
+    for n, t, rate, step_s in rows:
+        print(f"| {n} x {t} | {rate:.1f} | {step_s:.3f} | {rate / base:.2f}x |")
+    step_s = rows[0][3]
     share = seconds / (seconds + args.save_every * step_s)
     print()
     print("| checkpoint | size | median s | share of a run saving every %d steps |" % args.save_every)

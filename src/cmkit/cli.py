@@ -222,7 +222,7 @@ def cmd_train(args) -> None:
     else:
         config = build_config(args.method, config_file=args.config, sets=args.set, **options)
     out = train(config, args.out, resume=args.resume, force=args.force, progress=not args.quiet)
-    if not args.quiet:
+    if not args.quiet and not _rank_tag():
         print(f"run saved to {out}")
 
 
@@ -363,7 +363,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cmkit: error{_rank_tag()}: {e}", file=sys.stderr)
         return 2
     except Stopped as e:  # pre-emption: a checkpoint was saved
-        print(f"cmkit: {e}; a checkpoint was saved there: continue with --resume", file=sys.stderr)
+        if not _rank_tag():  # every rank stops at the same step: rank 0 says so
+            print(f"cmkit: {e}; a checkpoint was saved there: continue with --resume", file=sys.stderr)
         return 128 + e.signum
     except OSError as e:  # unwritable --out, a full disk, a path that is a directory
         print(f"cmkit: error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr)

@@ -32,6 +32,7 @@ class World:
     rank: int = 0
     size: int = 1
     local_rank: int = 0
+    owns_group: bool = False  # this World joined the process group (and so leaves it)
 
     @property
     def is_main(self) -> bool:
@@ -91,13 +92,14 @@ def world_from_env(device: str = "auto") -> World:
         return World()
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
-    if not dist.is_initialized():
+    owns = not dist.is_initialized()  # a caller's script may have joined already
+    if owns:
         dist.init_process_group("nccl" if cuda else "gloo")
-    return World(rank=rank, size=size, local_rank=local_rank)
+    return World(rank=rank, size=size, local_rank=local_rank, owns_group=owns)
 
 
 def close(world: World) -> None:
-    if world.size > 1 and dist.is_initialized():
+    if world.owns_group and dist.is_initialized():
         dist.destroy_process_group()
 
 
