@@ -150,6 +150,19 @@ def build_parser() -> argparse.ArgumentParser:
                    "NHWC under 'images') or .png (image grid, or a scatter plot of 2-D data)")
     p.add_argument("--quiet", action="store_true")
 
+    p = sub.add_parser("export", help="write a run as a diffusers ConsistencyModelPipeline folder or as ONNX")
+    p.add_argument("format", choices=("diffusers", "onnx"))
+    p.add_argument("--checkpoint", required=True, help="run directory")
+    p.add_argument("--out", required=True, help="diffusers: a new folder; onnx: a .onnx file")
+    p.add_argument("--levels", type=int, help="diffusers: the scheduler's num_train_timesteps, the Karras grid its "
+                   "multistep timesteps index (default: CD's num_levels, else 40)")
+    p.add_argument("--clip-denoised", action="store_true", help="diffusers: clamp each step's output to [-1, 1] "
+                   "(the scheduler's default; cmkit's samplers do not, so parity needs it off)")
+    p.add_argument("--with-f", action="store_true", help="onnx: also export f(x, sigma) for multistep sampling")
+    p.add_argument("--guidance", type=float, help="onnx: the scale a guided student is exported at")
+    p.add_argument("--no-check", action="store_true", help="onnx: skip the onnxruntime parity check")
+    p.add_argument("--quiet", action="store_true")
+
     p = sub.add_parser("eval", help="compare a run's samples with held-out data")
     p.add_argument("--checkpoint", required=True, help="run directory")
     p.add_argument("--data", help="reference data (default: the run's own held-out split)")
@@ -287,8 +300,10 @@ def _refuse_to_clobber(out: Path, run_dir: str | Path) -> None:
     """Outputs never land inside a run directory or on the run's data file."""
     from .checkpoint import read_run_config
 
+    from .export.diffusers_io import is_diffusers_folder
+
     target = out.resolve()
-    data = read_run_config(run_dir).get("data", {}).get("name")
+    data = None if is_diffusers_folder(run_dir) else read_run_config(run_dir).get("data", {}).get("name")
     if Path(run_dir).resolve() in target.parents or str(target) == data:
         raise CmkitError(f"refusing to write {out}: it is inside the run directory or is the run's data")
 
@@ -302,6 +317,30 @@ def _load_noise(path: str) -> np.ndarray:
         raise CmkitError(f"noise file {path} must hold finite floats of shape (n, *sample_shape), "
                          f"got {noise.dtype} {noise.shape}")
     return noise.astype(np.float32)
+
+
+def cmd_export(args) -> None:
+    from .run import load_run
+
+    run = load_run(args.checkpoint)
+    if args.format == "diffusers":
+        from .export.diffusers_io import export_diffusers
+        if args.levels is not None and args.levels < 2:
+            raise CmkitError(f"--levels must be at least 2, got {args.levels}")
+        out = export_diffusers(run, args.out, levels=args.levels, clip_denoised=args.clip_denoised)
+        if not args.quiet:
+            print(f"wrote a ConsistencyModelPipeline to {out}")
+        return
+    from .export.onnx import export_onnx, onnx_parity
+    paths = export_onnx(run, args.out, with_f=args.with_f, guidance=args.guidance)
+    if not args.quiet:
+        print(f"wrote {', '.join(map(str, paths))}")
+    if not args.no_check:
+        error = onnx_parity(run, paths[0], guidance=args.guidance)
+        if error > 1e-4:
+            raise CmkitError(f"onnxruntime differs from torch by {error:.2e} (relative); the export is not usable")
+        if not args.quiet:
+            print(f"onnxruntime matches torch at batch 1, 3 and 16 (max relative difference {error:.1e})")
 
 
 def cmd_eval(args) -> None:
@@ -344,7 +383,7 @@ def cmd_demo(args) -> None:
     run_demo(args.out, data=args.data, seed=args.seed, force=args.force, progress=not args.quiet)
 
 
-COMMANDS = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "train-classifier": cmd_train_classifier,
+COMMANDS = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "export": cmd_export, "train-classifier": cmd_train_classifier,
             "edit": cmd_edit, "demo": cmd_demo}
 
 

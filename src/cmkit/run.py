@@ -116,6 +116,13 @@ class Run:
 
     def __init__(self, path: str | Path, weights: str = "ema", device: str = "cpu"):
         self.path = Path(path)
+        self.device = device
+        from .export.diffusers_io import is_diffusers_folder, load_diffusers
+        if is_diffusers_folder(self.path):  # a ConsistencyModelPipeline or UNet2DModel folder
+            self.config, self.model = load_diffusers(self.path, device)
+            self.method, self.noise = self.config["method"], noise_config(self.config)
+            self.scaler = scaler_from_state(self.config["standardizer"])
+            return
         self.config = checkpoint.read_run_config(self.path)
         try:
             self.method = self.config["method"]

@@ -1,0 +1,114 @@
+"""Sample from a model exported by `cmkit export onnx`, with onnxruntime and numpy alone (no torch).
+
+    python examples/onnx_sample.py cd.onnx --n 64 --out samples.npy            # 1 step
+    python examples/onnx_sample.py cd.onnx --n 64 --steps 2 --out grid.png     # needs --with-f
+    python examples/onnx_sample.py cd.onnx --n 8 --class 3 --noise z.npy --out x.npy
+
+Output: vectors in the data's units (.npy); images as uint8 NHWC (.npy) or a grid (.png, Pillow).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+def fail(message: str) -> None:
+    print(f"onnx_sample: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def session(path: Path):
+    import onnxruntime as ort
+    try:
+        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own exception types for unreadable models
+        fail(f"cannot load {path}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}")
+
+
+def to_model_units(x: np.ndarray, meta: dict) -> np.ndarray:
+    """The generator returns data units; multistep needs model units again."""
+    if meta["standardizer"].get("kind") == "image":
+        return x / 127.5 - 1
+    s = meta["standardizer"]
+    return ((x - np.asarray(s["mean"])) / np.asarray(s["std"]) * s["sigma_data"]).astype(np.float32)
+
+
+def to_data_units(x: np.ndarray, meta: dict) -> np.ndarray:
+    if meta["standardizer"].get("kind") == "image":
+        return np.clip((x + 1) * 127.5, 0, 255)
+    s = meta["standardizer"]
+    return x / s["sigma_data"] * np.asarray(s["std"]) + np.asarray(s["mean"])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", type=Path, help="the .onnx file cmkit export onnx wrote")
+    p.add_argument("--n", type=int, default=16)
+    p.add_argument("--steps", type=int, default=1)
+    p.add_argument("--class", dest="label", type=int, help="class index (conditional models; default random)")
+    p.add_argument("--noise", type=Path, help=".npy of (n, *shape) standard-normal starting noise")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, required=True, help=".npy or .png")
+    args = p.parse_args()
+
+    meta_path = args.model.with_suffix(".json")
+    if not args.model.is_file() or not meta_path.is_file():
+        fail(f"need {args.model} and {meta_path} (both written by cmkit export onnx)")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except ValueError as e:
+        fail(f"{meta_path} is not valid JSON: {e}")
+    rng = np.random.default_rng(args.seed)
+    shape = (args.n, *meta["shape"])
+    noise = rng.standard_normal(shape).astype(np.float32)
+    if args.noise is not None:
+        noise = np.load(args.noise, allow_pickle=False).astype(np.float32)
+        if noise.shape != shape:
+            fail(f"--noise must have shape {shape}, got {noise.shape}")
+    feeds = {"noise": noise}
+    if meta["num_classes"]:
+        labels = rng.integers(0, meta["num_classes"], args.n) if args.label is None else np.full(args.n, args.label)
+        feeds["class_labels"] = labels.astype(np.int64)
+    x = session(args.model).run(None, feeds)[0]
+    if args.steps > 1:
+        if not meta.get("consistency_function"):
+            fail("multistep sampling needs the consistency function: export with --with-f")
+        f = session(args.model.with_name(meta["consistency_function"]))
+        sigmas = meta["multistep_sigmas"].get(str(args.steps))
+        if sigmas is None:
+            fail(f"--steps must be one of 1, {', '.join(meta['multistep_sigmas'])}")
+        x = to_model_units(x, meta).astype(np.float32)
+        for sigma in sigmas[1:]:
+            z = rng.standard_normal(shape).astype(np.float32)
+            xs = (x + math.sqrt(sigma**2 - meta["sigma_min"] ** 2) * z).astype(np.float32)
+            inputs = {"x": xs, "sigma": np.full(args.n, sigma, np.float32)}
+            if meta["num_classes"]:
+                inputs["class_labels"] = feeds["class_labels"]
+            x = f.run(None, inputs)[0]
+        x = to_data_units(x, meta)
+    image = meta["standardizer"].get("kind") == "image"
+    if image:
+        x = np.rint(x).clip(0, 255).astype(np.uint8).transpose(0, 2, 3, 1)  # NHWC
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    if args.out.suffix == ".png" and image:
+        from PIL import Image
+        cols = math.ceil(math.sqrt(args.n))
+        rows = math.ceil(args.n / cols)
+        h, w, c = x.shape[1:]
+        grid = np.zeros((rows * h, cols * w, c), np.uint8)
+        for i, img in enumerate(x):
+            grid[(i // cols) * h:(i // cols + 1) * h, (i % cols) * w:(i % cols + 1) * w] = img
+        Image.fromarray(grid[..., 0] if c == 1 else grid).save(args.out)
+    else:
+        np.save(args.out, x)
+    print(f"wrote {args.n} samples to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

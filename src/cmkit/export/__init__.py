@@ -1,0 +1,1 @@
+"""Models in and out of cmkit: diffusers folders (both ways) and ONNX."""

@@ -1,0 +1,127 @@
+"""ONNX export: the one-step generator, and optionally the consistency function for multistep.
+
+    cmkit export onnx --checkpoint runs/cd --out cd.onnx [--with-f]
+
+writes
+    cd.onnx      noise (B, *shape) float32 [, class_labels (B,) int64]  ->  samples in data units
+                 (vectors: the data's units; images: 0..255 floats, NCHW)
+    cd-f.onnx    x (B, *shape), sigma (B,) [, class_labels]  ->  f(x, sigma) in model units
+    cd.json      what a runtime needs besides: shapes, sigma_min/max, the data map, default levels
+
+with a dynamic batch axis. examples/onnx_sample.py samples with onnxruntime and numpy alone.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import CmkitError
+from ..run import default_consistency_sigmas
+
+OPSET = 17  # GroupNorm as a single op; onnxruntime 1.14+ runs it
+
+
+class OneStepGenerator(nn.Module):
+    """noise -> f(sigma_max noise, sigma_max) -> data units."""
+
+    def __init__(self, model: nn.Module, sigma_max: float, scaler_state: dict):
+        super().__init__()
+        self.model, self.sigma_max = model, float(sigma_max)
+        self.image = scaler_state.get("kind") == "image"
+        if not self.image:
+            sd = float(scaler_state["sigma_data"])
+            self.register_buffer("scale", torch.tensor(np.asarray(scaler_state["std"]) / sd, dtype=torch.float32))
+            self.register_buffer("shift", torch.tensor(np.asarray(scaler_state["mean"]), dtype=torch.float32))
+
+    def forward(self, noise: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        sigma = torch.full((noise.shape[0],), self.sigma_max, dtype=noise.dtype, device=noise.device)
+        x = self.model(noise * self.sigma_max, sigma, class_labels)
+        if self.image:
+            return ((x + 1) * 127.5).clamp(0, 255)
+        return x * self.scale + self.shift
+
+
+class ConsistencyStep(nn.Module):
+    """(x, sigma) -> f(x, sigma), model units."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, sigma, class_labels=None):
+        return self.model(x, sigma, class_labels)
+
+
+def _export(module: nn.Module, args: tuple, names: list[str], path: Path) -> None:
+    axes = {name: {0: "batch"} for name in [*names, "output"]}
+    kwargs = dict(input_names=names, output_names=["output"], dynamic_axes=axes, opset_version=OPSET)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # tracer and deprecation chatter
+        try:  # the TorchScript exporter: seconds, no onnxscript needed (torch >= 2.5 takes dynamo=)
+            torch.onnx.export(module, args, str(path), dynamo=False, **kwargs)
+        except TypeError:
+            torch.onnx.export(module, args, str(path), **kwargs)
+
+
+def export_onnx(run, out: str | Path, *, with_f: bool = False, guidance: float | None = None) -> list[Path]:
+    """Write the run's one-step generator (and with ``with_f`` its f(x, sigma)); return the paths."""
+    if run.is_diffusion:
+        raise CmkitError("export onnx takes a consistency model (one network call per step); this is an "
+                         f"{run.method} teacher")
+    out = Path(out)
+    if out.suffix != ".onnx":
+        raise CmkitError(f"--out must end in .onnx, got {out.name!r}")
+    paths = [out, out.with_name(out.stem + ".json")] + ([out.with_name(out.stem + "-f.onnx")] if with_f else [])
+    existing = [str(p) for p in paths if p.exists()]
+    if existing:
+        raise CmkitError(f"refusing to overwrite {', '.join(existing)}")
+    model = run.guided(guidance, None).cpu().eval()
+    conditional = run.num_classes > 0
+    batch = 2
+    noise = torch.randn(batch, *run.shape)
+    labels = (torch.arange(batch) % run.num_classes,) if conditional else ()
+    names = ["noise", "class_labels"][:1 + conditional]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _export(OneStepGenerator(model, run.noise.sigma_max, run.config["standardizer"]).eval(), (noise, *labels),
+            names, out)
+    if with_f:
+        sigma = torch.full((batch,), 1.0)
+        _export(ConsistencyStep(model).eval(), (noise, sigma, *labels), ["x", "sigma", *names[1:]], paths[2])
+    meta = {"method": run.method, "shape": list(run.shape), "inputs": names, "sigma_min": run.noise.sigma_min,
+            "sigma_max": run.noise.sigma_max, "num_classes": run.num_classes, "class_names": run.class_names,
+            "standardizer": run.config["standardizer"],
+            "multistep_sigmas": {str(k): default_consistency_sigmas(k, run.noise) for k in (2, 3, 4)},
+            "consistency_function": paths[2].name if with_f else None}
+    (paths[1]).write_text(json.dumps(meta, indent=2) + "\n")
+    return paths
+
+
+def onnx_parity(run, path: str | Path, batch_sizes=(1, 3, 16), guidance: float | None = None, seed: int = 0) -> float:
+    """Largest relative difference between onnxruntime and torch over ``batch_sizes`` (needs
+    onnxruntime)."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise CmkitError("checking an ONNX export needs onnxruntime: pip install 'cmkit[onnx]'") from None
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    torch_model = OneStepGenerator(run.guided(guidance, None).cpu().eval(), run.noise.sigma_max,
+                                   run.config["standardizer"])
+    gen, worst = torch.Generator().manual_seed(seed), 0.0
+    for b in batch_sizes:
+        noise = torch.randn(b, *run.shape, generator=gen)
+        feeds = {"noise": noise.numpy()}
+        labels = None
+        if run.num_classes:
+            labels = torch.randint(0, run.num_classes, (b,), generator=gen)
+            feeds["class_labels"] = labels.numpy()
+        with torch.no_grad():
+            ref = torch_model(noise, labels).numpy()
+        got = session.run(None, feeds)[0]
+        worst = max(worst, float(np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-12)))
+    return worst
