@@ -146,8 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_seed, default=0, help="fixes the samples (default 0)")
     p.add_argument("--noise", help=".npy of (n, *shape) standard-normal starting noise (replaces the seed's)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda if available)")
-    p.add_argument("--out", required=True, help=".npy (data units; images uint8 NHWC), .npz (images: uint8 "
-                   "NHWC under 'images') or .png (image grid, or a scatter plot of 2-D data)")
+    p.add_argument("--batch-size", type=int, help="samples per network batch (default 256 images, 100000 "
+                   "vectors); a seed's samples depend on it once n exceeds it")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (GPUs; slower on most CPUs)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the network (CUDA graphs on a GPU)")
+    p.add_argument("--out", required=True, help=".npy (data units; images uint8 NHWC; written batch by batch), "
+                   ".npz (images: uint8 NHWC under 'images') or .png (image grid, or a scatter plot of 2-D data)")
     p.add_argument("--quiet", action="store_true")
 
     p = sub.add_parser("export", help="write a run as a diffusers ConsistencyModelPipeline folder or as ONNX")
@@ -161,6 +165,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--with-f", action="store_true", help="onnx: also export f(x, sigma) for multistep sampling")
     p.add_argument("--guidance", type=float, help="onnx: the scale a guided student is exported at")
     p.add_argument("--no-check", action="store_true", help="onnx: skip the onnxruntime parity check")
+    p.add_argument("--quiet", action="store_true")
+
+    p = sub.add_parser("tune-sigmas", help="search a consistency run's multistep noise levels by the eval metric "
+                       "and store them for `sample --steps K`")
+    p.add_argument("--checkpoint", required=True, help="run directory")
+    p.add_argument("--steps", type=int, required=True, help="number of sampling steps K (>= 2)")
+    p.add_argument("--data", help="reference data (default: the run's own held-out split)")
+    p.add_argument("--n", type=int, default=2000, help="samples per evaluation (default 2000)")
+    p.add_argument("--metric", help="sw1 or energy (vectors; default sw1), fd (images)")
+    p.add_argument("--iterations", type=int, default=6, help="ternary-search iterations per level (default 6)")
+    p.add_argument("--seed", type=_seed, default=0, help="samples and reference subset (default 0)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dry-run", action="store_true", help="print the levels; do not store them")
     p.add_argument("--quiet", action="store_true")
 
     p = sub.add_parser("eval", help="compare a run's samples with held-out data")
@@ -253,12 +270,42 @@ def cmd_sample(args) -> None:
         raise CmkitError("--sampler applies to teacher (edm) runs; consistency runs use --steps or --sigmas")
     noise = _load_noise(args.noise) if args.noise else None
     churn = {"s_churn": args.s_churn, "s_tmin": args.s_tmin, "s_tmax": args.s_tmax, "s_noise": args.s_noise}
-    x = run.sample(args.n, steps=args.steps, sigmas=args.sigmas, seed=args.seed, noise=noise,
-                   sampler=args.sampler or "heun", class_labels=args.class_spec, guidance=args.guidance,
-                   **(churn if args.s_churn else {}))
-    write_samples(x, out, image=run.is_image, title=f"{run.method} samples")
+    chunks = run.sample_chunks(args.n, steps=args.steps, sigmas=args.sigmas, seed=args.seed, noise=noise,
+                               sampler=args.sampler or "heun", class_labels=args.class_spec, guidance=args.guidance,
+                               batch_size=args.batch_size, bf16=args.bf16, compile=args.compile,
+                               **(churn if args.s_churn else {}))
+    from tqdm.auto import tqdm
+    with tqdm(total=args.n, disable=args.quiet, desc="sample", unit="sample", dynamic_ncols=True, delay=2) as bar:
+        def progress(chunks):
+            for x in chunks:
+                bar.update(len(x))
+                yield x
+        if out.suffix == ".npy":
+            stream_samples(progress(chunks), args.n, run.shape, out, image=run.is_image)
+        else:
+            write_samples(np.concatenate(list(progress(chunks))), out, image=run.is_image,
+                          title=f"{run.method} samples")
     if not args.quiet:
-        print(f"wrote {len(x)} samples to {out}")
+        print(f"wrote {args.n} samples to {out}")
+
+
+def stream_samples(chunks, n: int, shape: tuple, out: Path, *, image: bool) -> None:
+    """Write batches into an .npy as they come (images uint8 NHWC, vectors float64), through a
+    temporary file renamed at the end, so memory holds one batch whatever ``n`` is."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp.npy")
+    full = (n, shape[1], shape[2], shape[0]) if image else (n, *shape)
+    array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8 if image else np.float64, shape=full)
+    try:
+        start = 0
+        for x in chunks:
+            array[start:start + len(x)] = x.transpose(0, 2, 3, 1) if image else x
+            start += len(x)
+        array.flush()
+        del array
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_samples(x: np.ndarray, out: Path, *, image: bool, title: str = "samples") -> None:
@@ -343,6 +390,22 @@ def cmd_export(args) -> None:
             print(f"onnxruntime matches torch at batch 1, 3 and 16 (max relative difference {error:.1e})")
 
 
+def cmd_tune_sigmas(args) -> None:
+    from .run import load_run
+    from .tune import tune_sigmas
+
+    run = load_run(args.checkpoint, device=_device(args.device))
+    result = tune_sigmas(run, args.steps, data=args.data, n=args.n, seed=args.seed, metric=args.metric,
+                         iterations=args.iterations, write=not args.dry_run)
+    if not args.quiet:
+        levels = lambda xs: ",".join(f"{x:.4g}" for x in xs)
+        print(f"default {levels(result['default_sigmas'])}: {result['metric']} {result['default_score']:.4g}")
+        print(f"tuned   {levels(result['sigmas'])}: {result['metric']} {result['score']:.4g} "
+              f"({result['evaluations']} evaluations)")
+        if not args.dry_run:
+            print(f"stored in {Path(args.checkpoint) / 'config.json'}: `cmkit sample --steps {args.steps}` uses them")
+
+
 def cmd_eval(args) -> None:
     from .evaluate import evaluate_run
 
@@ -383,7 +446,7 @@ def cmd_demo(args) -> None:
     run_demo(args.out, data=args.data, seed=args.seed, force=args.force, progress=not args.quiet)
 
 
-COMMANDS = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "export": cmd_export, "train-classifier": cmd_train_classifier,
+COMMANDS = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "export": cmd_export, "tune-sigmas": cmd_tune_sigmas, "train-classifier": cmd_train_classifier,
             "edit": cmd_edit, "demo": cmd_demo}
 
 

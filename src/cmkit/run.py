@@ -75,40 +75,76 @@ def default_levels(is_diffusion: bool, noise: NoiseConfig, steps: int | None = N
     return append_zero(karras_sigmas(steps, noise.sigma_min, noise.sigma_max, noise.rho))
 
 
-@torch.no_grad()
-def generate(model: torch.nn.Module, shape: tuple[int, ...], levels: torch.Tensor, *, is_diffusion: bool,
-             n: int, seed: int = 0, noise: torch.Tensor | None = None, sampler: str = "heun",
-             sigma_min: float = 0.002, batch_size: int = 100_000, class_labels: torch.Tensor | None = None,
-             **churn) -> torch.Tensor:
+class LowPrecision(torch.nn.Module):
+    """Runs ``model`` under bfloat16 autocast and returns float32 (``cmkit sample --bf16``)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, sigma, class_labels=None, **kwargs):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+            return self.model(x, sigma, class_labels, **kwargs).float()
+
+
+def fast_inference(model: torch.nn.Module, *, bf16: bool = False, compile: bool = False) -> torch.nn.Module:
+    """``model`` wrapped for inference: bfloat16 autocast and/or torch.compile (on CUDA with CUDA
+    graphs, mode reduce-overhead: one-step sampling is a single launch-bound call)."""
+    if bf16:
+        model = LowPrecision(model)
+    if compile:
+        device = next(model.parameters()).device
+        model = torch.compile(model, mode="reduce-overhead" if device.type == "cuda" else None)
+    return model
+
+
+def generate_chunks(model: torch.nn.Module, shape: tuple[int, ...], levels: torch.Tensor, *, is_diffusion: bool,
+                    n: int, seed: int = 0, noise: torch.Tensor | None = None, sampler: str = "heun",
+                    sigma_min: float = 0.002, batch_size: int = 100_000, class_labels: torch.Tensor | None = None,
+                    **churn):
+    """`generate` one batch at a time (model units, on the CPU), so that memory stays bounded for
+    any ``n``. Each batch draws its starting noise, then its re-noising, from one generator seeded
+    ``seed``; so a seed fixes the samples for a given ``batch_size``."""
+    try:
+        device = next(model.parameters()).device
+    except StopIteration:
+        device = torch.device("cpu")
+    levels = levels.to(device)
+    gen = torch.Generator().manual_seed(seed)
+    if noise is not None:
+        noise = torch.as_tensor(noise, dtype=torch.float32)
+        if tuple(noise.shape) != (n, *shape):
+            raise CmkitError(f"noise must have shape {(n, *shape)}, got {tuple(noise.shape)}")
+    with torch.inference_mode():
+        for start in range(0, n, batch_size):
+            size = min(batch_size, n - start)
+            # Always draw the seed's starting noise, so that re-noising in multistep sampling uses
+            # the same later draws whether or not ``noise`` replaces this one.
+            chunk = torch.randn(size, *shape, generator=gen)
+            if noise is not None:
+                chunk = noise[start:start + size]
+            labels = None if class_labels is None else class_labels[start:start + size].to(device)
+            x = chunk.to(device) * levels[0]
+            try:
+                if is_diffusion:
+                    extra = {**churn, "generator": gen} if churn else {}
+                    x = SAMPLERS[sampler](model, x, levels, labels, **extra)
+                else:
+                    x = sample_consistency(model, x, levels, labels, sigma_min=sigma_min, generator=gen)
+            except ValueError as e:
+                raise CmkitError(str(e)) from None
+            x = x.float().cpu()
+            if not bool(torch.isfinite(x).all()):
+                raise CmkitError("sampling produced NaN or inf: check the sampler settings and the run's weights")
+            yield x
+
+
+def generate(model: torch.nn.Module, shape: tuple[int, ...], levels: torch.Tensor, **kwargs) -> torch.Tensor:
     """``n`` samples in model units from a denoiser (Heun/Euler over ``levels``, which end in 0) or
     a consistency function (1 step or multistep over ``levels``), for ``class_labels`` (n,) when
     given. One generator drives the starting noise, multistep re-noising and churn, so a seed
-    fixes the samples."""
-    device = next(model.parameters()).device
-    levels = levels.to(device)
-    gen = torch.Generator().manual_seed(seed)
-    # Always draw the seed's starting noise, so that re-noising in multistep sampling uses
-    # the same later draws whether or not ``noise`` replaces this one.
-    seed_noise = torch.randn(n, *shape, generator=gen)
-    noise = seed_noise if noise is None else torch.as_tensor(noise, dtype=torch.float32)
-    if tuple(noise.shape) != (n, *shape):
-        raise CmkitError(f"noise must have shape {(n, *shape)}, got {tuple(noise.shape)}")
-    out = []
-    label_chunks = [None] * n if class_labels is None else class_labels.to(device).split(batch_size)
-    for chunk, labels in zip(noise.split(batch_size), label_chunks):
-        x = chunk.to(device) * levels[0]
-        try:
-            if is_diffusion:
-                extra = {**churn, "generator": gen} if churn else {}
-                out.append(SAMPLERS[sampler](model, x, levels, labels, **extra).cpu())
-            else:
-                out.append(sample_consistency(model, x, levels, labels, sigma_min=sigma_min, generator=gen).cpu())
-        except ValueError as e:
-            raise CmkitError(str(e)) from None
-    samples = torch.cat(out)
-    if not bool(torch.isfinite(samples).all()):
-        raise CmkitError("sampling produced NaN or inf: check the sampler settings and the run's weights")
-    return samples
+    fixes the samples. Keywords as `generate_chunks`."""
+    return torch.cat(list(generate_chunks(model, shape, levels, **kwargs)))
 
 
 class Run:
@@ -205,23 +241,33 @@ class Run:
         return int(np.prod(self.shape))
 
     def sigmas_for(self, steps: int | None = None, sigmas: list[float] | None = None) -> torch.Tensor:
-        """The sampler's noise levels: explicit ``sigmas`` win; else a default for ``steps``."""
+        """The sampler's noise levels: explicit ``sigmas`` win; then levels `cmkit tune-sigmas` stored
+        for ``steps``; else the default for ``steps``."""
         if sigmas is not None:
             if sigmas[0] > self.noise.sigma_max or sigmas[-1] < self.noise.sigma_min:
                 raise CmkitError(f"--sigmas must lie in [{self.noise.sigma_min}, {self.noise.sigma_max}]")
             levels = torch.tensor(sigmas, dtype=torch.float32)
             return append_zero(levels) if self.is_diffusion else levels
+        tuned = self.config.get("sampling", {}).get("sigmas", {}).get(str(steps))
+        if tuned is not None and not self.is_diffusion:  # chosen by cmkit tune-sigmas
+            return torch.tensor(tuned, dtype=torch.float32)
         return default_levels(self.is_diffusion, self.noise, steps)
 
-    def sample(self, n: int, *, steps: int | None = None, sigmas: list[float] | None = None,
-               seed: int = 0, noise: np.ndarray | torch.Tensor | None = None, sampler: str = "heun",
-               batch_size: int | None = None, class_labels=None, guidance: float | None = None,
-               **churn) -> np.ndarray:
+    def sample(self, n: int, **kwargs) -> np.ndarray:
         """``n`` samples in data units: float64 (n, dim) for vectors, uint8 (n, C, H, W) for
-        images. ``noise`` (n, *shape) standard normal replaces the seed's. ``class_labels`` is a
-        class spec (`cmkit.classes`; default: random classes of a conditional run), ``guidance``
-        a classifier-free guidance scale (teachers, and students distilled with guidance).
-        ``churn`` (s_churn, s_tmin, s_tmax, s_noise) goes to the Heun sampler of a teacher run."""
+        images. Keywords as `sample_chunks`."""
+        return np.concatenate(list(self.sample_chunks(n, **kwargs)))
+
+    def sample_chunks(self, n: int, *, steps: int | None = None, sigmas: list[float] | None = None,
+                      seed: int = 0, noise: np.ndarray | torch.Tensor | None = None, sampler: str = "heun",
+                      batch_size: int | None = None, class_labels=None, guidance: float | None = None,
+                      bf16: bool = False, compile: bool = False, **churn):
+        """`sample`, one batch (``batch_size``; default 256 images or 100,000 vectors) at a time.
+        ``noise`` (n, *shape) standard normal replaces the seed's. ``class_labels`` is a class spec
+        (`cmkit.classes`; default: random classes of a conditional run), ``guidance`` a
+        classifier-free guidance scale (teachers, and students distilled with guidance). ``bf16``
+        and ``compile`` speed up inference (`fast_inference`). ``churn`` (s_churn, s_tmin, s_tmax,
+        s_noise) goes to the Heun sampler of a teacher run."""
         levels = self.sigmas_for(steps, sigmas)
         if sampler not in SAMPLERS:
             raise CmkitError(f"unknown sampler {sampler!r}; known: {', '.join(SAMPLERS)}")
@@ -229,12 +275,17 @@ class Run:
             raise CmkitError("stochastic churn applies only to the Heun sampler of a teacher run")
         if n < 1:
             raise CmkitError(f"the number of samples must be positive, got {n}")
+        if batch_size is not None and batch_size < 1:
+            raise CmkitError(f"the batch size must be positive, got {batch_size}")
+        if churn.get("s_churn", 0) < 0 or churn.get("s_noise", 1) < 0:
+            raise CmkitError(f"s_churn and s_noise must be >= 0, got {churn.get('s_churn')}, {churn.get('s_noise')}")
         labels = self.labels(class_labels, n, seed)
-        samples = generate(self.guided(guidance, labels), self.shape, levels, is_diffusion=self.is_diffusion,
-                           n=n, seed=seed, noise=noise, sampler=sampler, sigma_min=self.noise.sigma_min,
-                           batch_size=batch_size or (256 if self.is_image else 100_000), class_labels=labels,
-                           **churn)
-        return self.scaler.to_data(samples)
+        model = fast_inference(self.guided(guidance, labels), bf16=bf16, compile=compile)
+        chunks = generate_chunks(model, self.shape, levels, is_diffusion=self.is_diffusion, n=n, seed=seed,
+                                 noise=noise, sampler=sampler, sigma_min=self.noise.sigma_min,
+                                 batch_size=batch_size or (256 if self.is_image else 100_000),
+                                 class_labels=labels, **churn)
+        return (self.scaler.to_data(x) for x in chunks)  # arguments checked above, not at the first batch
 
 
 def load_run(path: str | Path, weights: str = "ema", device: str = "cpu") -> Run:
