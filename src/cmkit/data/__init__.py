@@ -38,6 +38,8 @@ def is_builtin(name: str) -> bool:
 def load_dataset(d: dict, name: str | None = None) -> VectorData | ImageData:
     """The data a run's ``data`` config section names (or ``name`` with that section's settings)."""
     name = name or d["name"]
+    if not name:  # an imported model (a diffusers folder) records no training data
+        raise CmkitError("this model has no data on record: pass --data (e.g. fashion-mnist, a folder of images)")
     if is_image_source(name):
         return load_images(name, resolution=d["resolution"], fit=d["fit"], root=d["root"],
                            holdout_fraction=d["holdout_fraction"], seed=d["seed"])

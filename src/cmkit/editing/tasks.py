@@ -67,7 +67,7 @@ def _check_batch(run, images: np.ndarray, task: str, channels: int | None = None
     if tuple(images.shape[1:]) != want:
         raise CmkitError(f"{task}: the input is {images.shape[2]}x{images.shape[3]} with {images.shape[1]} "
                          f"channel(s); this model takes {h}x{w} with {want[0]}")
-    return torch.from_numpy(images)
+    return torch.from_numpy(np.array(images))  # a copy: decoded images may be read-only
 
 
 def _run_edit(run, y: torch.Tensor, *, sigmas, operator=None, mask=None, n: int = 1, seed: int = 0,

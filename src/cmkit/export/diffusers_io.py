@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..config import default_config
 from ..errors import CmkitError
 from ..nets.conditioning import labels_or_null
 from ..noise import NoiseConfig
@@ -192,5 +193,6 @@ def load_diffusers(path: str | Path, device: str = "cpu") -> tuple[dict, nn.Modu
               "standardizer": {"kind": "image", "shape": shape},
               "train": {"label_dropout": 0.1 if sidecar.get("has_null_label") else 0.0},
               "objective": {"num_levels": scheduler["num_train_timesteps"]},
-              "class_names": sidecar.get("class_names")}
+              "class_names": sidecar.get("class_names"),
+              "data": {**default_config("edm", images=True)["data"], "name": None, "resolution": shape[1]}}
     return config, model.to(device).eval().requires_grad_(False)
