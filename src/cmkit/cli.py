@@ -19,6 +19,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line and exit status 2 (no usage dump)."""
 
     def error(self, message):
+        message = message.replace("\r", "\\r").replace("\n", "\\n")  # user text stays on one line
         if message.startswith("unrecognized arguments:"):
             message += _suggest_options(self, message.split(":", 1)[1].split())
         raise CmkitError(message)
@@ -179,6 +180,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--dry-run", action="store_true", help="print the levels; do not store them")
     p.add_argument("--quiet", action="store_true")
+
+    p = sub.add_parser("serve", help="a local web page and HTTP API for real-time sampling and editing")
+    p.add_argument("--checkpoint", required=True, help="run directory (or a diffusers folder)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--max-n", type=int, default=64, help="largest n per request (default 64)")
+    p.add_argument("--window-ms", type=float, default=5.0, help="micro-batching window (default 5 ms)")
+    p.add_argument("--queue", type=int, default=64, help="requests that may wait; more get 503 (default 64)")
 
     p = sub.add_parser("eval", help="compare a run's samples with held-out data")
     p.add_argument("--checkpoint", required=True, help="run directory")
@@ -390,6 +400,32 @@ def cmd_export(args) -> None:
             print(f"onnxruntime matches torch at batch 1, 3 and 16 (max relative difference {error:.1e})")
 
 
+def cmd_serve(args) -> None:
+    import ipaddress
+    try:
+        import uvicorn
+
+        from .serve.app import create_app
+        from .serve.engine import Limits
+    except ImportError as e:
+        raise CmkitError(f"cmkit serve needs its extra: pip install 'cmkit[serve]' ({e.name} is missing)") from None
+    from .run import load_run
+
+    if not 0 < args.port < 65536 or args.max_n < 1 or args.queue < 1 or args.window_ms < 0:
+        raise CmkitError("--port must be in 1..65535, --max-n and --queue positive, --window-ms >= 0")
+    try:
+        loopback = ipaddress.ip_address(args.host).is_loopback
+    except ValueError:
+        loopback = args.host == "localhost"
+    if not loopback:
+        print(f"cmkit: warning: serving on {args.host}, reachable from other machines; the API has no "
+              "authentication", file=sys.stderr)
+    run = load_run(args.checkpoint, device=_device(args.device))
+    app = create_app(run, limits=Limits(max_n=args.max_n), window=args.window_ms / 1000, max_queue=args.queue)
+    print(f"cmkit: serving {args.checkpoint} on http://{args.host}:{args.port} (API docs at /docs)", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+
+
 def cmd_tune_sigmas(args) -> None:
     from .run import load_run
     from .tune import tune_sigmas
@@ -446,7 +482,7 @@ def cmd_demo(args) -> None:
     run_demo(args.out, data=args.data, seed=args.seed, force=args.force, progress=not args.quiet)
 
 
-COMMANDS = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "export": cmd_export, "tune-sigmas": cmd_tune_sigmas, "train-classifier": cmd_train_classifier,
+COMMANDS = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "export": cmd_export, "tune-sigmas": cmd_tune_sigmas, "serve": cmd_serve, "train-classifier": cmd_train_classifier,
             "edit": cmd_edit, "demo": cmd_demo}
 
 
@@ -462,7 +498,8 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         COMMANDS[args.command](args)
     except CmkitError as e:
-        print(f"cmkit: error{_rank_tag()}: {e}", file=sys.stderr)
+        one_line = str(e).replace("\r", "\\r").replace("\n", "\\n")
+        print(f"cmkit: error{_rank_tag()}: {one_line}", file=sys.stderr)
         return 2
     except Stopped as e:  # pre-emption: a checkpoint was saved
         if not _rank_tag():  # every rank stops at the same step: rank 0 says so

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import tokenize
 import zipfile
 from pathlib import Path
 
@@ -20,8 +21,9 @@ from .errors import CmkitError
 MAX_IMAGE_PIXELS = 2**26  # 8192 x 8192: far above any training image, far below a decompression bomb
 MAX_JSON_BYTES = 16 * 2**20  # configs and run metadata are a few KB
 # What a broken or hostile file makes numpy, zipfile, json or PIL raise.
-READ_ERRORS = (ValueError, OSError, EOFError, KeyError, IndexError, TypeError, zipfile.BadZipFile,
-               zipfile.LargeZipFile, RecursionError, SyntaxError, NotImplementedError, MemoryError)
+READ_ERRORS = (ValueError, OSError, EOFError, KeyError, IndexError, TypeError, RuntimeError, zipfile.BadZipFile,
+               zipfile.LargeZipFile, RecursionError, SyntaxError, NotImplementedError, MemoryError,
+               tokenize.TokenError)  # numpy parses legacy .npy headers with tokenize
 
 
 def memory_bytes() -> int:
@@ -104,24 +106,25 @@ class NpzArchive:
         self._zip.close()
 
 
-def open_image(path: str | Path):
-    """A fully decoded PIL image, refusing one whose header declares more than MAX_IMAGE_PIXELS.
-    The caller closes it (``with open_image(p) as im``)."""
+def open_image(source, name: str | None = None):
+    """A fully decoded PIL image from a path or a binary file object (``name`` labels the latter in
+    errors), refusing one whose header declares more than MAX_IMAGE_PIXELS. The caller closes it
+    (``with open_image(p) as im``)."""
     from PIL import Image
 
-    path = Path(path)
+    label = str(source) if isinstance(source, (str, Path)) else (name or "upload")
     try:
-        im = Image.open(path)
+        im = Image.open(source)
         if im.width * im.height > MAX_IMAGE_PIXELS:
             im.close()
-            raise CmkitError(f"{path} declares {im.width}x{im.height} pixels, more than cmkit reads "
+            raise CmkitError(f"{label} declares {im.width}x{im.height} pixels, more than cmkit reads "
                              f"({MAX_IMAGE_PIXELS} pixels)")
         im.load()
         return im
     except CmkitError:
         raise
     except (Image.DecompressionBombError, *READ_ERRORS) as e:
-        raise CmkitError(f"cannot read image {path}: {_first_line(e)}") from None
+        raise CmkitError(f"cannot read image {label}: {_first_line(e)}") from None
 
 
 def read_text(path: str | Path, what: str = "file", max_bytes: int = MAX_JSON_BYTES) -> str:

@@ -76,17 +76,23 @@ def sample_heun(denoiser: Model, x: torch.Tensor, sigmas: torch.Tensor,
 @torch.no_grad()
 def sample_consistency(model: Model, x: torch.Tensor, sigmas: torch.Tensor,
                        class_labels: torch.Tensor | None = None, *, sigma_min: float = 0.002,
-                       generator: torch.Generator | None = None) -> torch.Tensor:
+                       generator: torch.Generator | None = None, noises=None) -> torch.Tensor:
     """One-step (``sigmas = [sigma_max]``) or multistep consistency sampling.
 
-    x <- f(x, sigmas[0]); then for each later level s: x <- f(x + sqrt(s^2 - sigma_min^2) z, s).
+    x <- f(x, sigmas[0]); then for each later level s: x <- f(x + sqrt(s^2 - sigma_min^2) z, s),
+    z drawn from ``generator`` or, when given, taken from ``noises`` (one tensor per later level).
     NFE = len(sigmas).
     """
     _check_sigmas(sigmas, allow_zero_end=False)
     if float(sigmas[-1]) < sigma_min:
         raise ValueError(f"consistency sampling levels must be >= sigma_min = {sigma_min}")
+    if noises is not None and len(noises) != len(sigmas) - 1:
+        raise ValueError(f"need {len(sigmas) - 1} re-noising tensors, got {len(noises)}")
     x = model(x, sigmas[0], class_labels)
-    for sigma in sigmas[1:]:
-        z = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+    for i, sigma in enumerate(sigmas[1:]):
+        if noises is not None:
+            z = noises[i].to(x)
+        else:
+            z = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
         x = model(x + (sigma**2 - sigma_min**2).sqrt() * z, sigma, class_labels)
     return x

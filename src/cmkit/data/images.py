@@ -87,6 +87,8 @@ def read_idx(path: str | Path) -> np.ndarray:
             if ndim == 0 or len(sizes) < 4 * ndim:
                 raise CmkitError(f"{path.name}: truncated IDX header")
             dims = tuple(int.from_bytes(sizes[4 * i:4 * i + 4], "big") for i in range(ndim))
+            if 0 in dims:
+                raise CmkitError(f"{path.name}: IDX header declares an empty dimension {dims}")
             body = math.prod(dims)
             if body > memory_bytes():
                 raise CmkitError(f"{path.name}: IDX header declares {dims} ({body} bytes), more than this "
