@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The CPU stand-in for bench/gpu_fashion_mnist.sh: an EDM teacher and a CD model on scikit-learn's
-# 8x8 digits (tiny UNet), FD/PR against the held-out digits, and sample grids. About 12 minutes on
-# 2 cores.   bench/cpu_digits.sh [OUT_DIR]   (CMKIT overrides the command)
+# An EDM teacher and a CD model on scikit-learn's 8x8 digits (tiny UNet), FD/PR against the held-out
+# digits, and sample grids: the CPU stand-in of the images issue, about 12 minutes on 2 cores.
+# DATA=digits DEVICE=cpu bench/compare_images.sh compares every method the same way.
+#   bench/cpu_digits.sh [OUT_DIR]   (CMKIT overrides the command)
 set -euo pipefail
 O=${1:-bench/out/digits}
 C=${CMKIT:-cmkit}

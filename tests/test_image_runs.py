@@ -104,12 +104,15 @@ def test_speed_options_give_the_same_step():
 
 
 @pytest.mark.fashion_mnist
-def test_gpu_benchmark_script_runs_tiny_on_cpu(tmp_path):
-    env = {"TINY": "1", "CMKIT": f"{sys.executable} -m cmkit", "PATH": "/usr/bin:/bin"}
-    proc = subprocess.run(["bash", str(REPO / "bench" / "gpu_fashion_mnist.sh"), str(tmp_path / "out")],
+def test_image_comparison_script_runs_tiny_on_cpu(tmp_path):
+    env = {"TINY": "1", "CMKIT": f"{sys.executable} -m cmkit", "PYTHON": sys.executable, "PATH": "/usr/bin:/bin",
+           "METHODS": "ect-half"}
+    proc = subprocess.run(["bash", str(REPO / "bench" / "compare_images.sh"), str(tmp_path / "out")],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "FD/teacher" in proc.stdout and "floor" in proc.stdout
     cd = json.loads((tmp_path / "out" / "eval-cd.json").read_text())
     assert [r["nfe"] for r in cd["results"]] == [1, 2] and cd["n"] == 300
-    assert (tmp_path / "out" / "cd-1step.png").is_file()
+    assert (tmp_path / "out" / "cd-1step.png").is_file() and (tmp_path / "out" / "quality_vs_nfe.png").is_file()
+    half = json.loads((tmp_path / "out" / "ect-half" / "config.json").read_text())
+    assert half["method"] == "ect" and half["train"]["steps"] == 10  # half of CD's 20

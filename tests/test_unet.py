@@ -88,3 +88,35 @@ def test_image_runs_default_to_unet_and_openai_c_noise():
     assert config["model"]["backbone"] == "unet" and config["model"]["c_noise"] == "openai"
     vector = build_config("edm", **{"data.name": "moons"})
     assert vector["model"]["backbone"] == "mlp" and "resolution" not in vector["model"]
+
+
+def test_forward_mode_jvp_through_the_unet_equals_finite_differences():
+    """torch.func.jvp through diffusers' UNet (GroupNorm and attention swapped for AD-capable
+    equivalents inside ``forward_ad_safe``) against float64 central differences; afterwards the
+    model runs its own kernels again and gives the same output. diffusers computes the time
+    embedding in float32, so the time direction is checked with EDM's small c_noise (OpenAI's
+    250 ln(sigma) leaves float32 rounding of ~1e-3 in any difference quotient along t)."""
+    from cmkit.nets.unet import forward_ad_safe
+    from cmkit.objectives.jvp import jvp
+    from cmkit.objectives.scm import trigflow_F
+    from cmkit.precond import EDMDenoiser
+
+    torch.manual_seed(0)
+    u, du = torch.randn(3, 1, 8, 8, dtype=torch.float64), torch.randn(3, 1, 8, 8, dtype=torch.float64)
+    t = torch.tensor([0.3, 0.8, 1.2], dtype=torch.float64)
+    for c_noise, dt, tol in [("openai", 0.0, 1e-5), ("edm", 1.0, 1e-4)]:
+        backbone = build_backbone({"backbone": "unet", "preset": "tiny", "image_channels": 1, "resolution": 8,
+                                   "c_noise": c_noise, "attention": [4]})
+        model = EDMDenoiser(backbone, c_noise=c_noise).double()
+        assert any(type(m).__name__ == "Attention" for m in model.modules())
+        F = trigflow_F(model)
+        before = F(u, t)
+        tangents = (du, torch.full_like(t, dt))
+        out, auto = jvp(F, (u, t), tangents, "autograd", module=model)
+        _, fd = jvp(F, (u, t), tangents, "finite_difference", eps=1e-3, module=model)
+        torch.testing.assert_close(out, before)
+        assert float((auto - fd).norm() / fd.norm()) < tol, c_noise
+        norms = [m for m in model.modules() if isinstance(m, torch.nn.GroupNorm)]
+        assert norms and all("forward" not in vars(m) for m in norms)
+        with forward_ad_safe(model):  # the swapped GroupNorm computes what torch's does
+            torch.testing.assert_close(F(u, t), before)

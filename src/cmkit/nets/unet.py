@@ -10,6 +10,8 @@ earn its place; see docs/design.md.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -146,15 +148,33 @@ class UNet(nn.Module):
         return self.unet(x, time, class_labels=extra).sample
 
 
+def _group_norm(norm: torch.nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    """GroupNorm from reshape, mean and var: ``torch.group_norm``'s forward-mode AD fails on the
+    non-contiguous tangents that convolutions produce ("view size is not compatible")."""
+    groups = x.reshape(x.shape[0], norm.num_groups, -1)
+    mean = groups.mean(-1, keepdim=True)
+    var = groups.var(-1, unbiased=False, keepdim=True)
+    y = ((groups - mean) * torch.rsqrt(var + norm.eps)).reshape(x.shape)
+    if norm.affine:
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        y = y * norm.weight.reshape(shape) + norm.bias.reshape(shape)
+    return y
+
+
 class forward_ad_safe:
-    """Within this context, diffusers attention layers in ``module`` use plain matmul + softmax
-    (``AttnProcessor``) instead of fused scaled-dot-product kernels, which have no forward-mode AD
-    (``torch.func.jvp``) on some builds. Modules without diffusers attention pass through."""
+    """Within this context, layers of ``module`` whose kernels have no forward-mode AD
+    (``torch.func.jvp``) on some builds use plain equivalents: diffusers attention runs as matmul +
+    softmax (``AttnProcessor``) instead of fused scaled-dot-product kernels, and GroupNorm runs from
+    reshape/mean/var. Other modules pass through."""
 
     def __init__(self, module):
-        self.module, self.saved = module, []
+        self.module, self.saved, self.norms = module, [], []
 
     def __enter__(self):
+        for m in self.module.modules():
+            if isinstance(m, torch.nn.GroupNorm):
+                m.forward = functools.partial(_group_norm, m)
+                self.norms.append(m)
         try:
             from diffusers.models.attention_processor import Attention, AttnProcessor
         except ImportError:
@@ -168,4 +188,6 @@ class forward_ad_safe:
     def __exit__(self, *exc):
         for m, processor in self.saved:
             m.set_processor(processor)
-        self.saved = []
+        for m in self.norms:
+            del m.forward  # back to the class's forward
+        self.saved, self.norms = [], []
