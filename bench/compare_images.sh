@@ -9,7 +9,7 @@
 #   TINY=1 bench/compare_images.sh OUT_DIR          # a smoke run on the CPU (what the tests run)
 #
 # Environment: CMKIT (the command, default "cmkit"), PYTHON (one that imports cmkit, for the table),
-# DATA (fashion-mnist or digits), DEVICE (cuda or cpu), TEACHER_STEPS, CD_STEPS, BATCH, EVAL_N,
+# DATA (fashion-mnist or digits), DEVICE (cuda or cpu), C_NOISE (edm or openai), TEACHER_STEPS, CD_STEPS, BATCH, EVAL_N,
 # PRESET, TEACHER_LR, COMPILE=1 override the sizes below. METHODS="ect sct ict scd meanflow ct
 # ect-half" adds methods, each trained for CD_STEPS steps at the same batch (ECT/sCT start from the
 # teacher, sCD distils it; ect-half is ECT at CD_STEPS/2, for "ECT reaches CD's 2-step quality in
@@ -43,7 +43,11 @@ case "$DATA" in
   digits) DATA_ARGS=(--data digits); TITLE="digits 8x8" ;;
   *) echo "compare_images.sh: DATA must be fashion-mnist or digits, not '$DATA'" >&2; exit 2 ;;
 esac
-TEACHER_OPTS=(--set train.optimizer=adamw --set train.fused_optimizer="$([ "$DEVICE" = cpu ] && echo false || echo true)")
+# The teacher's time input (also CT's and iCT's). EDM's ln(sigma)/4, not OpenAI's 250 ln(sigma): sCT
+# and sCD differentiate the network along t, and 250 ln(sigma) makes that derivative explode near
+# both ends (docs/benchmarks.md). C_NOISE=openai gives CD/CT models that export to diffusers.
+: "${C_NOISE:=edm}"
+TEACHER_OPTS=(--set model.c_noise="$C_NOISE" --set train.optimizer=adamw --set train.fused_optimizer="$([ "$DEVICE" = cpu ] && echo false || echo true)")
 [ -n "${TEACHER_LR:-}" ] && TEACHER_OPTS+=(--lr "$TEACHER_LR")
 : "${BUDGET:=300}" "${STEP_COST:=2.5}"
 COMMON=("${DATA_ARGS[@]}" --batch-size "$BATCH" --quiet --force "${SPEED[@]}")
@@ -78,6 +82,7 @@ for m in "${METHODS[@]}"; do
     ect|sct) SRC=(--init "$OUT/teacher") ;;
     ect-half) SRC=(--init "$OUT/teacher"); method=ect; steps=$((CD_STEPS / 2)) ;;
     scd) SRC=(--teacher "$OUT/teacher") ;;
+    ct|ict) SRC=(--set model.preset="$PRESET" --set model.num_classes=0 --set model.c_noise="$C_NOISE") ;;
     *) SRC=(--set model.preset="$PRESET" --set model.num_classes=0) ;;
   esac
   t0=$(date +%s)

@@ -50,3 +50,18 @@ def test_source_flags_are_checked(tiny_teacher, tmp_path, capsys):
     assert "takes its model from the --init run" in capsys.readouterr().err
     assert cli("train", "--method", "sct", "--init", tiny_teacher, "--data", "moons", "--steps", 2,
                "--out", tmp_path / "d", *TINY_TRAIN) == 0
+
+
+def test_scm_warns_about_openai_time_input(image_teacher, tmp_path, capsys):
+    """OpenAI's c_noise (the image default, for diffusers export) makes sCM's time derivative
+    explode; the run says so and how to avoid it, and stays quiet for EDM's c_noise."""
+    capsys.readouterr()
+    assert cli("train", "--method", "sct", "--init", image_teacher, "--steps", 1, "--out", tmp_path / "a", *IMAGE) == 0
+    err = capsys.readouterr().err
+    assert "warning" in err and "model.c_noise=edm" in err
+    teacher = tmp_path / "edm-teacher"
+    assert cli("train", "--method", "edm", "--steps", 1, "--out", teacher, "--set", "model.preset=tiny",
+               "--set", "model.c_noise=edm", *IMAGE) == 0
+    for method, flag in (("sct", "--init"), ("scd", "--teacher")):
+        assert cli("train", "--method", method, flag, teacher, "--steps", 1, "--out", tmp_path / method, *IMAGE) == 0
+    assert "warning" not in capsys.readouterr().err
