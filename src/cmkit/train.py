@@ -59,7 +59,7 @@ def _resolve_edm_run(config: dict, key: str, flag: str, resumed: bool) -> Run:
     return source
 
 
-def warn_about_time_input(config: dict) -> None:
+def _warn_about_time_input(config: dict) -> None:
     """sCT/sCD differentiate the network along t. OpenAI's c_noise = 250 ln(sigma) moves the UNet's
     time embedding so fast near both ends of the noise range that the derivative explodes and
     training fails (digits: FD 429 against 25 from the same teacher with EDM's c_noise)."""
@@ -247,7 +247,7 @@ class Trainer:
             d["name"] = str(Path(d["name"]).resolve())  # so eval finds it from any directory
         self.num_classes = _resolve_classes(config, data, teacher)
         if fresh and world.is_main:
-            warn_about_time_input(config)
+            _warn_about_time_input(config)
         if self.images:
             config.setdefault("standardizer", ImageScaler(shape).state())
             config["model"].update(image_channels=shape[0], resolution=shape[1])
