@@ -106,21 +106,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"cmkit {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    p = sub.add_parser("train", help="train an EDM teacher (edm), or a consistency model "
-                       "(cd, ct, ict, ect, sct, scd, meanflow)")
-    p.add_argument("--method", required=True, choices=("edm", "cd", "ct", "ict", "ect", "sct", "scd", "meanflow"))
+    from .objectives import methods
+    specs = methods()
+    by_role = lambda test: ", ".join(name for name, spec in specs.items() if test(spec))  # noqa: E731
+    p = sub.add_parser("train", help=f"train a diffusion teacher ({by_role(lambda s: s.diffusion)}) or a consistency "
+                       f"model ({by_role(lambda s: not s.diffusion)})", formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--method", required=True, choices=tuple(specs), metavar="METHOD",
+                   help="one of:\n" + "\n".join(f"  {name:9s} {spec.summary}" for name, spec in specs.items()))
     p.add_argument("--data", help="a built-in 2-D set (moons, 8gaussians, checkerboard, swissroll, gaussian, "
                    "gmm), an (N, D) .npy/.npz/.csv file, an image set (fashion-mnist, digits), a folder of "
                    "PNG/JPEG images or a uint8 image .npy/.npz")
     p.add_argument("--steps", type=int, help="train until this step")
     p.add_argument("--out", required=True, help="run directory")
-    p.add_argument("--teacher", help="edm run to distill from (methods cd, scd)")
-    p.add_argument("--init", help="edm run whose weights to start from (methods ect, sct, scd)")
+    p.add_argument("--teacher", help=f"diffusion run to distill from (methods {by_role(lambda s: s.teacher)})")
+    p.add_argument("--init", help=f"diffusion run whose weights to start from (methods {by_role(lambda s: s.init)})")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--label-dropout", type=float, help="class-conditional runs: replace this fraction of labels "
                    "with the null label, for classifier-free guidance (e.g. 0.1)")
-    p.add_argument("--guidance", type=_scale_range, metavar="LO,HI", help="methods cd, scd: distill the "
+    p.add_argument("--guidance", type=_scale_range, metavar="LO,HI", help=f"methods {by_role(lambda s: s.guided)}: "
+                   "distill the "
                    "teacher's classifier-free guidance at scales drawn from [LO, HI]; the student takes the scale "
                    "as an input (sample it with --guidance W)")
     p.add_argument("--seed", type=_seed, help="training seed (batches, noise, initialisation)")
@@ -232,21 +237,21 @@ def cmd_train(args) -> None:
     from .config import build_config
     from .train import train
 
+    from .objectives import get_method, methods
+
     options = {"data.name": args.data, "train.steps": args.steps, "train.batch_size": args.batch_size,
                "train.lr": args.lr, "train.seed": args.seed, "train.label_dropout": args.label_dropout}
-    from .config import INIT_METHODS, TEACHER_METHODS
-    if args.guidance is not None:
-        if args.method not in TEACHER_METHODS:
-            raise CmkitError(f"--guidance (guided distillation) is only for --method {' or '.join(TEACHER_METHODS)}")
-        options["objective.guidance"] = args.guidance
-    if args.teacher is not None:
-        if args.method not in TEACHER_METHODS:
-            raise CmkitError(f"--teacher is only for --method {' or '.join(TEACHER_METHODS)}")
-        options["teacher"] = args.teacher
-    if args.init is not None:
-        if args.method not in INIT_METHODS:
-            raise CmkitError(f"--init is only for --method {', '.join(INIT_METHODS)}")
-        options["init"] = args.init
+    spec = get_method(args.method)
+    for flag, value, role, key, what in (
+            ("--guidance", args.guidance, "guided", "objective.guidance", "--guidance (guided distillation)"),
+            ("--teacher", args.teacher, "teacher", "teacher", "--teacher"),
+            ("--init", args.init, "init", "init", "--init")):
+        if value is None:
+            continue
+        if not getattr(spec, role):
+            takers = [name for name, other in methods().items() if getattr(other, role)]
+            raise CmkitError(f"{what} is only for --method {', '.join(takers)}")
+        options[key] = value
     if args.resume:
         if args.steps is None:
             raise CmkitError("--resume needs --steps (the step to train until)")
@@ -267,6 +272,7 @@ def cmd_train(args) -> None:
 
 
 def cmd_sample(args) -> None:
+    from .outputs import refuse_to_clobber, stream_samples, write_samples
     from .run import load_run
 
     out = Path(args.out)
@@ -274,7 +280,7 @@ def cmd_sample(args) -> None:
         raise CmkitError(f"--out must end in .npy, .npz or .png, got {out.name!r}")
     if args.n < 1:
         raise CmkitError(f"--n must be positive, got {args.n}")
-    _refuse_to_clobber(out, args.checkpoint)
+    refuse_to_clobber(out, args.checkpoint)
     run = load_run(args.checkpoint, device=_device(args.device))
     if args.sampler and not run.is_diffusion:
         raise CmkitError("--sampler applies to teacher (edm) runs; consistency runs use --steps or --sigmas")
@@ -299,48 +305,6 @@ def cmd_sample(args) -> None:
         print(f"wrote {args.n} samples to {out}")
 
 
-def stream_samples(chunks, n: int, shape: tuple, out: Path, *, image: bool) -> None:
-    """Write batches into an .npy as they come (images uint8 NHWC, vectors float64), through a
-    temporary file renamed at the end, so memory holds one batch whatever ``n`` is."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp.npy")
-    full = (n, shape[1], shape[2], shape[0]) if image else (n, *shape)
-    array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8 if image else np.float64, shape=full)
-    try:
-        start = 0
-        for x in chunks:
-            array[start:start + len(x)] = x.transpose(0, 2, 3, 1) if image else x
-            start += len(x)
-        array.flush()
-        del array
-        tmp.replace(out)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_samples(x: np.ndarray, out: Path, *, image: bool, title: str = "samples") -> None:
-    """Images (uint8 NCHW) go to a .png grid or uint8 NHWC .npy/.npz; vectors to .npy/.npz or a
-    2-D scatter .png. Written to a temporary name, then renamed."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.suffix == ".png":
-        if image:
-            from .plotting import save_image_grid
-            save_image_grid(x, out)
-            return
-        if x.shape[1] != 2:
-            raise CmkitError(f"a .png scatter plot needs 2-D data; this run has {x.shape[1]} dimensions")
-        from .plotting import scatter_panels
-        scatter_panels([(title, x)], out)
-        return
-    data = np.ascontiguousarray(x.transpose(0, 2, 3, 1)) if image else x
-    tmp = out.with_name(out.name + ".tmp" + out.suffix)
-    if out.suffix == ".npy":
-        np.save(tmp, data)
-    else:
-        np.savez(tmp, **{"images" if image else "samples": data})
-    tmp.replace(out)
-
-
 def _device(name: str) -> str:
     import torch
 
@@ -351,18 +315,6 @@ def _device(name: str) -> str:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise CmkitError(f"--device {name}: no CUDA device is available")
     return name
-
-
-def _refuse_to_clobber(out: Path, run_dir: str | Path) -> None:
-    """Outputs never land inside a run directory or on the run's data file."""
-    from .checkpoint import read_run_config
-
-    from .export.diffusers_io import is_diffusers_folder
-
-    target = out.resolve()
-    data = None if is_diffusers_folder(run_dir) else read_run_config(run_dir).get("data", {}).get("name")
-    if Path(run_dir).resolve() in target.parents or str(target) == data:
-        raise CmkitError(f"refusing to write {out}: it is inside the run directory or is the run's data")
 
 
 def _load_noise(path: str) -> np.ndarray:
@@ -444,9 +396,10 @@ def cmd_tune_sigmas(args) -> None:
 
 def cmd_eval(args) -> None:
     from .evaluate import evaluate_run
+    from .outputs import refuse_to_clobber
 
     if args.out:
-        _refuse_to_clobber(Path(args.out), args.checkpoint)
+        refuse_to_clobber(Path(args.out), args.checkpoint)
     import os
     result = evaluate_run(args.checkpoint, data=args.data, steps=args.steps, n=args.n, seed=args.seed,
                           guidance=args.guidance,

@@ -13,6 +13,8 @@ sampling-time w to such a student.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -90,3 +92,11 @@ def default_guidance(scale_range) -> float:
     conditional ODE, as for the teacher itself) clamped into the trained range."""
     lo, hi = scale_range
     return min(max(1.0, lo), hi)
+
+
+def check_guidance_scale(scale: float) -> float:
+    """A user's guidance scale: a finite number >= 0 (the one check the command line, the Python
+    API and the server share)."""
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale < 0:
+        raise ValueError(f"the guidance scale must be a finite number >= 0, got {scale!r}")
+    return float(scale)

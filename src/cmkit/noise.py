@@ -68,12 +68,25 @@ def parse_sigmas(text: str) -> list[float]:
         values = [float(s) for s in text.split(",") if s.strip()]
     except ValueError:
         raise ValueError(f"--sigmas must be comma-separated numbers, got {text!r}") from None
+    return check_sigmas(values)
+
+
+def check_sigmas(values, noise: "NoiseConfig | None" = None, *, what: str = "--sigmas") -> list[float]:
+    """User-given noise levels as a list of floats, refused unless non-empty, finite, positive,
+    strictly decreasing and (given ``noise``) within [sigma_min, sigma_max]. The one check of
+    explicit levels: the command line, the Python API, the server and the editing tasks use it."""
+    try:
+        values = [float(v) for v in values]
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be numbers, got {values!r}") from None
     if not values:
-        raise ValueError("--sigmas is empty")
+        raise ValueError(f"{what} is empty")
     if any(not math.isfinite(v) or v <= 0 for v in values):
-        raise ValueError(f"--sigmas must be positive and finite, got {text!r}")
+        raise ValueError(f"{what} must be positive and finite, got {values}")
     if any(b >= a for a, b in zip(values, values[1:])):
-        raise ValueError(f"--sigmas must be strictly decreasing, got {text!r}")
+        raise ValueError(f"{what} must be strictly decreasing, got {values}")
+    if noise is not None and (values[0] > noise.sigma_max or values[-1] < noise.sigma_min):
+        raise ValueError(f"{what} must lie in [{noise.sigma_min}, {noise.sigma_max}]")
     return values
 
 
@@ -115,6 +128,10 @@ def c_noise_openai(sigma: torch.Tensor) -> torch.Tensor:
 
 
 C_NOISE = {"edm": c_noise_edm, "openai": c_noise_openai}
+
+# A flow-matching time input t in [0, 1] (MeanFlow) is scaled by these: "flow1000" for positional
+# embeddings built for 0..1000, like OpenAI's c_noise.
+FLOW_TIME_SCALES = {"flow": 1.0, "flow1000": 1000.0}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,7 +12,8 @@ import abc
 import torch
 from torch import nn
 
-from .noise import C_NOISE, NoiseConfig, broadcast_to_batch, consistency_scalings, edm_scalings
+from .noise import (C_NOISE, FLOW_TIME_SCALES, NoiseConfig, broadcast_to_batch, consistency_scalings, edm_scalings, flow_from_sigma,
+                    flow_state, sigma_from_trigflow)
 
 
 class Preconditioned(nn.Module, abc.ABC):
@@ -50,10 +51,21 @@ def guidance_kwarg(guidance) -> dict:
 
 
 class EDMDenoiser(Preconditioned):
-    """D(x, sigma): the EDM denoiser, an estimate of E[x0 | x_sigma]."""
+    """D(x, sigma): the EDM denoiser, an estimate of E[x0 | x_sigma].
+
+    The same module is sCM's consistency function in TrigFlow time (`trigflow`): with
+    sigma = sd tan t and x_t = cos t x_sigma, f = cos t x_t - sin t sd F_trig(x_t / sd, t) is EDM's
+    preconditioning with F_trig = -F_edm."""
 
     def scalings(self, sigma):
         return edm_scalings(sigma, self.noise.sigma_data)
+
+    def trigflow(self, u: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None,
+                 guidance: torch.Tensor | None = None) -> torch.Tensor:
+        """sCM's network output F_trig(u, t) = -backbone(u, c_noise(sd tan t)) at u = x_t / sd: the
+        entry point sCT/sCD differentiate along t."""
+        c_noise = self.c_noise(sigma_from_trigflow(t, self.noise.sigma_data))
+        return -self.backbone(u, c_noise, class_labels, **guidance_kwarg(guidance))
 
 
 class ConsistencyFunction(Preconditioned):
@@ -63,9 +75,6 @@ class ConsistencyFunction(Preconditioned):
 
     def scalings(self, sigma):
         return consistency_scalings(sigma, self.noise.sigma_data, self.noise.sigma_min)
-
-
-MEANFLOW_TIME_SCALES = {"flow": 1.0, "flow1000": 1000.0}
 
 
 class MeanFlowModel(nn.Module):
@@ -78,10 +87,10 @@ class MeanFlowModel(nn.Module):
 
     def __init__(self, backbone: nn.Module, noise: NoiseConfig = NoiseConfig(), c_noise: str = "flow"):
         super().__init__()
-        if c_noise not in MEANFLOW_TIME_SCALES:
-            raise ValueError(f"unknown MeanFlow c_noise {c_noise!r}; known: {', '.join(MEANFLOW_TIME_SCALES)}")
+        if c_noise not in FLOW_TIME_SCALES:
+            raise ValueError(f"unknown MeanFlow c_noise {c_noise!r}; known: {', '.join(FLOW_TIME_SCALES)}")
         self.backbone, self.noise, self.c_noise_name = backbone, noise, c_noise
-        self.time_scale = MEANFLOW_TIME_SCALES[c_noise]
+        self.time_scale = FLOW_TIME_SCALES[c_noise]
 
     num_classes = Preconditioned.num_classes
 
@@ -97,6 +106,6 @@ class MeanFlowModel(nn.Module):
         sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
         if sigma.ndim == 0:
             sigma = sigma.expand(x.shape[0])
-        t = sigma / (1 + sigma)
-        z = broadcast_to_batch(1 - t, x) * x
+        t = flow_from_sigma(sigma)
+        z = flow_state(x, t)
         return z - broadcast_to_batch(t, x) * self.velocity(z, torch.zeros_like(t), t, class_labels).to(x.dtype)

@@ -14,33 +14,22 @@ import torch
 from . import checkpoint
 from .data import scaler_from_state
 from .classes import resolve_labels
+from .diffusers_runs import is_diffusers_folder, load_diffusers
 from .errors import CmkitError
-from .guidance import GuidanceInput, GuidedDenoiser, default_guidance
+from .guidance import GuidanceInput, GuidedDenoiser, check_guidance_scale, default_guidance
 from .nets import build_backbone
-from .noise import NoiseConfig, append_zero, karras_sigmas
-from .precond import ConsistencyFunction, EDMDenoiser, MeanFlowModel
-from .sampling import sample_consistency, sample_euler, sample_heun
-
-DIFFUSION_METHODS = ("edm",)
-SAMPLERS = {"heun": sample_heun, "euler": sample_euler}
-
-
-def noise_config(config: dict) -> NoiseConfig:
-    return NoiseConfig(**config["noise"])
-
-
-# How each method wraps its backbone. sCT/sCD's TrigFlow consistency function is EDM's
-# preconditioning in sigma (see objectives/scm.py), so it shares EDMDenoiser and a teacher's weights.
-WRAPPERS = {"edm": EDMDenoiser, "cd": ConsistencyFunction, "ct": ConsistencyFunction, "ict": ConsistencyFunction,
-            "ect": ConsistencyFunction, "sct": EDMDenoiser, "scd": EDMDenoiser, "meanflow": MeanFlowModel}
+from .noise import NoiseConfig, append_zero, check_sigmas, karras_sigmas
+from .objectives import MethodSpec, get_method
+from .objectives.registry import noise_of as noise_config
+from .sampling import SAMPLERS, sample_levels
 
 
 def build_model(config: dict) -> torch.nn.Module:
-    """The preconditioned network a config describes (random weights)."""
-    if config["method"] not in WRAPPERS:
-        raise CmkitError(f"unknown method {config['method']!r}; known: {', '.join(WRAPPERS)}")
+    """The preconditioned network a config describes (random weights): the backbone in its
+    method's wrapper (`MethodSpec.wrapper`)."""
+    wrapper = get_method(config["method"]).wrapper
     backbone = build_backbone(config["model"])
-    return WRAPPERS[config["method"]](backbone, noise_config(config), c_noise=config["model"].get("c_noise", "edm"))
+    return wrapper(backbone, noise_config(config), c_noise=config["model"].get("c_noise", "edm"))
 
 
 MULTISTEP_HIGH = 0.8
@@ -126,11 +115,8 @@ def generate_chunks(model: torch.nn.Module, shape: tuple[int, ...], levels: torc
             labels = None if class_labels is None else class_labels[start:start + size].to(device)
             x = chunk.to(device) * levels[0]
             try:
-                if is_diffusion:
-                    extra = {**churn, "generator": gen} if churn else {}
-                    x = SAMPLERS[sampler](model, x, levels, labels, **extra)
-                else:
-                    x = sample_consistency(model, x, levels, labels, sigma_min=sigma_min, generator=gen)
+                x = sample_levels(model, x, levels, labels, diffusion=is_diffusion, sampler=sampler,
+                                  sigma_min=sigma_min, generator=gen, **churn)
             except ValueError as e:
                 raise CmkitError(str(e)) from None
             x = x.float().cpu()
@@ -153,15 +139,16 @@ class Run:
     def __init__(self, path: str | Path, weights: str = "ema", device: str = "cpu"):
         self.path = Path(path)
         self.device = device
-        from .export.diffusers_io import is_diffusers_folder, load_diffusers
         if is_diffusers_folder(self.path):  # a ConsistencyModelPipeline or UNet2DModel folder
             self.config, self.model = load_diffusers(self.path, device)
             self.method, self.noise = self.config["method"], noise_config(self.config)
+            self.spec = get_method(self.method)
             self.scaler = scaler_from_state(self.config["standardizer"])
             return
         self.config = checkpoint.read_run_config(self.path)
         try:
             self.method = self.config["method"]
+            self.spec: MethodSpec = get_method(self.method)
             self.noise = noise_config(self.config)
             self.scaler = scaler_from_state(self.config["standardizer"])
             self.model = build_model(self.config)
@@ -199,15 +186,21 @@ class Run:
         return resolve_labels(spec, n, num_classes=self.num_classes, class_names=self.class_names,
                               has_null=self.has_null_label, seed=seed)
 
-    def guided(self, guidance: float | None, labels: torch.Tensor | None) -> torch.nn.Module:
-        """The network to sample: the model itself, the teacher with classifier-free guidance at
-        ``guidance``, or a guided student with its guidance input set to ``guidance``."""
+    def network(self, guidance: float | None = None, labels: torch.Tensor | None = None) -> torch.nn.Module:
+        """The network to sample or edit with: the model itself, the teacher with classifier-free
+        guidance at ``guidance``, or a guided student with its guidance input set to ``guidance``
+        (``labels``: the labels it will be given, checked here)."""
+        if guidance is not None:
+            try:
+                guidance = check_guidance_scale(guidance)
+            except ValueError as e:
+                raise CmkitError(f"--guidance: {e}") from None
         if self.guidance_range is not None:
             lo, hi = self.guidance_range
-            w = default_guidance(self.guidance_range) if guidance is None else guidance
-            if not lo <= w <= hi:
-                raise CmkitError(f"this student was distilled for guidance scales in [{lo:g}, {hi:g}], not {w:g}")
-            return GuidanceInput(self.model, w)
+            scale = default_guidance(self.guidance_range) if guidance is None else guidance
+            if not lo <= scale <= hi:
+                raise CmkitError(f"this student was distilled for guidance scales in [{lo:g}, {hi:g}], not {scale:g}")
+            return GuidanceInput(self.model, scale)
         if guidance is None:
             return self.model
         if not self.num_classes:
@@ -217,15 +210,14 @@ class Run:
                              "--guidance LO,HI from a guided teacher); only teachers take any --guidance")
         if not self.has_null_label:
             raise CmkitError("classifier-free guidance needs a teacher trained with --label-dropout > 0")
-        if guidance < 0:
-            raise CmkitError(f"--guidance must be >= 0, got {guidance}")
         if labels is not None and bool((labels == self.num_classes).any()):
             raise CmkitError("--guidance needs real classes, not the null label")
         return GuidedDenoiser(self.model, guidance)
 
     @property
     def is_diffusion(self) -> bool:
-        return self.method in DIFFUSION_METHODS
+        """A diffusion teacher (sampled with an ODE solver), not a consistency model."""
+        return self.spec.diffusion
 
     @property
     def is_image(self) -> bool:
@@ -244,8 +236,10 @@ class Run:
         """The sampler's noise levels: explicit ``sigmas`` win; then levels `cmkit tune-sigmas` stored
         for ``steps``; else the default for ``steps``."""
         if sigmas is not None:
-            if sigmas[0] > self.noise.sigma_max or sigmas[-1] < self.noise.sigma_min:
-                raise CmkitError(f"--sigmas must lie in [{self.noise.sigma_min}, {self.noise.sigma_max}]")
+            try:
+                sigmas = check_sigmas(sigmas, self.noise)
+            except ValueError as e:
+                raise CmkitError(str(e)) from None
             levels = torch.tensor(sigmas, dtype=torch.float32)
             return append_zero(levels) if self.is_diffusion else levels
         tuned = self.config.get("sampling", {}).get("sigmas", {}).get(str(steps))
@@ -280,7 +274,7 @@ class Run:
         if churn.get("s_churn", 0) < 0 or churn.get("s_noise", 1) < 0:
             raise CmkitError(f"s_churn and s_noise must be >= 0, got {churn.get('s_churn')}, {churn.get('s_noise')}")
         labels = self.labels(class_labels, n, seed)
-        model = fast_inference(self.guided(guidance, labels), bf16=bf16, compile=compile)
+        model = fast_inference(self.network(guidance, labels), bf16=bf16, compile=compile)
         chunks = generate_chunks(model, self.shape, levels, is_diffusion=self.is_diffusion, n=n, seed=seed,
                                  noise=noise, sampler=sampler, sigma_min=self.noise.sigma_min,
                                  batch_size=batch_size or (256 if self.is_image else 100_000),

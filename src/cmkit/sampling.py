@@ -96,3 +96,22 @@ def sample_consistency(model: Model, x: torch.Tensor, sigmas: torch.Tensor,
             z = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
         x = model(x + (sigma**2 - sigma_min**2).sqrt() * z, sigma, class_labels)
     return x
+
+
+SAMPLERS = {"heun": sample_heun, "euler": sample_euler}  # ODE solvers of a diffusion model
+
+
+def sample_levels(model: Model, x: torch.Tensor, sigmas: torch.Tensor, class_labels: torch.Tensor | None = None, *,
+                  diffusion: bool, sampler: str = "heun", sigma_min: float = 0.002,
+                  generator: torch.Generator | None = None, noises=None, **churn) -> torch.Tensor:
+    """The sampler for a model of its kind: a diffusion model's denoiser through the ODE solver
+    ``sampler`` (`SAMPLERS`; ``churn``: Heun's s_churn, s_tmin, s_tmax, s_noise), a consistency
+    function through `sample_consistency` (re-noised from ``generator`` or ``noises``). Every front
+    end (`cmkit.Run`, the server) samples through this one choice."""
+    if not diffusion:
+        return sample_consistency(model, x, sigmas, class_labels, sigma_min=sigma_min, generator=generator,
+                                  noises=noises)
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; known: {', '.join(SAMPLERS)}")
+    extra = {**churn, "generator": generator} if churn else {}
+    return SAMPLERS[sampler](model, x, sigmas, class_labels, **extra)

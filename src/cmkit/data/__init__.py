@@ -98,6 +98,11 @@ class Standardizer:
     def to_data(self, x: torch.Tensor) -> np.ndarray:
         return x.detach().cpu().double().numpy() / self.sigma_data * self.std + self.mean
 
+    def to_data_tensor(self, x: torch.Tensor) -> torch.Tensor:
+        """`to_data` in torch, in ``x``'s precision (traceable: the ONNX export uses it)."""
+        scale = torch.as_tensor(self.std / self.sigma_data, dtype=x.dtype, device=x.device)
+        return x * scale + torch.as_tensor(self.mean, dtype=x.dtype, device=x.device)
+
     def state(self) -> dict:
         return {"mean": self.mean.tolist(), "std": self.std.tolist(), "sigma_data": self.sigma_data}
 

@@ -59,9 +59,14 @@ class ImageScaler:
         return images.float() / 127.5 - 1
 
     @staticmethod
-    def to_data(x: torch.Tensor) -> np.ndarray:
+    def to_data_tensor(x: torch.Tensor) -> torch.Tensor:
+        """Grey levels 0..255 as floats, unrounded (traceable: the ONNX export uses it)."""
+        return ((x + 1) * 127.5).clamp(0, 255)
+
+    @classmethod
+    def to_data(cls, x: torch.Tensor) -> np.ndarray:
         """(N, C, H, W) uint8, rounded and clipped."""
-        return ((x.detach().float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu().numpy()
+        return cls.to_data_tensor(x.detach().float()).round().to(torch.uint8).cpu().numpy()
 
     def state(self) -> dict:
         return {"kind": "image", "shape": list(self.shape)}

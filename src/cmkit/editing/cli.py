@@ -147,8 +147,8 @@ def cmd_edit(args, device: str) -> None:
             raise CmkitError(f"interpolate writes a .png strip or a .gif, got {out.name!r}")
     elif out.suffix.lower() not in (".png", ".npz", ""):
         raise CmkitError(f"--out must be a .png grid, a .npz or a folder, got {out.name!r}")
-    from ..cli import _refuse_to_clobber
-    _refuse_to_clobber(out, args.checkpoint)
+    from ..outputs import refuse_to_clobber
+    refuse_to_clobber(out, args.checkpoint)
     run = load_run(args.checkpoint, device=device)
     if not run.is_image:
         raise CmkitError(f"cmkit edit needs an image model; {args.checkpoint} was trained on vectors "

@@ -35,7 +35,7 @@ def default_edit_sigmas(run, steps: int = EDIT_STEPS) -> list[float]:
 def consistency_function(run, teacher_steps: int = 10, guidance: float | None = None, labels=None):
     """f(x, sigma, class_labels) of any run: a consistency model as it is, a teacher through its ODE
     flow map; with classifier-free guidance at ``guidance`` (teachers and guided students)."""
-    model = run.guided(guidance, labels)
+    model = run.network(guidance, labels)
     if run.is_diffusion:
         return flow_map(model, teacher_steps, run.noise.sigma_min, run.noise.rho)
     return model

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..data import scaler_from_state
 from ..errors import CmkitError
 from ..run import default_consistency_sigmas
 
@@ -28,23 +29,16 @@ OPSET = 17  # GroupNorm as a single op; onnxruntime 1.14+ runs it
 
 
 class OneStepGenerator(nn.Module):
-    """noise -> f(sigma_max noise, sigma_max) -> data units."""
+    """noise -> f(sigma_max noise, sigma_max) -> data units (the run's own scaler, unrounded)."""
 
     def __init__(self, model: nn.Module, sigma_max: float, scaler_state: dict):
         super().__init__()
         self.model, self.sigma_max = model, float(sigma_max)
-        self.image = scaler_state.get("kind") == "image"
-        if not self.image:
-            sd = float(scaler_state["sigma_data"])
-            self.register_buffer("scale", torch.tensor(np.asarray(scaler_state["std"]) / sd, dtype=torch.float32))
-            self.register_buffer("shift", torch.tensor(np.asarray(scaler_state["mean"]), dtype=torch.float32))
+        self.scaler = scaler_from_state(scaler_state)
 
     def forward(self, noise: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
         sigma = torch.full((noise.shape[0],), self.sigma_max, dtype=noise.dtype, device=noise.device)
-        x = self.model(noise * self.sigma_max, sigma, class_labels)
-        if self.image:
-            return ((x + 1) * 127.5).clamp(0, 255)
-        return x * self.scale + self.shift
+        return self.scaler.to_data_tensor(self.model(noise * self.sigma_max, sigma, class_labels))
 
 
 class ConsistencyStep(nn.Module):
@@ -71,7 +65,7 @@ def _export(module: nn.Module, args: tuple, names: list[str], path: Path) -> Non
 
 def export_onnx(run, out: str | Path, *, with_f: bool = False, guidance: float | None = None) -> list[Path]:
     """Write the run's one-step generator (and with ``with_f`` its f(x, sigma)); return the paths."""
-    if run.is_diffusion:
+    if "onnx" not in run.spec.export_formats:
         raise CmkitError("export onnx takes a consistency model (one network call per step); this is an "
                          f"{run.method} teacher")
     out = Path(out)
@@ -81,7 +75,7 @@ def export_onnx(run, out: str | Path, *, with_f: bool = False, guidance: float |
     existing = [str(p) for p in paths if p.exists()]
     if existing:
         raise CmkitError(f"refusing to overwrite {', '.join(existing)}")
-    model = run.guided(guidance, None).cpu().eval()
+    model = run.network(guidance, None).cpu().eval()
     conditional = run.num_classes > 0
     batch = 2
     noise = torch.randn(batch, *run.shape)
@@ -110,7 +104,7 @@ def onnx_parity(run, path: str | Path, batch_sizes=(1, 3, 16), guidance: float |
     except ImportError:
         raise CmkitError("checking an ONNX export needs onnxruntime: pip install 'cmkit[onnx]'") from None
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    torch_model = OneStepGenerator(run.guided(guidance, None).cpu().eval(), run.noise.sigma_max,
+    torch_model = OneStepGenerator(run.network(guidance, None).cpu().eval(), run.noise.sigma_max,
                                    run.config["standardizer"])
     gen, worst = torch.Generator().manual_seed(seed), 0.0
     for b in batch_sizes:

@@ -16,8 +16,10 @@ import torch
 from ..batch_rng import batch_rng
 from ..guidance import bind_condition, draw_scales
 from ..noise import NoiseConfig, broadcast_to_batch
-from ..precond import guidance_kwarg
+from ..precond import ConsistencyFunction, guidance_kwarg
+from .base import Objective
 from .distances import make_distance
+from .registry import MethodSpec, fix_horizon, noise_of, objective_options, register
 from .rng import SharedRNG
 
 WEIGHTINGS = {
@@ -26,7 +28,7 @@ WEIGHTINGS = {
 }
 
 
-class ConsistencyLoss(abc.ABC):
+class ConsistencyLoss(Objective):
     """lambda(sigma_hi) d(f(x_hi, sigma_hi), stopgrad f-(x_lo, sigma_lo)), per sample."""
 
     needs_target = True
@@ -70,13 +72,13 @@ class ConsistencyLoss(abc.ABC):
         sigma_hi, sigma_lo = sigmas[n], sigmas[n + 1]
         z = batch_rng(generator).randn(x0.shape).to(x0)
         x_hi = x0 + broadcast_to_batch(sigma_hi, x0) * z
-        w = self.guidance_scales(class_labels, B, generator)
+        scales = self.guidance_scales(class_labels, B, generator)
         with torch.no_grad():
-            x_lo = self.lower(x_hi, x0, z, sigma_hi, sigma_lo, class_labels, w)
+            x_lo = self.lower(x_hi, x0, z, sigma_hi, sigma_lo, class_labels, scales)
             rng = SharedRNG(x0.device)  # the target and online passes share dropout masks
-            target_out = target(x_lo, sigma_lo, class_labels, **guidance_kwarg(w))
+            target_out = target(x_lo, sigma_lo, class_labels, **guidance_kwarg(scales))
         rng.replay()
-        online = net(x_hi, sigma_hi, class_labels, **guidance_kwarg(w))
+        online = net(x_hi, sigma_hi, class_labels, **guidance_kwarg(scales))
         loss = self.weighting(sigma_hi, sigma_lo) * self.distance(online, target_out)
         return loss, {"num_levels": len(sigmas)}
 
@@ -166,3 +168,19 @@ def ct_num_levels(k: int, K: int, s0: int, s1: int) -> int:
 def ct_target_rate(num_levels: int, s0: int, mu0: float) -> float:
     """mu(k) = exp(s0 ln(mu0) / N(k)) (the paper's form; OpenAI's code divides by N(k) - 1)."""
     return math.exp(s0 * math.log(mu0) / num_levels) if mu0 > 0 else 0.0
+
+
+register(MethodSpec(
+    name="cd", summary="consistency distillation from an EDM --teacher (one ODE step per pair of levels)",
+    source="Song et al. 2023, 'Consistency models'",
+    wrapper=ConsistencyFunction, teacher=True, starts_from_teacher=True, guided=True,
+    nullable={"objective.huber_c": float, "objective.guidance": list},
+    build=lambda config, teacher: ConsistencyDistillationLoss(
+        teacher, noise_of(config), **objective_options(config, "init_from_teacher"))))
+
+register(MethodSpec(
+    name="ct", summary="consistency training from scratch (no teacher; the N(k), mu(k) curricula)",
+    source="Song et al. 2023, 'Consistency models'",
+    wrapper=ConsistencyFunction, resolve=fix_horizon,
+    nullable={"objective.huber_c": float, "objective.total_steps": int},
+    build=lambda config, teacher: ConsistencyTrainingLoss(noise_of(config), **objective_options(config))))

@@ -13,7 +13,10 @@ import torch
 
 from ..batch_rng import batch_rng
 from ..noise import NoiseConfig, broadcast_to_batch
+from ..precond import ConsistencyFunction
+from .base import Objective
 from .distances import make_distance
+from .registry import MethodSpec, fix_horizon, noise_of, objective_options, register
 from .rng import SharedRNG
 
 
@@ -23,9 +26,7 @@ def ect_r(t: torch.Tensor, stage: int, k: float = 8.0, b: float = 1.0, q: float 
     return (t * (1 - n / q ** (stage + 1))).clamp(min=0)
 
 
-class EasyConsistencyTuningLoss:
-    needs_target = False
-
+class EasyConsistencyTuningLoss(Objective):
     def __init__(self, noise: NoiseConfig = NoiseConfig(), total_steps: int = 1, stages: int = 8,
                  p_mean: float = -1.1, p_std: float = 2.0, k: float = 8.0, b: float = 1.0, q: float = 2.0,
                  distance: str = "pseudo_huber", huber_c: float | None = 0.0):
@@ -38,9 +39,6 @@ class EasyConsistencyTuningLoss:
     def stage(self, step: int) -> int:
         """Stages of equal length over ``total_steps``; the last lasts to the end of the run."""
         return min(step * self.stages // self.total_steps, self.stages - 1)
-
-    def target_rate(self, step):
-        return 0.0
 
     def __call__(self, net, x0: torch.Tensor, *, step: int = 0, target=None, generator=None, class_labels=None):
         B = x0.shape[0]
@@ -59,3 +57,11 @@ class EasyConsistencyTuningLoss:
         rng.replay()
         loss = self.distance(net(x_t, t, class_labels), target_out) / (t - r)
         return loss, {"stage": self.stage(step), "r_zero": float((r == 0).float().mean())}
+
+
+register(MethodSpec(
+    name="ect", summary="easy consistency tuning: an EDM run (--init) tuned into a consistency model in stages",
+    source="Geng et al. 2024, 'Consistency models made easy'",
+    wrapper=ConsistencyFunction, init=True, resolve=fix_horizon,
+    nullable={"objective.total_steps": int},
+    build=lambda config, teacher: EasyConsistencyTuningLoss(noise_of(config), **objective_options(config))))

@@ -6,17 +6,18 @@ import torch
 
 from ..batch_rng import batch_rng
 from ..noise import broadcast_to_batch
+from ..precond import EDMDenoiser
+from .base import Objective
+from .registry import MethodSpec, noise_of, objective_options, register
 
 
-class EDMLoss:
+class EDMLoss(Objective):
     """lambda(sigma) ||D(x0 + sigma z, sigma) - x0||^2 with ln sigma ~ N(p_mean, p_std^2).
 
     lambda = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2 makes the loss of the ideal denoiser
     on N(0, sigma_data^2) data exactly 1 per dimension at every sigma. Returns per-sample losses
     (mean over dimensions).
     """
-
-    needs_target = False
 
     def __init__(self, sigma_data: float = 0.5, p_mean: float = -1.2, p_std: float = 1.2):
         self.sigma_data, self.p_mean, self.p_std = sigma_data, p_mean, p_std
@@ -31,3 +32,10 @@ class EDMLoss:
         denoised = net(x0 + broadcast_to_batch(sigma, x0) * z, sigma, class_labels)
         loss = weight * (denoised - x0).pow(2).flatten(1).mean(1)
         return loss, {}
+
+
+register(MethodSpec(
+    name="edm", summary="an EDM diffusion teacher (a denoiser, sampled with Heun's ODE solver)",
+    source="Karras et al. 2022, 'Elucidating the design space of diffusion-based generative models'",
+    wrapper=EDMDenoiser, diffusion=True,
+    build=lambda config, teacher: EDMLoss(noise_of(config).sigma_data, **objective_options(config))))

@@ -13,7 +13,9 @@ import torch
 
 from ..batch_rng import batch_rng
 from ..noise import NoiseConfig, broadcast_to_batch
+from ..precond import ConsistencyFunction
 from .consistency import ConsistencyLoss
+from .registry import MethodSpec, fix_horizon, noise_of, objective_options, register
 
 
 def ict_num_levels(k: int, total_steps: int, s0: int = 10, s1: int = 1280) -> int:
@@ -46,7 +48,7 @@ class ImprovedConsistencyTrainingLoss(ConsistencyLoss):
         return ict_num_levels(step, self.total_steps, self.s0, self.s1)
 
     def target_rate(self, step):
-        return 0.0
+        return 0.0  # no target network: the stop-gradient online network
 
     def sample_pairs(self, sigmas, batch, generator):
         probs = lognormal_pair_probs(sigmas.cpu(), self.p_mean, self.p_std)
@@ -54,3 +56,11 @@ class ImprovedConsistencyTrainingLoss(ConsistencyLoss):
 
     def lower(self, x_hi, x0, z, sigma_hi, sigma_lo, class_labels=None, guidance=None):
         return x0 + broadcast_to_batch(sigma_lo, x0) * z
+
+
+register(MethodSpec(
+    name="ict", summary="improved consistency training (pseudo-Huber, lognormal pairs, no EMA target)",
+    source="Song & Dhariwal 2023, 'Improved techniques for training consistency models'",
+    wrapper=ConsistencyFunction, resolve=fix_horizon,
+    nullable={"objective.huber_c": float, "objective.total_steps": int},
+    build=lambda config, teacher: ImprovedConsistencyTrainingLoss(noise_of(config), **objective_options(config))))

@@ -15,8 +15,11 @@ import torch
 
 from ..batch_rng import batch_rng
 from ..noise import broadcast_to_batch
-from .rng import SharedRNG
+from ..precond import MeanFlowModel
+from .base import Objective
 from .jvp import JVP_MODES, jvp
+from .registry import MethodSpec, objective_options, register
+from .rng import SharedRNG
 
 
 def logit_normal(n: int, p_mean: float, p_std: float, generator) -> torch.Tensor:
@@ -30,8 +33,8 @@ def meanflow_jvp(model, z, r, t, v, mode: str = "autograd", eps: float = 1e-3, c
     return jvp(u, (z, r, t), (v, torch.zeros_like(r), torch.ones_like(t)), mode, eps, model)
 
 
-class MeanFlowLoss:
-    needs_target = False
+class MeanFlowLoss(Objective):
+    """The MeanFlow loss on a `MeanFlowModel` (called through its ``velocity``)."""
 
     def __init__(self, p_mean: float = -0.4, p_std: float = 1.0, flow_fraction: float = 0.75,
                  adaptive_p: float = 1.0, adaptive_c: float = 1e-3, jvp: str = "autograd",
@@ -45,9 +48,6 @@ class MeanFlowLoss:
         self.p_mean, self.p_std, self.flow_fraction = p_mean, p_std, flow_fraction
         self.r_p_mean, self.r_p_std = r_p_mean, r_p_std
         self.p, self.c, self.jvp = adaptive_p, adaptive_c, jvp
-
-    def target_rate(self, step):
-        return 0.0
 
     def sample_times(self, n: int, generator) -> tuple[torch.Tensor, torch.Tensor]:
         """t >= r, both logit-normal; r = t for a ``flow_fraction`` of the samples. The pair is sorted;
@@ -68,15 +68,22 @@ class MeanFlowLoss:
         return u, v - broadcast_to_batch(t - r, v) * du_dt
 
     def __call__(self, net, x0: torch.Tensor, *, step: int = 0, target=None, generator=None, class_labels=None):
-        model = getattr(net, "_orig_mod", net)
         r, t = (s.to(x0) for s in self.sample_times(x0.shape[0], generator))
         eps = batch_rng(generator).randn(x0.shape).to(x0)
         z = broadcast_to_batch(1 - t, x0) * x0 + broadcast_to_batch(t, x0) * eps
         v = eps - x0
         with torch.no_grad():
             rng = SharedRNG(x0.device)
-            _, u_tgt = self.target(model, z, r, t, v, class_labels)
+            _, u_tgt = self.target(net, z, r, t, v, class_labels)
         rng.replay()
-        sq = (model.velocity(z, r, t, class_labels) - u_tgt).float().pow(2).flatten(1).sum(1)
+        sq = (net.velocity(z, r, t, class_labels) - u_tgt).float().pow(2).flatten(1).sum(1)
         weight = 1 / (sq.detach() + self.c) ** self.p
         return weight * sq, {"mse": float(sq.detach().mean() / x0[0].numel())}
+
+
+register(MethodSpec(
+    name="meanflow", summary="MeanFlow: the average velocity between two times, trained from scratch",
+    source="Geng et al. 2025, 'Mean flows for one-step generative modeling'",
+    wrapper=MeanFlowModel, time_derivative=True,
+    nullable={"objective.r_p_mean": float, "objective.r_p_std": float},
+    build=lambda config, teacher: MeanFlowLoss(**objective_options(config))))

@@ -23,10 +23,12 @@ from torch import nn
 
 from ..batch_rng import batch_rng
 from ..guidance import bind_condition, draw_scales
-from ..noise import NoiseConfig, broadcast_to_batch
-from ..precond import guidance_kwarg
+from ..noise import NoiseConfig, broadcast_to_batch, sigma_from_trigflow, trigflow_from_sigma
+from ..precond import EDMDenoiser
+from .base import Objective
 from .consistency import check_guidance_range
 from .jvp import JVP_MODES, jvp
+from .registry import MethodSpec, noise_of, objective_options, register, with_objective
 from .rng import SharedRNG
 
 
@@ -47,12 +49,9 @@ class AdaptiveWeight(nn.Module):
 
 
 def trigflow_F(model, class_labels=None, guidance=None) -> callable:
-    """(u, t) -> F_trig(u, t) = -backbone(u, c_noise(sd tan t)) of an EDM-shaped model, u = x_t / sd."""
-    sd = model.noise.sigma_data
-    extra = guidance_kwarg(guidance)
-
+    """(u, t) -> F_trig(u, t) of an `EDMDenoiser` (`EDMDenoiser.trigflow`), u = x_t / sd."""
     def F(u, t):
-        return -model.backbone(u, model.c_noise(sd * torch.tan(t)), class_labels, **extra)
+        return model.trigflow(u, t, class_labels, guidance)
     return F
 
 
@@ -64,17 +63,15 @@ def jvp_F(F, u, t, du, mode: str = "autograd", eps: float = 1e-3, module=None):
 def teacher_velocity(teacher, x_t: torch.Tensor, t: torch.Tensor, sd: float) -> torch.Tensor:
     """dx_t/dt of the PF-ODE in TrigFlow, from an EDM denoiser D(x_sigma, sigma) (labels bound)."""
     cos, sin = broadcast_to_batch(t.cos(), x_t), broadcast_to_batch(t.sin(), x_t)
-    x0_hat = teacher(x_t / cos, sd * torch.tan(t))
+    x0_hat = teacher(x_t / cos, sigma_from_trigflow(t, sd))
     z_hat = (x_t - cos * x0_hat) / sin
     return cos * z_hat - sin * x0_hat
 
 
-class ContinuousConsistencyLoss:
+class ContinuousConsistencyLoss(Objective):
     """sCT (``teacher=None``: dx_t/dt = cos t z' - sin t x0) or sCD (the teacher's velocity; with
     ``guidance = (lo, hi)``, that of its classifier-free-guided denoiser at w ~ U[lo, hi] per
     sample, w given to the student as an input)."""
-
-    needs_target = False
 
     def __init__(self, noise: NoiseConfig = NoiseConfig(), teacher=None, p_mean: float = -1.0,
                  p_std: float = 1.4, tangent_warmup: int = 10000, tangent_norm_c: float = 0.1,
@@ -95,40 +92,36 @@ class ContinuousConsistencyLoss:
         """Trained alongside the network and saved in checkpoints."""
         return {"weighting": self.weight} if self.weight is not None else {}
 
-    def target_rate(self, step):
-        return 0.0
-
     def warmup(self, step: int) -> float:
         return 1.0 if self.tangent_warmup == 0 else min(1.0, step / self.tangent_warmup)
 
-    def tangent(self, F_minus, dF_dt, x_t, v, t, r: float):
-        """g before normalisation."""
+    def tangent(self, F_minus, dF_dt, x_t, v, t, warmup: float):
+        """g before normalisation (``warmup``: the tangent warm-up factor r of the paper, 0 -> 1)."""
         sd = self.noise.sigma_data
         cos, sin = broadcast_to_batch(t.cos(), x_t), broadcast_to_batch(t.sin(), x_t)
-        return -cos**2 * (sd * F_minus - v) - r * cos * sin * (x_t + sd * dF_dt)
+        return -cos**2 * (sd * F_minus - v) - warmup * cos * sin * (x_t + sd * dF_dt)
 
     def __call__(self, net, x0: torch.Tensor, *, step: int = 0, target=None, generator=None, class_labels=None):
         sd, B = self.noise.sigma_data, x0.shape[0]
         rng = batch_rng(generator)
         sigma = (self.p_mean + self.p_std * rng.randn((B,))).exp()
-        t = torch.atan(sigma.clamp(self.noise.sigma_min, self.noise.sigma_max) / sd).to(x0)
+        t = trigflow_from_sigma(sigma.clamp(self.noise.sigma_min, self.noise.sigma_max), sd).to(x0)
         z = sd * rng.randn(x0.shape).to(x0)
         cos, sin = broadcast_to_batch(t.cos(), x0), broadcast_to_batch(t.sin(), x0)
         x_t = cos * x0 + sin * z
-        model = getattr(net, "_orig_mod", net)  # the JVP runs on the plain module
-        w = None
+        scales = None
         if self.guidance is not None:
             if class_labels is None:
                 raise ValueError("guided distillation needs class labels")
-            w = draw_scales(self.guidance, B, rng).to(x0.device)
-        F = trigflow_F(model, class_labels, w)
+            scales = draw_scales(self.guidance, B, rng).to(x0.device)
+        F = trigflow_F(net, class_labels, scales)
         with torch.no_grad():
             v = (cos * z - sin * x0 if self.teacher is None
-                 else teacher_velocity(bind_condition(self.teacher, class_labels, w), x_t, t, sd))
+                 else teacher_velocity(bind_condition(self.teacher, class_labels, scales), x_t, t, sd))
             rng = SharedRNG(x0.device)
-            F_minus, dF_dt = jvp_F(F, x_t / sd, t, v / sd, self.jvp, module=model)
-            r = self.warmup(step)
-            g = self.tangent(F_minus, dF_dt, x_t, v, t, r)
+            F_minus, dF_dt = jvp_F(F, x_t / sd, t, v / sd, self.jvp, module=net)
+            warmup = self.warmup(step)
+            g = self.tangent(F_minus, dF_dt, x_t, v, t, warmup)
             norm = g.flatten(1).norm(dim=1)
             g = g / broadcast_to_batch(norm + self.c, g)
         rng.replay()
@@ -140,6 +133,31 @@ class ContinuousConsistencyLoss:
         if self.weight is None:
             loss = sq / dim
         else:
-            w = self.weight(t)
-            loss = w.exp() / dim * sq - w
-        return loss, {"tangent_warmup": r, "g_norm": float(norm.mean())}
+            log_weight = self.weight(t)
+            loss = log_weight.exp() / dim * sq - log_weight
+        return loss, {"tangent_warmup": warmup, "g_norm": float(norm.mean())}
+
+
+def resolve_tangent_warmup(config: dict) -> dict:
+    """The tangent warm-up (null: the paper's 10k steps, at most a quarter of the run), fixed in
+    the saved config."""
+    warmup = config["objective"]["tangent_warmup"]
+    return with_objective(config, tangent_warmup=min(10000, config["train"]["steps"] // 4) if warmup is None
+                          else warmup)
+
+
+SCM_SOURCE = "Lu & Song 2024, 'Simplifying, stabilizing and scaling continuous-time consistency models'"
+
+register(MethodSpec(
+    name="sct", summary="continuous-time consistency training (sCT; TrigFlow, a JVP along the ODE; --init from EDM)",
+    source=SCM_SOURCE, wrapper=EDMDenoiser, init=True, time_derivative=True, resolve=resolve_tangent_warmup,
+    nullable={"objective.tangent_warmup": int},
+    build=lambda config, teacher: ContinuousConsistencyLoss(noise_of(config), **objective_options(config))))
+
+register(MethodSpec(
+    name="scd", summary="continuous-time consistency distillation (sCD) from an EDM --teacher",
+    source=SCM_SOURCE, wrapper=EDMDenoiser, teacher=True, init=True, starts_from_teacher=True, guided=True,
+    time_derivative=True, resolve=resolve_tangent_warmup,
+    nullable={"objective.tangent_warmup": int, "objective.guidance": list},
+    build=lambda config, teacher: ContinuousConsistencyLoss(noise_of(config), teacher=teacher,
+                                                            **objective_options(config))))

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..errors import CmkitError
-from ..sampling import sample_consistency, sample_heun
+from ..sampling import sample_levels
 
 
 @dataclass(frozen=True)
@@ -51,11 +51,9 @@ class Engine:
             raise CmkitError(f"steps must be in [1, {cap}], got {steps}")
         if sigmas is not None and not 1 <= len(sigmas) <= cap:
             raise CmkitError(f"give 1 to {cap} sigmas, got {len(sigmas)}")
-        if sigmas is not None and any(b >= a for a, b in zip(sigmas, sigmas[1:])):
-            raise CmkitError("sigmas must decrease")
-        levels = run.sigmas_for(steps, sigmas)
+        levels = run.sigmas_for(steps, sigmas)  # checks explicit sigmas
         labels = run.labels(class_spec, n, seed)
-        run.guided(guidance, labels)  # checks the guidance request now, not in the worker
+        run.network(guidance, labels)  # checks the guidance request now, not in the worker
         gen = torch.Generator().manual_seed(seed)
         noise = torch.randn(n, *run.shape, generator=gen)
         renoise = [] if run.is_diffusion else [torch.randn(n, *run.shape, generator=gen) for _ in levels[1:]]
@@ -72,13 +70,12 @@ class Engine:
         sizes = [len(w.noise) for w in work]
         noise = torch.cat([w.noise for w in work]).to(run.device)
         labels = None if first.labels is None else torch.cat([w.labels for w in work]).to(run.device)
-        model = run.guided(first.guidance, labels)
+        model = run.network(first.guidance, labels)
         levels = first.levels.to(run.device)
-        x = noise * levels[0]
-        if run.is_diffusion:
-            x = sample_heun(model, x, levels, labels)
-        else:
+        renoise = None
+        if not run.is_diffusion:
             renoise = [torch.cat([w.renoise[i] for w in work]).to(run.device) for i in range(len(levels) - 1)]
-            x = sample_consistency(model, x, levels, labels, sigma_min=run.noise.sigma_min, noises=renoise)
+        x = sample_levels(model, noise * levels[0], levels, labels, diffusion=run.is_diffusion,
+                          sigma_min=run.noise.sigma_min, noises=renoise)
         data = run.scaler.to_data(x.float().cpu())
         return list(np.split(data, np.cumsum(sizes)[:-1]))

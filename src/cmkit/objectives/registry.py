@@ -1,0 +1,141 @@
+"""The method registry: one `MethodSpec` per training method, defined next to its objective.
+
+Everything the rest of cmkit asks about a method is read from its spec: the command line's
+``--method`` choices and help, the config defaults (``configs/<name>.json`` over
+``configs/base.json``), the trainer (the objective, the derived config values, ``--teacher`` and
+``--init``), `cmkit.Run` (the model wrapper, how it samples), export and serve. No other module
+names a method. Adding one is an objective file that ends with ``register(MethodSpec(...))``, a
+config file and tests (docs/design.md, "How to add a method").
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Callable
+
+from torch import nn
+
+from ..errors import CmkitError
+from ..noise import NoiseConfig
+from ..precond import ConsistencyFunction
+
+
+def _same(config: dict) -> dict:
+    return config
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """What a training method is.
+
+    name         the ``--method`` value, and the name in run directories' config.json
+    summary      one line for ``cmkit train --help`` and docs/methods.md
+    source       the paper the formulas come from
+    wrapper      the preconditioning module around the backbone (`cmkit.precond`); its class
+                 decides what a trained run is: a denoiser or a consistency function
+    build        (resolved config, teacher model or None) -> the objective (`Objective`)
+    resolve      config -> a new config with the method's derived values filled in (say a
+                 curriculum's horizon); called once before training, never edits its argument
+    diffusion    a diffusion teacher: sampled with an ODE solver (Heun/Euler), the source of
+                 ``--teacher`` and ``--init``; otherwise a consistency model (1 network call per step)
+    teacher      needs ``--teacher`` (a diffusion run), and takes its model, noise range and data
+                 units from it (the config has no ``model``/``noise`` sections)
+    init         accepts ``--init`` (a diffusion run whose weights it starts from)
+    starts_from_teacher  with a teacher and no ``--init``, start from the teacher's weights
+    guided       can distill classifier-free guidance (``--guidance LO,HI``)
+    time_derivative  differentiates the network along the noise level (JVP)
+    nullable     types of the method's config keys whose default is null
+    config       the defaults file (default: the packaged ``configs/<name>.json``)
+    """
+
+    name: str
+    summary: str
+    source: str
+    wrapper: type[nn.Module]
+    build: Callable
+    resolve: Callable[[dict], dict] = _same
+    diffusion: bool = False
+    teacher: bool = False
+    init: bool = False
+    starts_from_teacher: bool = False
+    guided: bool = False
+    time_derivative: bool = False
+    nullable: dict = field(default_factory=dict)
+    config: Path | None = None
+
+    @property
+    def export_formats(self) -> tuple[str, ...]:
+        """How a trained run exports: ONNX for every consistency model, a diffusers
+        ConsistencyModelPipeline for those with its boundary-condition parametrization."""
+        if self.diffusion:
+            return ()
+        return ("diffusers", "onnx") if issubclass(self.wrapper, ConsistencyFunction) else ("onnx",)
+
+    def defaults_file(self) -> str:
+        """The method's defaults as text."""
+        if self.config is not None:
+            return Path(self.config).read_text()
+        return resources.files("cmkit").joinpath("configs", f"{self.name}.json").read_text()
+
+
+_METHODS: dict[str, MethodSpec] = {}
+
+
+def register(spec: MethodSpec) -> MethodSpec:
+    """Add ``spec`` to the registry (a second spec of the same name is an error)."""
+    if spec.name in _METHODS and _METHODS[spec.name] is not spec:
+        raise ValueError(f"method {spec.name!r} is already registered")
+    _METHODS[spec.name] = spec
+    return spec
+
+
+def unregister(name: str) -> None:
+    """Remove a method (for tests that register a throwaway one)."""
+    _METHODS.pop(name, None)
+
+
+def methods() -> dict[str, MethodSpec]:
+    """Every registered method, by name, in registration order."""
+    return dict(_METHODS)  # cmkit.objectives imports every built-in objective, which registers it
+
+
+def method_names() -> tuple[str, ...]:
+    return tuple(methods())
+
+
+def get_method(name: str) -> MethodSpec:
+    """The spec of ``name``; an unknown name is a one-line error listing the known ones."""
+    known = methods()
+    if name not in known:
+        import difflib
+        close = difflib.get_close_matches(str(name), known, n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise CmkitError(f"unknown method {name!r}{hint}; known: {', '.join(known)}")
+    return known[name]
+
+
+def noise_of(config: dict) -> NoiseConfig:
+    """The run's noise range (its ``noise`` section)."""
+    return NoiseConfig(**config["noise"])
+
+
+def objective_options(config: dict, *drop: str) -> dict:
+    """The ``objective`` section as keyword arguments, less ``drop``."""
+    return {k: copy.deepcopy(v) for k, v in config["objective"].items() if k not in drop}
+
+
+def with_objective(config: dict, **values) -> dict:
+    """A copy of ``config`` with ``values`` set in its objective section."""
+    out = copy.deepcopy(config)
+    out["objective"].update(values)
+    return out
+
+
+def fix_horizon(config: dict) -> dict:
+    """A curriculum's horizon ``objective.total_steps`` (null: the run's length), fixed in the
+    saved config so that a resume with another ``--steps`` keeps it."""
+    horizon = config["objective"]["total_steps"]
+    return with_objective(config, total_steps=horizon or config["train"]["steps"])
