@@ -17,11 +17,13 @@ from PIL import Image
 
 from cmkit.checkpoint import checkpoint_dir, load_training_state, load_weights, read_run_config
 from cmkit.cli import build_parser
-from cmkit.config import METHODS, build_config, default_config
+from cmkit.config import build_config, check_config, default_config
 from cmkit.data.files import load_labelled_array
 from cmkit.data.images import load_image_array, load_image_folder, read_idx
 from cmkit.errors import CmkitError
-from cmkit.train import _check_config
+from cmkit.distributed import World
+from cmkit.objectives import method_names
+from cmkit.train import _check_machine
 
 # CI runs a fixed set of examples (derandomized), so a run cannot fail by luck; a deeper, random
 # search: CMKIT_FUZZ_EXAMPLES=5000 python -m pytest tests/test_fuzz.py
@@ -53,7 +55,7 @@ def test_cli_parser_takes_any_arguments(command, argv):
 
 def _config_keys() -> list[str]:
     keys = set()
-    for method in METHODS:
+    for method in method_names():
         for section, values in default_config(method).items():
             if isinstance(values, dict):
                 keys |= {f"{section}.{k}" for k in values}
@@ -68,13 +70,14 @@ JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers() | st.floats
 
 
 @FUZZ
-@given(st.sampled_from(METHODS), st.lists(st.tuples(st.sampled_from(_config_keys()) | st.text(max_size=12),
+@given(st.sampled_from(method_names()), st.lists(st.tuples(st.sampled_from(_config_keys()) | st.text(max_size=12),
                                                     JSON_VALUES), max_size=4))
 def test_config_builder_and_checks_take_any_settings(method, assignments):
     sets = [f"{key}={json.dumps(value)}" for key, value in assignments]
     try:
         config = build_config(method, sets=sets, **{"data.name": "moons"})
-        _check_config(config)
+        check_config(config)
+        _check_machine(config, World())
     except CmkitError as e:
         assert "\n" not in str(e)
 

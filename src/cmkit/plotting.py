@@ -1,14 +1,17 @@
-"""Figures (matplotlib, headless)."""
+"""Figures (matplotlib, headless). matplotlib loads on the first figure, not with cmkit."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
 
 
 def scatter_panels(panels: list[tuple[str, np.ndarray]], path: str | Path, limits=None) -> None:
@@ -18,6 +21,7 @@ def scatter_panels(panels: list[tuple[str, np.ndarray]], path: str | Path, limit
         lo, hi = np.percentile(allpts, 0.5, axis=0), np.percentile(allpts, 99.5, axis=0)
         pad = 0.1 * (hi - lo)
         limits = (lo - pad, hi + pad)
+    plt = _pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.4), squeeze=False)
     for ax, (title, pts) in zip(axes[0], panels):
         ax.scatter(pts[:, 0], pts[:, 1], s=1, alpha=0.4, linewidths=0)

@@ -51,7 +51,7 @@ def _source_run(config: dict, key: str, flag: str) -> Run:
     source = Run(path)
     if not source.spec.diffusion:
         role = "teacher" if key == "teacher" else "run to start from"
-        raise CmkitError(f"{flag} {path} is a {source.method} run; {config['method']} needs a "
+        raise CmkitError(f"{flag} {path} is a {source.method} run; {config['method']} needs an "
                          f"{_diffusion_names()} {role}")
     return source
 

@@ -173,7 +173,8 @@ def ct_target_rate(num_levels: int, s0: int, mu0: float) -> float:
 register(MethodSpec(
     name="cd", summary="consistency distillation from an EDM --teacher (one ODE step per pair of levels)",
     source="Song et al. 2023, 'Consistency models'",
-    wrapper=ConsistencyFunction, teacher=True, starts_from_teacher=True, guided=True,
+    objective=ConsistencyDistillationLoss, wrapper=ConsistencyFunction, teacher=True, starts_from_teacher=True,
+    guided=True,
     nullable={"objective.huber_c": float, "objective.guidance": list},
     build=lambda config, teacher: ConsistencyDistillationLoss(
         teacher, noise_of(config), **objective_options(config, "init_from_teacher"))))
@@ -181,6 +182,6 @@ register(MethodSpec(
 register(MethodSpec(
     name="ct", summary="consistency training from scratch (no teacher; the N(k), mu(k) curricula)",
     source="Song et al. 2023, 'Consistency models'",
-    wrapper=ConsistencyFunction, resolve=fix_horizon,
+    objective=ConsistencyTrainingLoss, wrapper=ConsistencyFunction, resolve=fix_horizon,
     nullable={"objective.huber_c": float, "objective.total_steps": int},
     build=lambda config, teacher: ConsistencyTrainingLoss(noise_of(config), **objective_options(config))))

@@ -62,6 +62,6 @@ class EasyConsistencyTuningLoss(Objective):
 register(MethodSpec(
     name="ect", summary="easy consistency tuning: an EDM run (--init) tuned into a consistency model in stages",
     source="Geng et al. 2024, 'Consistency models made easy'",
-    wrapper=ConsistencyFunction, init=True, resolve=fix_horizon,
+    objective=EasyConsistencyTuningLoss, wrapper=ConsistencyFunction, init=True, resolve=fix_horizon,
     nullable={"objective.total_steps": int},
     build=lambda config, teacher: EasyConsistencyTuningLoss(noise_of(config), **objective_options(config))))

@@ -37,5 +37,5 @@ class EDMLoss(Objective):
 register(MethodSpec(
     name="edm", summary="an EDM diffusion teacher (a denoiser, sampled with Heun's ODE solver)",
     source="Karras et al. 2022, 'Elucidating the design space of diffusion-based generative models'",
-    wrapper=EDMDenoiser, diffusion=True,
+    objective=EDMLoss, wrapper=EDMDenoiser, diffusion=True,
     build=lambda config, teacher: EDMLoss(noise_of(config).sigma_data, **objective_options(config))))

@@ -61,6 +61,6 @@ class ImprovedConsistencyTrainingLoss(ConsistencyLoss):
 register(MethodSpec(
     name="ict", summary="improved consistency training (pseudo-Huber, lognormal pairs, no EMA target)",
     source="Song & Dhariwal 2023, 'Improved techniques for training consistency models'",
-    wrapper=ConsistencyFunction, resolve=fix_horizon,
+    objective=ImprovedConsistencyTrainingLoss, wrapper=ConsistencyFunction, resolve=fix_horizon,
     nullable={"objective.huber_c": float, "objective.total_steps": int},
     build=lambda config, teacher: ImprovedConsistencyTrainingLoss(noise_of(config), **objective_options(config))))

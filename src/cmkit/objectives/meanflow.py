@@ -84,6 +84,6 @@ class MeanFlowLoss(Objective):
 register(MethodSpec(
     name="meanflow", summary="MeanFlow: the average velocity between two times, trained from scratch",
     source="Geng et al. 2025, 'Mean flows for one-step generative modeling'",
-    wrapper=MeanFlowModel, time_derivative=True,
+    objective=MeanFlowLoss, wrapper=MeanFlowModel, time_derivative=True,
     nullable={"objective.r_p_mean": float, "objective.r_p_std": float},
     build=lambda config, teacher: MeanFlowLoss(**objective_options(config))))

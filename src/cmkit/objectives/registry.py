@@ -34,6 +34,7 @@ class MethodSpec:
     name         the ``--method`` value, and the name in run directories' config.json
     summary      one line for ``cmkit train --help`` and docs/methods.md
     source       the paper the formulas come from
+    objective    the objective class (`Objective`)
     wrapper      the preconditioning module around the backbone (`cmkit.precond`); its class
                  decides what a trained run is: a denoiser or a consistency function
     build        (resolved config, teacher model or None) -> the objective (`Objective`)
@@ -54,6 +55,7 @@ class MethodSpec:
     name: str
     summary: str
     source: str
+    objective: type
     wrapper: type[nn.Module]
     build: Callable
     resolve: Callable[[dict], dict] = _same
@@ -139,3 +141,17 @@ def fix_horizon(config: dict) -> dict:
     saved config so that a resume with another ``--steps`` keeps it."""
     horizon = config["objective"]["total_steps"]
     return with_objective(config, total_steps=horizon or config["train"]["steps"])
+
+
+def methods_table() -> str:
+    """The registry as the Markdown table docs/methods.md shows (a test keeps them equal)."""
+    rows = ["| method | what it is | starts from | objective | network | samples with | exports |",
+            "|---|---|---|---|---|---|---|"]
+    for name, spec in methods().items():
+        needs = ["`--teacher`" if spec.teacher else "", "`--init` (optional)" if spec.init else ""]
+        rows.append(f"| `{name}` | {spec.summary} | {' + '.join(n for n in needs if n) or 'data'} "
+                    f"| `{spec.objective.__name__}` "
+                    f"| `{spec.wrapper.__name__}` | {'Heun/Euler ODE steps' if spec.diffusion else 'consistency steps'} "
+                    f"| {', '.join(spec.export_formats) or '-'} |")
+    return "\n".join(rows) + "\n"
+

@@ -150,14 +150,15 @@ SCM_SOURCE = "Lu & Song 2024, 'Simplifying, stabilizing and scaling continuous-t
 
 register(MethodSpec(
     name="sct", summary="continuous-time consistency training (sCT; TrigFlow, a JVP along the ODE; --init from EDM)",
-    source=SCM_SOURCE, wrapper=EDMDenoiser, init=True, time_derivative=True, resolve=resolve_tangent_warmup,
+    source=SCM_SOURCE, objective=ContinuousConsistencyLoss, wrapper=EDMDenoiser, init=True, time_derivative=True,
+    resolve=resolve_tangent_warmup,
     nullable={"objective.tangent_warmup": int},
     build=lambda config, teacher: ContinuousConsistencyLoss(noise_of(config), **objective_options(config))))
 
 register(MethodSpec(
     name="scd", summary="continuous-time consistency distillation (sCD) from an EDM --teacher",
-    source=SCM_SOURCE, wrapper=EDMDenoiser, teacher=True, init=True, starts_from_teacher=True, guided=True,
-    time_derivative=True, resolve=resolve_tangent_warmup,
+    source=SCM_SOURCE, objective=ContinuousConsistencyLoss, wrapper=EDMDenoiser, teacher=True, init=True,
+    starts_from_teacher=True, guided=True, time_derivative=True, resolve=resolve_tangent_warmup,
     nullable={"objective.tangent_warmup": int, "objective.guidance": list},
     build=lambda config, teacher: ContinuousConsistencyLoss(noise_of(config), teacher=teacher,
                                                             **objective_options(config))))
