@@ -79,6 +79,22 @@ def test_no_module_outside_the_objectives_names_a_method():
     assert not offenders, offenders
 
 
+def test_the_editing_tasks_are_one_table():
+    """`cmkit edit`'s subcommands and the server's edit endpoints are the rows of editing.TASKS."""
+    from cmkit.editing import TASKS
+    from cmkit.serve.app import EDIT_TASKS
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    edit = next(a for a in sub.choices["edit"]._actions if a.dest == "task")
+    assert list(edit.choices) == list(TASKS)
+    assert list(EDIT_TASKS) == [name for name, task in TASKS.items() if task.image]
+    for name, task in TASKS.items():
+        options = {o for a in edit.choices[name]._actions for o in a.option_strings}
+        assert ("--mask" in options) == task.mask and ("--factor" in options) == task.factor
+        assert ("--sigma" in options) == task.sigma and ("--n" in options) == task.variations
+        assert ("--steps" in options) == task.steps and ("--sigmas" in options) == task.levels
+
+
 def test_export_formats_follow_the_wrapper():
     for spec in methods().values():
         if spec.diffusion:

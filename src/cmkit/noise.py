@@ -68,10 +68,10 @@ def parse_sigmas(text: str) -> list[float]:
         values = [float(s) for s in text.split(",") if s.strip()]
     except ValueError:
         raise ValueError(f"--sigmas must be comma-separated numbers, got {text!r}") from None
-    return check_sigmas(values)
+    return check_sigmas(values, what="--sigmas")
 
 
-def check_sigmas(values, noise: "NoiseConfig | None" = None, *, what: str = "--sigmas") -> list[float]:
+def check_sigmas(values, noise: "NoiseConfig | None" = None, *, what: str = "sigmas") -> list[float]:
     """User-given noise levels as a list of floats, refused unless non-empty, finite, positive,
     strictly decreasing and (given ``noise``) within [sigma_min, sigma_max]. The one check of
     explicit levels: the command line, the Python API, the server and the editing tasks use it."""

@@ -9,7 +9,6 @@ folder (one PNG per output); interpolation writes a .png strip or a .gif.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
@@ -17,53 +16,46 @@ import torch
 
 from ..errors import CmkitError
 
-TASKS = ("inpaint", "colorize", "superres", "stroke", "denoise", "interpolate")
-
-
 def add_parser(sub, seed_type, sigma_list, class_spec) -> None:
-    p = sub.add_parser("edit", help="zero-shot editing: inpaint, colorize, superres, stroke, denoise, interpolate")
+    from .tasks import TASKS
+
+    p = sub.add_parser("edit", help=f"zero-shot editing: {', '.join(TASKS)}")
     tasks = p.add_subparsers(dest="task", required=True, parser_class=type(p))
-    helps = {"inpaint": "fill the white pixels of --mask (or a --box)",
-             "colorize": "colour grey images (RGB models)",
-             "superres": "make --factor times larger images whose patch means are the input",
-             "stroke": "turn a stroke painting into a realistic image (SDEdit)",
-             "denoise": "remove Gaussian noise of a known --sigma",
-             "interpolate": "one-step samples along the great circle between two seeds' noises"}
-    for task in TASKS:
-        t = tasks.add_parser(task, help=helps[task])
+    for task in TASKS.values():
+        t = tasks.add_parser(task.name, help=task.help)
         t.add_argument("--checkpoint", required=True, help="run directory (any method; a teacher edits through "
                        "its ODE flow map)")
-        t.add_argument("--out", required=True, help=".png, .npz or a folder" if task != "interpolate"
-                       else ".png strip or .gif")
+        t.add_argument("--out", required=True, help=".png, .npz or a folder" if task.image else ".png strip or .gif")
         t.add_argument("--seed", type=seed_type, default=0, help="fixes the noise (default 0)")
         t.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
         t.add_argument("--class", dest="class_spec", type=class_spec,
                        help="class-conditional runs: an index or name, or a comma list (one per input); default "
-                       "'null' for runs trained with --label-dropout" + (", else seed A's class" if task == "interpolate" else ""))
+                       "'null' for runs trained with --label-dropout" + ("" if task.image else ", else seed A's class"))
         t.add_argument("--guidance", type=float, help="classifier-free guidance scale (see cmkit sample --help)")
         t.add_argument("--quiet", action="store_true")
-        if task == "interpolate":
+        if not task.image:  # interpolation
             t.add_argument("--seed-a", type=seed_type, required=True)
             t.add_argument("--seed-b", type=seed_type, required=True)
             t.add_argument("--frames", type=int, default=8)
             continue
         t.add_argument("--input", required=True, help="image file, folder of images, or uint8 .npy/.npz")
-        if task == "denoise":
+        if task.sigma:
             t.add_argument("--sigma", type=float, required=True,
                            help="the noise's standard deviation in model units ([-1, 1] images: 0.2 is about "
                            "25 of 255 grey levels)")
-            continue
-        t.add_argument("--n", type=int, default=1, help="variations per input")
+        if task.variations:
+            t.add_argument("--n", type=int, default=1, help="variations per input")
         group = t.add_mutually_exclusive_group()
-        group.add_argument("--sigmas", type=sigma_list, help="decreasing noise levels (default: " +
-                           ("5.38,2.24, the paper's)" if task == "stroke" else "--steps levels of a Karras grid)"))
-        if task != "stroke":
+        if task.levels:
+            group.add_argument("--sigmas", type=sigma_list, help="decreasing noise levels (default: " +
+                               ("--steps levels of a Karras grid)" if task.steps else "5.38,2.24, the paper's)"))
+        if task.steps:
             group.add_argument("--steps", type=int, default=10, help="levels of the default grid (default 10)")
-        if task == "inpaint":
+        if task.mask:
             where = t.add_mutually_exclusive_group(required=True)
             where.add_argument("--mask", help="mask image (white = fill in), the input's size")
             where.add_argument("--box", help="x,y,w,h rectangle to fill in (pixels of the input)")
-        if task == "superres":
+        if task.factor:
             t.add_argument("--factor", type=int, required=True, help="upscaling factor p (2..8)")
 
 
@@ -142,7 +134,8 @@ def cmd_edit(args, device: str) -> None:
     from . import tasks
 
     out = Path(args.out)
-    if args.task == "interpolate":
+    interpolating = not tasks.TASKS[args.task].image
+    if interpolating:
         if out.suffix.lower() not in (".png", ".gif"):
             raise CmkitError(f"interpolate writes a .png strip or a .gif, got {out.name!r}")
     elif out.suffix.lower() not in (".png", ".npz", ""):
@@ -153,33 +146,25 @@ def cmd_edit(args, device: str) -> None:
     if not run.is_image:
         raise CmkitError(f"cmkit edit needs an image model; {args.checkpoint} was trained on vectors "
                          "(the Python function cmkit.editing.edit works on any tensor)")
-    if args.task == "interpolate":
+    if interpolating:
         frames = tasks.interpolate(run, args.seed_a, args.seed_b, args.frames, class_labels=args.class_spec,
                                    guidance=args.guidance)
         _write_strip(frames, out)
         _done(args, f"wrote {len(frames)} frames to {out}")
         return
+    task = tasks.TASKS[args.task]
     raw = read_inputs(args.input)
-    inputs = raw if args.task == "superres" else _fit(run, raw, allow_grey_for_rgb=args.task == "colorize")
-    common = {"class_labels": args.class_spec, "guidance": args.guidance}
-    if args.task != "denoise":
-        common.update(n=args.n, seed=args.seed)
-    if args.task not in ("denoise", "stroke"):
-        common["sigmas"], common["steps"] = args.sigmas, args.steps
-    if args.task == "inpaint":
-        result = tasks.inpaint(run, inputs, _mask(args, run, raw.shape[2:]), **common)
-    elif args.task == "colorize":
-        result = tasks.colorize(run, inputs, **common)
-    elif args.task == "superres":
-        low = _channels_only(run, raw)
-        result = tasks.superres(run, low, args.factor, **common)
-        inputs = np.repeat(np.repeat(low, args.factor, 2), args.factor, 3)  # shown beside, enlarged
-    elif args.task == "stroke":
-        result = tasks.stroke(run, inputs, **({"sigmas": args.sigmas} if args.sigmas else {}), **common)
+    if task.factor:  # the input is the low-resolution image: only its channels are fitted
+        inputs = _channels_only(run, raw)
     else:
-        result = tasks.denoise(run, inputs, args.sigma, **common)
-    n = 1 if args.task == "denoise" else args.n
-    _write_edits(inputs, result, n, out)
+        inputs = _fit(run, raw, allow_grey_for_rgb=task.grey_input)
+    result = tasks.run_task(run, task.name, inputs, mask=_mask(args, run, raw.shape[2:]) if task.mask else None,
+                            factor=getattr(args, "factor", None), sigma=getattr(args, "sigma", None),
+                            n=getattr(args, "n", 1), seed=args.seed, sigmas=getattr(args, "sigmas", None),
+                            steps=getattr(args, "steps", None), class_labels=args.class_spec, guidance=args.guidance)
+    if task.factor:
+        inputs = np.repeat(np.repeat(inputs, args.factor, 2), args.factor, 3)  # shown beside, enlarged
+    _write_edits(inputs, result, getattr(args, "n", 1), out)
     _done(args, f"wrote {len(result)} edited image(s) to {out}")
 
 

@@ -7,11 +7,14 @@ them.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import numpy as np
 import torch
 
 from ..errors import CmkitError
-from ..noise import karras_sigmas
+from ..noise import check_sigmas, karras_sigmas
 from .algorithm import edit, flow_map, slerp
 from .operators import ChannelMix, Identity, PatchOrthogonal
 
@@ -76,8 +79,10 @@ def _run_edit(run, y: torch.Tensor, *, sigmas, operator=None, mask=None, n: int 
         raise CmkitError(f"--n must be positive, got {n}")
     labels = edit_labels(run, class_labels, len(y), n, seed)
     model = consistency_function(run, teacher_steps, guidance, labels)
-    if sigmas[0] > run.noise.sigma_max or sigmas[-1] < run.noise.sigma_min:
-        raise CmkitError(f"--sigmas must lie in [{run.noise.sigma_min}, {run.noise.sigma_max}]")
+    try:
+        sigmas = check_sigmas(sigmas, run.noise)
+    except ValueError as e:
+        raise CmkitError(str(e)) from None
     y = y.repeat_interleave(n, 0).to(run.device)
     if mask is not None and mask.shape[0] > 1:
         mask = mask.repeat_interleave(n, 0)
@@ -182,3 +187,62 @@ def interpolate(run, seed_a: int, seed_b: int, frames: int, *, class_labels=None
         f = consistency_function(run, teacher_steps=18, guidance=guidance, labels=labels)
         x = f(z.to(run.device) * sigma, sigma, labels)
     return run.scaler.to_data(x)
+
+
+@dataclass(frozen=True)
+class EditTask:
+    """One editing task as the front ends (``cmkit edit``, ``cmkit serve``) offer it: what it is
+    called, what it takes besides the run, and the function that does it.
+
+    image        takes input images (interpolation makes its frames from two seeds instead)
+    mask         takes a mask (True = fill in)          factor  takes an upscaling factor
+    sigma        takes the input noise's sigma          levels  takes noise levels (sigmas)
+    steps        takes a number of levels of the default grid
+    variations   makes ``n`` variations per input from ``seed``
+    grey_input   accepts grey inputs for an RGB model (colorization)
+    """
+
+    name: str
+    help: str
+    function: Callable
+    image: bool = True
+    mask: bool = False
+    factor: bool = False
+    sigma: bool = False
+    levels: bool = True
+    steps: bool = True
+    variations: bool = True
+    grey_input: bool = False
+
+
+TASKS = {task.name: task for task in (
+    EditTask("inpaint", "fill the white pixels of a mask (or a box)", inpaint, mask=True),
+    EditTask("colorize", "colour grey images (RGB models)", colorize, grey_input=True),
+    EditTask("superres", "make --factor times larger images whose patch means are the input", superres, factor=True),
+    EditTask("stroke", "turn a stroke painting into a realistic image (SDEdit)", stroke, steps=False),
+    EditTask("denoise", "remove Gaussian noise of a known --sigma", denoise, sigma=True, levels=False, steps=False,
+             variations=False),
+    EditTask("interpolate", "one-step samples along the great circle between two seeds' noises", interpolate,
+             image=False, levels=False, steps=False, variations=False),
+)}
+
+
+def run_task(run, name: str, images: np.ndarray, *, mask=None, factor: int | None = None, sigma: float | None = None,
+             n: int = 1, seed: int = 0, sigmas=None, steps: int | None = None, class_labels=None,
+             guidance: float | None = None) -> np.ndarray:
+    """Run the image task ``name`` (`TASKS`) on uint8 ``images`` with what it takes of the rest
+    (options it does not take are ignored; None means the task's default)."""
+    if name not in TASKS or not TASKS[name].image:
+        known = [t.name for t in TASKS.values() if t.image]
+        raise CmkitError(f"unknown editing task {name!r}; tasks: {', '.join(known)}")
+    task = TASKS[name]
+    args = [images] + [value for wanted, value in ((task.mask, mask), (task.factor, factor), (task.sigma, sigma))
+                       if wanted]
+    options = {"class_labels": class_labels, "guidance": guidance}
+    if task.variations:
+        options.update(n=n, seed=seed)
+    if task.levels and sigmas is not None:
+        options["sigmas"] = sigmas
+    if task.steps and steps is not None:
+        options["steps"] = steps
+    return task.function(run, *args, **options)

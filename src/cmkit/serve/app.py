@@ -35,12 +35,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, Field
 
+from ..editing.tasks import TASKS
 from ..errors import CmkitError
 from .batcher import Busy, MicroBatcher
 from .engine import Engine, Limits
 
 log = logging.getLogger("cmkit.serve")
-EDIT_TASKS = ("inpaint", "colorize", "superres", "stroke", "denoise")
+EDIT_TASKS = tuple(name for name, task in TASKS.items() if task.image)  # interpolation has its own endpoint
 
 
 class GenerateRequest(BaseModel):
@@ -216,24 +217,18 @@ def create_app(run, *, limits: Limits = Limits(), window: float = 0.005, max_que
         if not 0 <= seed < 2**63:
             raise CmkitError("seed must be in [0, 2^63)")
         c, h, w = run.shape
-        cond = {"class_labels": _class_spec(class_), "guidance": guidance}
-        steps_kw = {} if steps is None else {"steps": steps}
-        if task == "superres":
+        spec = TASKS[task]
+        if spec.factor:
             if factor < 2 or h % factor:
                 raise CmkitError(f"factor must be at least 2 and divide {h}")
-            low = fit(await read_upload(image, "image", c == 1), (h // factor, w // factor))
-            job = lambda: tasks.superres(run, low, factor, n=n, seed=seed, **steps_kw, **cond)
+            size = (h // factor, w // factor)  # the upload is the low-resolution image
         else:
-            picture = fit(await read_upload(image, "image", c == 1 and task != "colorize"), (h, w))
-            if task == "inpaint":
-                holes = fit(await read_upload(mask, "mask", True), (h, w))[0, 0] > 127
-                job = lambda: tasks.inpaint(run, picture, holes, n=n, seed=seed, **steps_kw, **cond)
-            elif task == "colorize":
-                job = lambda: tasks.colorize(run, picture, n=n, seed=seed, **steps_kw, **cond)
-            elif task == "stroke":
-                job = lambda: tasks.stroke(run, picture, n=n, seed=seed, **cond)
-            else:
-                job = lambda: tasks.denoise(run, picture, sigma, **cond)
+            size = (h, w)
+        picture = fit(await read_upload(image, "image", c == 1 and not spec.grey_input), size)
+        holes = fit(await read_upload(mask, "mask", True), (h, w))[0, 0] > 127 if spec.mask else None
+        labels = _class_spec(class_)  # checked now: a bad request never reaches the worker
+        job = lambda: tasks.run_task(run, task, picture, mask=holes, factor=factor, sigma=sigma, n=n, seed=seed,  # noqa: E731
+                                     steps=steps, class_labels=labels, guidance=guidance)
         data = await batcher.submit(None, n, job)
         return _answer(data, format, True, start)
 
