@@ -62,15 +62,15 @@ def main() -> None:
         unet = run.model.backbone.unet
         b, shape = args.batch, run.shape
         x = torch.randn(b, *shape, device=args.device)
-        t = torch.full((b,), 250 * torch.log(torch.tensor(run.noise.sigma_max)).item(), device=args.device)
-        levels = default_levels(False, run.noise, 1)
+        t = torch.full((b,), 250 * torch.log(torch.tensor(run.noise_range.sigma_max)).item(), device=args.device)
+        levels = default_levels(False, run.noise_range, 1)
 
         def raw():
             with torch.inference_mode():
                 unet(x, t).sample
 
         def cmkit_one_step():
-            generate(run.model, shape, levels, is_diffusion=False, n=b, seed=0, sigma_min=run.noise.sigma_min,
+            generate(run.model, shape, levels, is_diffusion=False, n=b, seed=0, sigma_min=run.noise_range.sigma_min,
                      batch_size=b)
 
         def diffusers_one_step():

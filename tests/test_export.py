@@ -62,7 +62,7 @@ def _diffusers_samples(pipe, n, seed, noise=None, labels=None, **steps):
 
 def _cmkit_samples(run, n, seed, sigmas, noise=None, labels=None):
     x = generate(run.model, run.shape, torch.tensor(sigmas), is_diffusion=False, n=n, seed=seed,
-                 noise=noise, sigma_min=run.noise.sigma_min, class_labels=labels)
+                 noise=noise, sigma_min=run.noise_range.sigma_min, class_labels=labels)
     return ((x / 2 + 0.5).clamp(0, 1))
 
 
@@ -73,12 +73,12 @@ def test_exported_pipeline_generates_what_cmkit_does(image_runs, tmp_path, name)
     pipe = _pipeline(tmp_path / "pipe")
     levels = pipe.scheduler.config.num_train_timesteps
     labels = torch.tensor([0, 1, 2, 3, 4]) if name == "cond" else None
-    grid = run.noise.karras(levels).tolist()
-    for sigmas in ([run.noise.sigma_max], [run.noise.sigma_max, grid[levels // 2]],
-                   [run.noise.sigma_max, grid[4], grid[levels - 3]]):
+    grid = run.noise_range.karras(levels).tolist()
+    for sigmas in ([run.noise_range.sigma_max], [run.noise_range.sigma_max, grid[levels // 2]],
+                   [run.noise_range.sigma_max, grid[4], grid[levels - 3]]):
         ours = _cmkit_samples(run, 5, 3, sigmas, labels=labels)
         steps = ({"num_inference_steps": 1} if len(sigmas) == 1
-                 else {"num_inference_steps": None, "timesteps": diffusers_timesteps(sigmas, run.noise, levels)})
+                 else {"num_inference_steps": None, "timesteps": diffusers_timesteps(sigmas, run.noise_range, levels)})
         theirs = _diffusers_samples(pipe, 5, 3, labels=labels, **steps)
         torch.testing.assert_close(theirs, ours, atol=2e-5, rtol=0)
         assert float((ours - ours.mean()).abs().max()) > 0.01  # not a constant image: the check can fail
@@ -117,10 +117,10 @@ def test_a_diffusers_made_model_samples_in_cmkit_as_in_diffusers(tmp_path, class
     assert run.shape == (3, 8, 8) and run.num_classes == classes and not run.is_diffusion
     noise = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
     labels = torch.tensor([0, 1, 2, 0]) if classes else None
-    grid = run.noise.karras(12).tolist()
+    grid = run.noise_range.karras(12).tolist()
     for sigmas in ([80.0], [80.0, grid[6]]):
         steps = ({"num_inference_steps": 1} if len(sigmas) == 1
-                 else {"num_inference_steps": None, "timesteps": diffusers_timesteps(sigmas, run.noise, 12)})
+                 else {"num_inference_steps": None, "timesteps": diffusers_timesteps(sigmas, run.noise_range, 12)})
         theirs = _diffusers_samples(pipe, 4, 5, noise, labels, **steps)  # RGB: the pipeline takes latents
         ours = _cmkit_samples(run, 4, 5, sigmas, noise, labels)
         torch.testing.assert_close(theirs, ours, atol=2e-5, rtol=0)

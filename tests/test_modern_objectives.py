@@ -175,7 +175,7 @@ def test_sct_tangent_is_cos_t_times_df_dt_along_the_exact_ode():
     loss_fn = ContinuousConsistencyLoss(NOISE)
     v = teacher_velocity(model, x_t, t, SD)  # the exact ODE velocity (the denoiser is exact)
     F_minus, dF = jvp_F(trigflow_F(model), x_t / SD, t, v / SD)
-    tangent = loss_fn.tangent(F_minus, dF, x_t, v, t, r=1.0)
+    tangent = loss_fn.tangent(F_minus, dF, x_t, v, t, warmup=1.0)
 
     def along_ode(h):  # x_{t+h} on the exact trajectory through x_t, and f there
         s_from, s_to = SD * t.tan(), SD * (t + h).tan()

@@ -224,3 +224,29 @@ def test_compile_reaches_the_network_every_objective_calls(method, tiny_teacher,
     handle.remove()
     assert any(online_calls), "the objective never called the online network with gradients"
     assert len(compiled_calls) == len(online_calls) and all(m is backbone for m in compiled_calls)
+
+
+# ---------------------------------------------------------------------------------------------
+# Run directories written before the registry
+
+
+OLD_RUN = ROOT / "tests" / "data" / "old-main-ct"  # a 6-step ct run of fingerprints.py, written by the former main
+
+
+def test_a_run_directory_from_before_the_registry_loads_samples_and_resumes(tmp_path):
+    from fingerprints import N_SAMPLES, SAMPLE_SEED, STORE
+    import shutil
+    old = tmp_path / "old"
+    shutil.copytree(OLD_RUN, old)
+    stored = json.loads(STORE.read_text())["runs"]["ct"]["samples"]
+    samples = cmkit.load_run(old).sample(N_SAMPLES, steps=2, seed=SAMPLE_SEED)
+    np.testing.assert_allclose(samples.ravel(), stored, rtol=1e-4, atol=1e-6)
+    # Resumed, it continues as a run this cmkit starts and resumes: the same weights at step 8.
+    new = tmp_path / "new"
+    assert cli("train", "--method", "ct", "--steps", 6, "--out", new, "--seed", 1, "--data", "moons", *TINY) == 0
+    for run in (old, new):
+        assert cli("train", "--method", "ct", "--resume", "--steps", 8, "--out", run, "--quiet") == 0
+    config = read_run_config(old)
+    assert config["objective"]["total_steps"] == 6 and config["train"]["steps"] == 8
+    assert config == read_run_config(new)
+    assert _weights_digest(old) == _weights_digest(new)

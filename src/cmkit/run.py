@@ -141,7 +141,7 @@ class Run:
         self.device = device
         if is_diffusers_folder(self.path):  # a ConsistencyModelPipeline or UNet2DModel folder
             self.config, self.model = load_diffusers(self.path, device)
-            self.method, self.noise = self.config["method"], noise_config(self.config)
+            self.method, self.noise_range = self.config["method"], noise_config(self.config)
             self.spec = get_method(self.method)
             self.scaler = scaler_from_state(self.config["standardizer"])
             return
@@ -149,7 +149,7 @@ class Run:
         try:
             self.method = self.config["method"]
             self.spec: MethodSpec = get_method(self.method)
-            self.noise = noise_config(self.config)
+            self.noise_range = noise_config(self.config)
             self.scaler = scaler_from_state(self.config["standardizer"])
             self.model = build_model(self.config)
         except (KeyError, ValueError, TypeError) as e:
@@ -237,7 +237,7 @@ class Run:
         for ``steps``; else the default for ``steps``."""
         if sigmas is not None:
             try:
-                sigmas = check_sigmas(sigmas, self.noise)
+                sigmas = check_sigmas(sigmas, self.noise_range)
             except ValueError as e:
                 raise CmkitError(str(e)) from None
             levels = torch.tensor(sigmas, dtype=torch.float32)
@@ -245,7 +245,7 @@ class Run:
         tuned = self.config.get("sampling", {}).get("sigmas", {}).get(str(steps))
         if tuned is not None and not self.is_diffusion:  # chosen by cmkit tune-sigmas
             return torch.tensor(tuned, dtype=torch.float32)
-        return default_levels(self.is_diffusion, self.noise, steps)
+        return default_levels(self.is_diffusion, self.noise_range, steps)
 
     def sample(self, n: int, **kwargs) -> np.ndarray:
         """``n`` samples in data units: float64 (n, dim) for vectors, uint8 (n, C, H, W) for
@@ -276,7 +276,7 @@ class Run:
         labels = self.labels(class_labels, n, seed)
         model = fast_inference(self.network(guidance, labels), bf16=bf16, compile=compile)
         chunks = generate_chunks(model, self.shape, levels, is_diffusion=self.is_diffusion, n=n, seed=seed,
-                                 noise=noise, sampler=sampler, sigma_min=self.noise.sigma_min,
+                                 noise=noise, sampler=sampler, sigma_min=self.noise_range.sigma_min,
                                  batch_size=batch_size or (256 if self.is_image else 100_000),
                                  class_labels=labels, **churn)
         return (self.scaler.to_data(x) for x in chunks)  # arguments checked above, not at the first batch

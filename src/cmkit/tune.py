@@ -97,9 +97,9 @@ def tune_sigmas(run: Run, steps: int, *, data: str | None = None, n: int = 2000,
     if iterations < 1 or n < 2:
         raise CmkitError("--iterations must be >= 1 and --n >= 2")
     name, score = metric_for(run, data=data, n=n, seed=seed, metric=metric)
-    start = default_consistency_sigmas(steps, run.noise)
+    start = default_consistency_sigmas(steps, run.noise_range)
     default_score = score(start)
-    levels, best, evaluations = tune_levels(score, start, run.noise.sigma_min, iterations)
+    levels, best, evaluations = tune_levels(score, start, run.noise_range.sigma_min, iterations)
     result = {"steps": steps, "metric": name, "n": n, "seed": seed, "default_sigmas": start,
               "default_score": default_score, "sigmas": levels, "score": best, "evaluations": evaluations}
     if write:

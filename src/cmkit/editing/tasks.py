@@ -30,9 +30,9 @@ def default_edit_sigmas(run, steps: int = EDIT_STEPS) -> list[float]:
     if steps < 1:
         raise CmkitError(f"--steps must be at least 1, got {steps}")
     if steps == 1:
-        return [run.noise.sigma_max]
-    low = max(EDIT_SIGMA_LOW, run.noise.sigma_min)
-    return karras_sigmas(steps, low, run.noise.sigma_max, run.noise.rho).tolist()
+        return [run.noise_range.sigma_max]
+    low = max(EDIT_SIGMA_LOW, run.noise_range.sigma_min)
+    return karras_sigmas(steps, low, run.noise_range.sigma_max, run.noise_range.rho).tolist()
 
 
 def consistency_function(run, teacher_steps: int = 10, guidance: float | None = None, labels=None):
@@ -40,7 +40,7 @@ def consistency_function(run, teacher_steps: int = 10, guidance: float | None = 
     flow map; with classifier-free guidance at ``guidance`` (teachers and guided students)."""
     model = run.network(guidance, labels)
     if run.is_diffusion:
-        return flow_map(model, teacher_steps, run.noise.sigma_min, run.noise.rho)
+        return flow_map(model, teacher_steps, run.noise_range.sigma_min, run.noise_range.rho)
     return model
 
 
@@ -80,7 +80,7 @@ def _run_edit(run, y: torch.Tensor, *, sigmas, operator=None, mask=None, n: int 
     labels = edit_labels(run, class_labels, len(y), n, seed)
     model = consistency_function(run, teacher_steps, guidance, labels)
     try:
-        sigmas = check_sigmas(sigmas, run.noise)
+        sigmas = check_sigmas(sigmas, run.noise_range)
     except ValueError as e:
         raise CmkitError(str(e)) from None
     y = y.repeat_interleave(n, 0).to(run.device)
@@ -89,7 +89,7 @@ def _run_edit(run, y: torch.Tensor, *, sigmas, operator=None, mask=None, n: int 
     gen = torch.Generator().manual_seed(seed)
     try:
         x = edit(model, y, sigmas, operator=operator, mask=None if mask is None else mask.to(run.device),
-                 sigma_min=run.noise.sigma_min, generator=gen, clip=(-1.0, 1.0),
+                 sigma_min=run.noise_range.sigma_min, generator=gen, clip=(-1.0, 1.0),
                  class_labels=None if labels is None else labels.to(run.device))
     except ValueError as e:
         raise CmkitError(str(e)) from None
@@ -158,8 +158,8 @@ def denoise(run, noisy: np.ndarray, sigma: float, *, class_labels=None, guidance
     """One call f(y, sigma): ``sigma`` is the noise's standard deviation in model units (images:
     [-1, 1], so 25 grey levels of 255 is about 0.2)."""
     _require_images(run, "denoising")
-    if not run.noise.sigma_min <= sigma <= run.noise.sigma_max:
-        raise CmkitError(f"--sigma must lie in [{run.noise.sigma_min}, {run.noise.sigma_max}], got {sigma}")
+    if not run.noise_range.sigma_min <= sigma <= run.noise_range.sigma_max:
+        raise CmkitError(f"--sigma must lie in [{run.noise_range.sigma_min}, {run.noise_range.sigma_max}], got {sigma}")
     y = run.scaler.to_model(_check_batch(run, noisy, "denoising")).to(run.device)
     labels = edit_labels(run, class_labels, len(y))
     labels = None if labels is None else labels.to(run.device)
@@ -180,7 +180,7 @@ def interpolate(run, seed_a: int, seed_b: int, frames: int, *, class_labels=None
     if frames < 2:
         raise CmkitError(f"--frames must be at least 2, got {frames}")
     z = slerp(seed_noise(run, seed_a), seed_noise(run, seed_b), torch.linspace(0, 1, frames))
-    sigma = run.noise.sigma_max
+    sigma = run.noise_range.sigma_max
     labels = run.labels(class_labels, 1, seed_a)
     labels = None if labels is None else labels.expand(frames).to(run.device)
     with torch.no_grad():

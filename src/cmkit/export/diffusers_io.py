@@ -30,10 +30,10 @@ GRID_LEVELS = 40  # num_train_timesteps when the run has no grid of its own (Ope
 
 
 def _scheduler_config(run, levels: int, clip: bool) -> dict:
-    noise = run.noise
+    noise_range = run.noise_range
     return {"_class_name": "CMStochasticIterativeScheduler", "num_train_timesteps": levels,
-            "sigma_min": noise.sigma_min, "sigma_max": noise.sigma_max, "sigma_data": noise.sigma_data,
-            "s_noise": 1.0, "rho": noise.rho, "clip_denoised": clip}
+            "sigma_min": noise_range.sigma_min, "sigma_max": noise_range.sigma_max,
+            "sigma_data": noise_range.sigma_data, "s_noise": 1.0, "rho": noise_range.rho, "clip_denoised": clip}
 
 
 def _grid_levels(run) -> int:

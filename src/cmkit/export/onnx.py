@@ -82,15 +82,15 @@ def export_onnx(run, out: str | Path, *, with_f: bool = False, guidance: float |
     labels = (torch.arange(batch) % run.num_classes,) if conditional else ()
     names = ["noise", "class_labels"][:1 + conditional]
     out.parent.mkdir(parents=True, exist_ok=True)
-    _export(OneStepGenerator(model, run.noise.sigma_max, run.config["standardizer"]).eval(), (noise, *labels),
+    _export(OneStepGenerator(model, run.noise_range.sigma_max, run.config["standardizer"]).eval(), (noise, *labels),
             names, out)
     if with_f:
         sigma = torch.full((batch,), 1.0)
         _export(ConsistencyStep(model).eval(), (noise, sigma, *labels), ["x", "sigma", *names[1:]], paths[2])
-    meta = {"method": run.method, "shape": list(run.shape), "inputs": names, "sigma_min": run.noise.sigma_min,
-            "sigma_max": run.noise.sigma_max, "num_classes": run.num_classes, "class_names": run.class_names,
+    meta = {"method": run.method, "shape": list(run.shape), "inputs": names, "sigma_min": run.noise_range.sigma_min,
+            "sigma_max": run.noise_range.sigma_max, "num_classes": run.num_classes, "class_names": run.class_names,
             "standardizer": run.config["standardizer"],
-            "multistep_sigmas": {str(k): default_consistency_sigmas(k, run.noise) for k in (2, 3, 4)},
+            "multistep_sigmas": {str(k): default_consistency_sigmas(k, run.noise_range) for k in (2, 3, 4)},
             "consistency_function": paths[2].name if with_f else None}
     (paths[1]).write_text(json.dumps(meta, indent=2) + "\n")
     return paths
@@ -104,7 +104,7 @@ def onnx_parity(run, path: str | Path, batch_sizes=(1, 3, 16), guidance: float |
     except ImportError:
         raise CmkitError("checking an ONNX export needs onnxruntime: pip install 'cmkit[onnx]'") from None
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    torch_model = OneStepGenerator(run.network(guidance, None).cpu().eval(), run.noise.sigma_max,
+    torch_model = OneStepGenerator(run.network(guidance, None).cpu().eval(), run.noise_range.sigma_max,
                                    run.config["standardizer"])
     gen, worst = torch.Generator().manual_seed(seed), 0.0
     for b in batch_sizes:

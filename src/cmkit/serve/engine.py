@@ -76,6 +76,6 @@ class Engine:
         if not run.is_diffusion:
             renoise = [torch.cat([w.renoise[i] for w in work]).to(run.device) for i in range(len(levels) - 1)]
         x = sample_levels(model, noise * levels[0], levels, labels, diffusion=run.is_diffusion,
-                          sigma_min=run.noise.sigma_min, noises=renoise)
+                          sigma_min=run.noise_range.sigma_min, noises=renoise)
         data = run.scaler.to_data(x.float().cpu())
         return list(np.split(data, np.cumsum(sizes)[:-1]))
