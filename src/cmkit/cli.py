@@ -15,6 +15,19 @@ import numpy as np
 from .errors import CmkitError, Stopped
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's wrapping, except for help texts that lay out their own lines (the method list)."""
+
+    def _split_lines(self, text, width):
+        if "\n" not in text:
+            return super()._split_lines(text, width)
+        import textwrap
+        lines = []
+        for raw in text.splitlines():  # "  name     summary" rows wrap under their summary
+            lines += textwrap.wrap(raw, width, subsequent_indent=" " * (len(raw) - len(raw.split("  ")[-1].lstrip())))
+        return lines
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line and exit status 2 (no usage dump)."""
 
@@ -110,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     specs = methods()
     by_role = lambda test: ", ".join(name for name, spec in specs.items() if test(spec))  # noqa: E731
     p = sub.add_parser("train", help=f"train a diffusion teacher ({by_role(lambda s: s.diffusion)}) or a consistency "
-                       f"model ({by_role(lambda s: not s.diffusion)})", formatter_class=argparse.RawTextHelpFormatter)
+                       f"model ({by_role(lambda s: not s.diffusion)})", formatter_class=_HelpFormatter)
     p.add_argument("--method", required=True, choices=tuple(specs), metavar="METHOD",
                    help="one of:\n" + "\n".join(f"  {name:9s} {spec.summary}" for name, spec in specs.items()))
     p.add_argument("--data", help="a built-in 2-D set (moons, 8gaussians, checkerboard, swissroll, gaussian, "

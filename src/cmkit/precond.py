@@ -12,8 +12,8 @@ import abc
 import torch
 from torch import nn
 
-from .noise import (C_NOISE, FLOW_TIME_SCALES, NoiseConfig, broadcast_to_batch, consistency_scalings, edm_scalings, flow_from_sigma,
-                    flow_state, sigma_from_trigflow)
+from .noise import (C_NOISE, FLOW_TIME_SCALES, NoiseConfig, broadcast_to_batch, consistency_scalings, edm_scalings,
+                    flow_from_sigma, flow_state, sigma_from_trigflow)
 
 
 class Preconditioned(nn.Module, abc.ABC):

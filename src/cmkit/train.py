@@ -241,7 +241,7 @@ class Trainer:
         """``config``: a built config (`build_config`), or with ``resumed`` a run's saved one; it is
         not changed. ``self.config`` is the complete config the run trains with."""
         self.world = world
-        check_config(config)
+        check_config(config)  # before the machine checks, which read its values
         _check_machine(config, world)
         self.config, sources = resolve_run_config(config, resumed=resumed, quiet=not world.is_main)
         self.spec = get_method(self.config["method"])
