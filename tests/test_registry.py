@@ -250,3 +250,35 @@ def test_a_run_directory_from_before_the_registry_loads_samples_and_resumes(tmp_
     assert config["objective"]["total_steps"] == 6 and config["train"]["steps"] == 8
     assert config == read_run_config(new)
     assert _weights_digest(old) == _weights_digest(new)
+
+
+@pytest.mark.parametrize("method", ["edm", "cd", "ct", "ict", "ect", "sct", "scd", "meanflow"])
+def test_dynamo_captures_every_objectives_gradient_pass(method, tiny_teacher, monkeypatch):
+    """With real torch.compile (dynamo; a backend that runs the captured graph as it is, so no C++
+    toolchain is needed), every method's training step yields compiled graphs: the JVP
+    objectives run their torch.func.jvp eager, which must not leave the gradient pass eager too.
+    The step computes what the eager step does."""
+    import torch._dynamo
+    torch._dynamo.reset()
+    graphs = []
+    compile_for_real = torch.compile
+
+    def counting(fn, *args, **kwargs):
+        def backend(graph_module, example_inputs):
+            graphs.append(graph_module)
+            return graph_module.forward
+        return compile_for_real(fn, backend=backend)
+
+    sources = {"teacher": str(tiny_teacher)} if method in ("cd", "scd") else {}
+    if method in ("ect", "sct"):
+        sources = {"init": str(tiny_teacher)}
+    model = {} if sources else SMALL_MODEL
+    losses = []
+    for compiled in (False, True):
+        if compiled:
+            monkeypatch.setattr(torch, "compile", counting)
+        config = build_config(method, **SMALL, **model, **sources, **{"train.steps": 2, "train.compile": compiled})
+        losses.append(Trainer(config).step(0)["loss"])
+    torch._dynamo.reset()
+    assert graphs, f"{method}: nothing was compiled"
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)

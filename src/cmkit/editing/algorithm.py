@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from ..noise import append_zero, karras_sigmas
+from ..noise import append_zero, check_sigmas, karras_sigmas
 from ..sampling import sample_heun
 from .operators import Identity, LinearOperator
 
@@ -65,9 +65,7 @@ def edit(model: Model, y: torch.Tensor, sigmas, *, operator: LinearOperator | No
     identity and ``mask`` (broadcastable to A y; 1 = the model's) to all ones, which is SDEdit:
     start from y + sigma_1 z and let the model decide everything. The result is exactly
     consistent with y (to float rounding) and, with ``clip``, inside the data range."""
-    sigmas = [float(s) for s in sigmas]
-    if not sigmas or any(b >= a for a, b in zip(sigmas, sigmas[1:])):
-        raise ValueError(f"editing sigmas must be a non-empty strictly decreasing list, got {sigmas}")
+    sigmas = check_sigmas(sigmas, what="editing sigmas")
     if sigmas[-1] < sigma_min:
         raise ValueError(f"editing sigmas must be >= sigma_min = {sigma_min}, got {sigmas[-1]}")
     operator = operator or Identity()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .rng import SharedRNG
@@ -19,7 +21,7 @@ def jvp(fn, primals: tuple, tangents: tuple, mode: str = "autograd", eps: float 
     difference quotient would be noise."""
     if mode == "autograd":
         from ..nets.unet import forward_ad_safe
-        with forward_ad_safe(module if module is not None else torch.nn.Identity()):
+        with forward_ad_safe(module if module is not None else torch.nn.Identity()), _eager():
             return torch.func.jvp(fn, primals, tangents)
     if mode != "finite_difference":
         raise ValueError(f"unknown jvp mode {mode!r}; known: {', '.join(JVP_MODES)}")
@@ -34,6 +36,15 @@ def jvp(fn, primals: tuple, tangents: tuple, mode: str = "autograd", eps: float 
         rng.replay()
         minus = fn(*(p - eps * d for p, d in zip(primals, tangents)))
     return out, (plus - minus) / (2 * eps)
+
+
+def _eager():
+    """Compiled modules run eager inside ``torch.func.jvp``: dynamo does not trace forward-mode AD
+    there, and a frame it gives up on stays uncompiled for the gradient pass as well (measured:
+    with train.compile, sCT and MeanFlow compiled nothing). The gradient pass, the costly part,
+    stays compiled. (torch < 2.6 has no stance: there compile and the JVP may not mix.)"""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
 
 
 def _at_least_float32(tensors: tuple) -> tuple:
