@@ -92,7 +92,7 @@ def main() -> None:
         for _ in range(args.repeats):
             for name, fn in rows.items():
                 times[name].append(timed(fn, sync))
-        teacher_levels = default_levels(True, teacher.noise, 18)
+        teacher_levels = default_levels(True, teacher.noise_range, 18)
         teacher_s = timed(lambda: generate(teacher.model, shape, teacher_levels, is_diffusion=True, n=b, seed=0,
                                            batch_size=b), sync)
 

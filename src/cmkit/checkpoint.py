@@ -106,12 +106,12 @@ def prepare_run_dir(path: str | Path, *, resume: bool, force: bool, protect: tup
 
 def read_run_config(path: str | Path) -> dict:
     path = Path(path)
-    cfg = path / "config.json"
-    if not cfg.is_file():
+    config_file = path / "config.json"
+    if not config_file.is_file():
         raise CmkitError(f"{path} is not a cmkit run directory (no config.json)")
-    config = read_json(cfg, "run config")
+    config = read_json(config_file, "run config")
     if not isinstance(config, dict) or not isinstance(config.get("train"), dict):
-        raise CmkitError(f"{cfg} is not a cmkit run config")
+        raise CmkitError(f"{config_file} is not a cmkit run config")
     return config
 
 
