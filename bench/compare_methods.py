@@ -77,7 +77,8 @@ def main():
 
 
 def plot(results: dict, path: Path) -> None:
-    from cmkit.plotting import plt
+    from cmkit.plotting import pyplot
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 3.8), squeeze=False)
     for ax, (data, rows) in zip(axes[0], results.items()):
         for name, (one, two) in rows.items():

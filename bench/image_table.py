@@ -36,7 +36,8 @@ def print_table(rows: list[dict], title: str) -> None:
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
-    from cmkit.plotting import plt
+    from cmkit.plotting import pyplot
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 4))
     ax.axhline(rows[0]["floor"], color="grey", ls=":", label="real vs real")
     for name in dict.fromkeys(r["name"] for r in rows):

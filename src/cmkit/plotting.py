@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot with the headless backend (imported on first use)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -21,7 +22,7 @@ def scatter_panels(panels: list[tuple[str, np.ndarray]], path: str | Path, limit
         lo, hi = np.percentile(allpts, 0.5, axis=0), np.percentile(allpts, 99.5, axis=0)
         pad = 0.1 * (hi - lo)
         limits = (lo - pad, hi + pad)
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.4), squeeze=False)
     for ax, (title, pts) in zip(axes[0], panels):
         ax.scatter(pts[:, 0], pts[:, 1], s=1, alpha=0.4, linewidths=0)
