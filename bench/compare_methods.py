@@ -21,10 +21,14 @@ import torch
 import cmkit
 from cmkit.evaluate import evaluate_run
 
-METHODS = {  # method: which teacher-derived sources it takes
-    "cd": ("teacher",), "ct": (), "ict": (), "ect": ("init",), "sct": ("init",), "scd": ("teacher",),
-    "meanflow": (),
-}
+CONSISTENCY_METHODS = [name for name, spec in cmkit.methods().items() if not spec.diffusion]
+
+
+def sources(method: str) -> tuple[str, ...]:
+    """The teacher-derived sources a method takes (from the registry): a teacher it needs, or the
+    teacher's weights to start from."""
+    spec = cmkit.methods()[method]
+    return ("teacher",) if spec.teacher else ("init",) if spec.init else ()
 
 
 def train(method, data, out: Path, steps: int, reuse: bool, **extra):
@@ -40,7 +44,7 @@ def train(method, data, out: Path, steps: int, reuse: bool, **extra):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="moons,checkerboard")
-    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--methods", default=",".join(CONSISTENCY_METHODS))
     p.add_argument("--steps", type=int, default=3000, help="training steps of every consistency method")
     p.add_argument("--teacher-steps", type=int, default=4000)
     p.add_argument("--n", type=int, default=5000)
@@ -63,7 +67,7 @@ def main():
         print(f"| {data} | EDM teacher, 35 NFE | {ref:.4f} | | 1.00 | | "
               f"{'reused' if t_teacher is None else f'{t_teacher:.0f}'} |")
         for method in args.methods.split(","):
-            extra = {key: str(teacher) for key in METHODS[method]}
+            extra = {key: str(teacher) for key in sources(method)}
             run, seconds = train(method, data, out, args.steps, args.reuse, **extra)
             r = evaluate_run(str(run), steps=[1, 2], n=args.n)["results"]
             one, two = r[0]["sw1"], r[1]["sw1"]
