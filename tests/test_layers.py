@@ -13,7 +13,8 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "cmkit"
 
 # Lowest first. A module's layer is that of its longest listed prefix.
 LAYERS = [
-    ("base", ["errors", "batch_rng", "noise", "safe_io", "plotting", "classes", "distributed", "checkpoint"]),
+    ("base", ["errors", "batch_rng", "noise", "safe_io", "plotting", "classes", "devices", "distributed",
+              "checkpoint"]),
     ("networks and samplers", ["nets", "sampling", "analytic", "metrics.frechet", "metrics.precision_recall",
                                "metrics.vectors", "metrics", "editing.operators"]),
     ("preconditioning", ["precond", "guidance"]),

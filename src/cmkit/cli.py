@@ -142,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "teacher's classifier-free guidance at scales drawn from [LO, HI]; the student takes the scale "
                    "as an input (sample it with --guidance W)")
     p.add_argument("--seed", type=_seed, help="training seed (batches, noise, initialisation)")
+    p.add_argument("--device", help="cpu, cuda, cuda:N, mps or auto (default auto: a GPU when there is one; under "
+                   "torchrun each process takes cuda:LOCAL_RANK); also with --resume")
+    p.add_argument("--precision", choices=("fp32", "bf16"), help="fp32 (default) or bfloat16 autocast (train.bf16)")
     p.add_argument("--config", help="JSON file of config overrides")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config value, e.g. --set model.width=256 (repeatable)")
@@ -253,7 +256,9 @@ def cmd_train(args) -> None:
     from .objectives import get_method, methods
 
     options = {"data.name": args.data, "train.steps": args.steps, "train.batch_size": args.batch_size,
-               "train.lr": args.lr, "train.seed": args.seed, "train.label_dropout": args.label_dropout}
+               "train.lr": args.lr, "train.seed": args.seed, "train.label_dropout": args.label_dropout,
+               "train.device": args.device,
+               "train.bf16": None if args.precision is None else args.precision == "bf16"}
     spec = get_method(args.method)
     for flag, value, role, key, what in (
             ("--guidance", args.guidance, "guided", "objective.guidance", "--guidance (guided distillation)"),
@@ -272,11 +277,14 @@ def cmd_train(args) -> None:
                                             ("--batch-size", args.batch_size), ("--lr", args.lr),
                                             ("--label-dropout", args.label_dropout), ("--guidance", args.guidance),
                                             ("--seed", args.seed), ("--config", args.config),
+                                            ("--precision", args.precision),
                                             ("--set", args.set or None)) if value is not None]
         if changed:
-            raise CmkitError(f"--resume continues a run with its saved config; only --steps may be "
+            raise CmkitError(f"--resume continues a run with its saved config; only --steps (and --device) may be "
                              f"given, not {', '.join(changed)}")
         config = {"method": args.method, "train": {"steps": args.steps}}
+        if args.device is not None:  # a machine's property, not the run's: a run may move
+            config["train"]["device"] = args.device
     else:
         config = build_config(args.method, config_file=args.config, sets=args.set, **options)
     out = train(config, args.out, resume=args.resume, force=args.force, progress=not args.quiet)
@@ -319,15 +327,8 @@ def cmd_sample(args) -> None:
 
 
 def _device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name != "cpu" and not name.startswith("cuda"):
-        raise CmkitError(f"--device must be cpu, cuda, cuda:N or auto, got {name!r}")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise CmkitError(f"--device {name}: no CUDA device is available")
-    return name
+    from .devices import resolve_device
+    return resolve_device(name, "--device")
 
 
 def _load_noise(path: str) -> np.ndarray:

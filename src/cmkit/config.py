@@ -18,6 +18,7 @@ from importlib import resources
 from pathlib import Path
 
 from .data import is_image_source
+from .devices import check_device_name
 from .errors import CmkitError
 from .objectives import MethodSpec, get_method
 from .safe_io import read_json
@@ -232,6 +233,4 @@ def check_config(config: dict) -> None:
     for key, value in (("train.seed", train["seed"]), ("data.seed", data["seed"])):
         if not 0 <= value < 2**63:
             raise CmkitError(f"{key} must be a non-negative integer, got {value!r}")
-    device = train["device"]
-    if device not in ("cpu", "auto") and not device.startswith("cuda"):
-        raise CmkitError(f"train.device must be cpu, cuda, cuda:N or auto, got {device!r}")
+    check_device_name(train["device"], "train.device")

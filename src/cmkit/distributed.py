@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .devices import resolve_device
 from .errors import CmkitError
 
 
@@ -39,10 +40,9 @@ class World:
         return self.rank == 0
 
     def device(self, requested: str) -> str:
-        """The device this rank trains on: ``requested`` (cpu, cuda, cuda:N or auto), with a
-        multi-process CUDA run putting each rank on cuda:LOCAL_RANK."""
-        if requested == "auto":
-            requested = "cuda" if torch.cuda.is_available() else "cpu"
+        """The device this rank trains on: ``requested`` (`cmkit.devices`), with a multi-process
+        CUDA run putting each rank on cuda:LOCAL_RANK."""
+        requested = resolve_device(requested, "train.device")
         if requested.startswith("cuda") and self.size > 1:
             torch.cuda.set_device(self.local_rank)
             return f"cuda:{self.local_rank}"
@@ -91,7 +91,7 @@ def world_from_env(device: str = "auto") -> World:
     if size <= 1:
         return World()
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    cuda = resolve_device(device, "train.device").startswith("cuda")
     owns = not dist.is_initialized()  # a caller's script may have joined already
     if owns:
         dist.init_process_group("nccl" if cuda else "gloo")

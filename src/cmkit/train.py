@@ -27,6 +27,7 @@ from . import checkpoint
 from .batch_rng import BatchRNG, step_seed
 from .config import check_config
 from .distributed import World, sum_gradients, close, world_from_env
+from .devices import resolve_device
 from .data import ImageData, ImageScaler, Standardizer, is_builtin, load_dataset, random_hflip
 from .errors import CmkitError, Stopped
 from .guidance import GuidanceInput, default_guidance
@@ -226,9 +227,7 @@ def _check_machine(config: dict, world: World) -> None:
             from torch.utils.tensorboard import SummaryWriter  # noqa: F401
         except ImportError:
             raise CmkitError("train.tensorboard needs the tensorboard package: pip install tensorboard") from None
-    device = train["device"]
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise CmkitError(f"train.device is {device!r} but no CUDA device is available (use cpu or auto)")
+    resolve_device(train["device"], "train.device")
 
 
 class Trainer:
@@ -292,6 +291,18 @@ class Trainer:
         self.stopping = False  # a stop every rank agreed on
         self._sync_weights()
         self.autocast = torch.autocast(torch.device(self.device).type, dtype=torch.bfloat16, enabled=train_cfg["bf16"])
+
+    def runtime(self) -> dict:
+        """Where and how this session trains (config.json's ``runtime``; a resumed run may differ)."""
+        return {"device": self.device, "processes": self.world.size,
+                "precision": "bf16" if self.train_cfg["bf16"] else "fp32", "compile": self.train_cfg["compile"],
+                "torch": torch.__version__}
+
+    def describe(self) -> str:
+        runtime = self.runtime()
+        processes = "1 process" if runtime["processes"] == 1 else f"{runtime['processes']} processes"
+        return (f"{runtime['device']} ({processes}), {runtime['precision']}, "
+                f"compile {'on' if runtime['compile'] else 'off'}, torch {runtime['torch']}")
 
     @property
     def modules(self) -> dict:
@@ -497,9 +508,14 @@ def _train(config: dict, out: Path, world: World, *, resume: bool, force: bool, 
         saved = checkpoint.read_run_config(out)
         if method is not None and method != saved.get("method"):
             raise CmkitError(f"{out} is a run of method {saved.get('method')}, not {method}")
-        config = {**saved, "train": {**saved["train"], "steps": steps}}
+        # The step to stop at, and the device if one is given: a run may move between machines.
+        moved = {"device": config["train"]["device"]} if "device" in config["train"] else {}
+        config = {**saved, "train": {**saved["train"], "steps": steps, **moved}}
     trainer = Trainer(config, world, resumed=resume)
-    config = trainer.config  # complete: what config.json records
+    # Complete: what config.json records, with where and how this (latest) session trains.
+    config = {**trainer.config, "runtime": trainer.runtime()}
+    if progress:
+        print(f"cmkit: {config['method']} on {trainer.describe()}", file=sys.stderr)
     total = config["train"]["steps"]
     start = 0
     if resume:
