@@ -136,6 +136,17 @@ def throwaway(tmp_path):
     assert "throwaway" not in method_names()
 
 
+def test_a_spec_that_contradicts_itself_is_refused():
+    common = dict(summary="s", source="s", objective=DenoisingConsistencyLoss, wrapper=ConsistencyFunction,
+                  build=lambda config, teacher: None)
+    for bad in ({"name": "Bad Name"}, {"name": "x", "diffusion": True, "teacher": True},
+                {"name": "x", "starts_from_teacher": True}, {"name": "x", "objective": dict}):
+        with pytest.raises(ValueError):
+            MethodSpec(**{**common, **bad})
+    with pytest.raises(ValueError, match="already registered"):
+        register(MethodSpec(**{**common, "name": "edm"}))
+
+
 def _weights_digest(run: Path, name: str = "ema") -> str:
     digest = hashlib.sha256()
     for key, tensor in sorted(load_weights(run, name).items()):

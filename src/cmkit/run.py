@@ -20,7 +20,7 @@ from .guidance import GuidanceInput, GuidedDenoiser, check_guidance_scale, defau
 from .nets import build_backbone
 from .noise import NoiseConfig, append_zero, check_sigmas, karras_sigmas
 from .objectives import MethodSpec, get_method
-from .objectives.registry import noise_of as noise_config
+from .objectives.registry import noise_config
 from .sampling import SAMPLERS, sample_levels
 
 

@@ -19,7 +19,7 @@ from ..noise import NoiseConfig, broadcast_to_batch
 from ..precond import ConsistencyFunction, guidance_kwarg
 from .base import Objective
 from .distances import make_distance
-from .registry import MethodSpec, fix_horizon, noise_of, objective_options, register
+from .registry import MethodSpec, fix_horizon, noise_config, objective_options, register
 from .rng import SharedRNG
 
 WEIGHTINGS = {
@@ -177,11 +177,11 @@ register(MethodSpec(
     guided=True,
     nullable={"objective.huber_c": float, "objective.guidance": list},
     build=lambda config, teacher: ConsistencyDistillationLoss(
-        teacher, noise_of(config), **objective_options(config, "init_from_teacher"))))
+        teacher, noise_config(config), **objective_options(config, "init_from_teacher"))))
 
 register(MethodSpec(
     name="ct", summary="consistency training from scratch (no teacher; the N(k), mu(k) curricula)",
     source="Song et al. 2023, 'Consistency models'",
     objective=ConsistencyTrainingLoss, wrapper=ConsistencyFunction, resolve=fix_horizon,
     nullable={"objective.huber_c": float, "objective.total_steps": int},
-    build=lambda config, teacher: ConsistencyTrainingLoss(noise_of(config), **objective_options(config))))
+    build=lambda config, teacher: ConsistencyTrainingLoss(noise_config(config), **objective_options(config))))

@@ -16,7 +16,7 @@ from ..noise import NoiseConfig, broadcast_to_batch
 from ..precond import ConsistencyFunction
 from .base import Objective
 from .distances import make_distance
-from .registry import MethodSpec, fix_horizon, noise_of, objective_options, register
+from .registry import MethodSpec, fix_horizon, noise_config, objective_options, register
 from .rng import SharedRNG
 
 
@@ -64,4 +64,4 @@ register(MethodSpec(
     source="Geng et al. 2024, 'Consistency models made easy'",
     objective=EasyConsistencyTuningLoss, wrapper=ConsistencyFunction, init=True, resolve=fix_horizon,
     nullable={"objective.total_steps": int},
-    build=lambda config, teacher: EasyConsistencyTuningLoss(noise_of(config), **objective_options(config))))
+    build=lambda config, teacher: EasyConsistencyTuningLoss(noise_config(config), **objective_options(config))))

@@ -8,7 +8,7 @@ from ..batch_rng import batch_rng
 from ..noise import broadcast_to_batch
 from ..precond import EDMDenoiser
 from .base import Objective
-from .registry import MethodSpec, noise_of, objective_options, register
+from .registry import MethodSpec, noise_config, objective_options, register
 
 
 class EDMLoss(Objective):
@@ -38,4 +38,4 @@ register(MethodSpec(
     name="edm", summary="an EDM diffusion teacher (a denoiser, sampled with Heun's ODE solver)",
     source="Karras et al. 2022, 'Elucidating the design space of diffusion-based generative models'",
     objective=EDMLoss, wrapper=EDMDenoiser, diffusion=True,
-    build=lambda config, teacher: EDMLoss(noise_of(config).sigma_data, **objective_options(config))))
+    build=lambda config, teacher: EDMLoss(noise_config(config).sigma_data, **objective_options(config))))

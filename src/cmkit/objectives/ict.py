@@ -15,7 +15,7 @@ from ..batch_rng import batch_rng
 from ..noise import NoiseConfig, broadcast_to_batch
 from ..precond import ConsistencyFunction
 from .consistency import ConsistencyLoss
-from .registry import MethodSpec, fix_horizon, noise_of, objective_options, register
+from .registry import MethodSpec, fix_horizon, noise_config, objective_options, register
 
 
 def ict_num_levels(k: int, total_steps: int, s0: int = 10, s1: int = 1280) -> int:
@@ -63,4 +63,4 @@ register(MethodSpec(
     source="Song & Dhariwal 2023, 'Improved techniques for training consistency models'",
     objective=ImprovedConsistencyTrainingLoss, wrapper=ConsistencyFunction, resolve=fix_horizon,
     nullable={"objective.huber_c": float, "objective.total_steps": int},
-    build=lambda config, teacher: ImprovedConsistencyTrainingLoss(noise_of(config), **objective_options(config))))
+    build=lambda config, teacher: ImprovedConsistencyTrainingLoss(noise_config(config), **objective_options(config))))

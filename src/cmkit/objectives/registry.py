@@ -11,6 +11,7 @@ config file and tests (docs/design.md, "How to add a method").
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -21,6 +22,7 @@ from torch import nn
 from ..errors import CmkitError
 from ..noise import NoiseConfig
 from ..precond import ConsistencyFunction
+from .base import Objective
 
 
 def _same(config: dict) -> dict:
@@ -67,6 +69,18 @@ class MethodSpec:
     time_derivative: bool = False
     nullable: dict = field(default_factory=dict)
     config: Path | None = None
+
+    def __post_init__(self):
+        if not re.fullmatch(r"[a-z][a-z0-9_-]*", self.name):
+            raise ValueError(f"a method name is lower-case letters, digits, '-' and '_', got {self.name!r}")
+        if not (isinstance(self.objective, type) and issubclass(self.objective, Objective)):
+            raise ValueError(f"method {self.name}: objective must be an Objective subclass, got {self.objective!r}")
+        if not (isinstance(self.wrapper, type) and issubclass(self.wrapper, nn.Module)):
+            raise ValueError(f"method {self.name}: wrapper must be a torch module class, got {self.wrapper!r}")
+        if self.diffusion and (self.teacher or self.init):
+            raise ValueError(f"method {self.name}: a diffusion teacher takes no --teacher or --init")
+        if self.starts_from_teacher and not self.teacher:
+            raise ValueError(f"method {self.name}: starts_from_teacher needs teacher=True")
 
     @property
     def export_formats(self) -> tuple[str, ...]:
@@ -119,7 +133,7 @@ def get_method(name: str) -> MethodSpec:
     return known[name]
 
 
-def noise_of(config: dict) -> NoiseConfig:
+def noise_config(config: dict) -> NoiseConfig:
     """The run's noise range (its ``noise`` section)."""
     return NoiseConfig(**config["noise"])
 

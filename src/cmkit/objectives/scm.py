@@ -28,7 +28,7 @@ from ..precond import EDMDenoiser
 from .base import Objective
 from .consistency import check_guidance_range
 from .jvp import JVP_MODES, jvp
-from .registry import MethodSpec, noise_of, objective_options, register, with_objective
+from .registry import MethodSpec, noise_config, objective_options, register, with_objective
 from .rng import SharedRNG
 
 
@@ -153,12 +153,12 @@ register(MethodSpec(
     source=SCM_SOURCE, objective=ContinuousConsistencyLoss, wrapper=EDMDenoiser, init=True, time_derivative=True,
     resolve=resolve_tangent_warmup,
     nullable={"objective.tangent_warmup": int},
-    build=lambda config, teacher: ContinuousConsistencyLoss(noise_of(config), **objective_options(config))))
+    build=lambda config, teacher: ContinuousConsistencyLoss(noise_config(config), **objective_options(config))))
 
 register(MethodSpec(
     name="scd", summary="continuous-time consistency distillation (sCD) from an EDM --teacher",
     source=SCM_SOURCE, objective=ContinuousConsistencyLoss, wrapper=EDMDenoiser, teacher=True, init=True,
     starts_from_teacher=True, guided=True, time_derivative=True, resolve=resolve_tangent_warmup,
     nullable={"objective.tangent_warmup": int, "objective.guidance": list},
-    build=lambda config, teacher: ContinuousConsistencyLoss(noise_of(config), teacher=teacher,
+    build=lambda config, teacher: ContinuousConsistencyLoss(noise_config(config), teacher=teacher,
                                                             **objective_options(config))))
