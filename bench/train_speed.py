@@ -1,11 +1,14 @@
-"""Training-step cost of an image teacher (EDM) against the raw UNet it trains.
+"""Training-step cost of image methods against the raw UNet they train.
 
-    python bench/train_speed.py                          # CPU: small preset, batch 128
+    python bench/train_speed.py                          # CPU: EDM, small preset, batch 128
     python bench/train_speed.py --device cuda --batch 256 --variants eager,bf16,bf16+compile,bf16+compile+channels_last
+    python bench/train_speed.py --methods edm,cd,sct --variants eager,compile
 
-For each variant it times cmkit's full ``Trainer.step`` (batch draw, noise, preconditioning, loss,
-backward, clipping, optimizer, EMA) and, as the floor, a bare forward + backward of the same
-``UNet2DModel`` on the same batch size. Medians of --repeats timed steps after --warmup steps,
+For each method and variant it times cmkit's full ``Trainer.step`` (batch draw, noise,
+preconditioning, the objective's network passes, loss, backward, clipping, optimizer, EMA) and,
+as the floor, a bare forward + backward of the same ``UNet2DModel`` on the same batch size.
+Methods that need a teacher (or start from one) get a one-step EDM run of the same UNet: timing
+does not depend on the weights. Medians of --repeats timed steps after --warmup steps,
 interleaved so that machine noise hits every variant alike.
 """
 
@@ -13,10 +16,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
+import cmkit
 from cmkit.config import build_config
 from cmkit.train import Trainer
 
@@ -24,14 +30,28 @@ FLAGS = {"bf16": "train.bf16", "compile": "train.compile", "channels_last": "tra
          "fused": "train.fused_optimizer"}
 
 
-def make_trainer(args, variant: str) -> Trainer:
-    sets = {"data.name": args.data, "data.resolution": args.resolution, "model.preset": args.preset,
-            "train.batch_size": args.batch, "train.device": args.device, "train.sample_every": 0,
-            "train.optimizer": "adamw"}
+def make_trainer(args, method: str, variant: str, teacher: Path | None) -> Trainer:
+    sets = {"data.name": args.data, "data.resolution": args.resolution, "train.batch_size": args.batch,
+            "train.device": args.device, "train.sample_every": 0, "train.optimizer": "adamw"}
+    spec = cmkit.methods()[method]
+    if spec.teacher:
+        sets["teacher"] = str(teacher)
+    elif spec.init:
+        sets["init"] = str(teacher)
+    else:
+        sets.update({"model.preset": args.preset, "model.c_noise": "edm", "model.num_classes": 0})
     for flag in filter(None, variant.split("+")):
         if flag != "eager":
             sets[FLAGS[flag]] = True
-    return Trainer(build_config("edm", **sets))
+    return Trainer(build_config(method, **sets))
+
+
+def one_step_teacher(args, folder: Path) -> Path:
+    """An EDM run of the benchmark's UNet after one step, for the methods that start from one."""
+    config = build_config("edm", **{"data.name": args.data, "data.resolution": args.resolution,
+                                    "model.preset": args.preset, "model.c_noise": "edm", "model.num_classes": 0, "train.steps": 1,
+                                    "train.batch_size": 8, "train.device": args.device, "train.sample_every": 0})
+    return cmkit.train(config, folder / "teacher", progress=False)
 
 
 def sync(device):
@@ -61,21 +81,25 @@ def main():
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--device", default="cpu")
     p.add_argument("--variants", default="eager")
+    p.add_argument("--methods", default="edm", help="comma list of methods (those needing a teacher get one)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args()
     torch.manual_seed(0)
-    variants = args.variants.split(",")
-    trainers = {v: make_trainer(args, v) for v in variants}
-    steps = {f"raw UNet fwd+bwd ({variants[0]})": raw_step(trainers[variants[0]], args.batch)}
-    counters = {v: 0 for v in variants}
+    variants, methods = args.variants.split(","), args.methods.split(",")
+    folder = Path(tempfile.mkdtemp(prefix="cmkit-train-speed-"))
+    teacher = one_step_teacher(args, folder) if any(m != "edm" for m in methods) else None
+    trainers = {(m, v): make_trainer(args, m, v, teacher) for m in methods for v in variants}
+    first = next(iter(trainers.values()))
+    steps = {f"raw UNet fwd+bwd ({variants[0]})": raw_step(first, args.batch)}
+    counters = {key: 0 for key in trainers}
 
-    def trainer_step(v):
+    def trainer_step(key):
         def step():
-            trainers[v].step(counters[v])
-            counters[v] += 1
+            trainers[key].step(counters[key])
+            counters[key] += 1
         return step
-    steps.update({f"cmkit teacher step ({v})": trainer_step(v) for v in variants})
+    steps.update({f"cmkit {m} step ({v})": trainer_step((m, v)) for m, v in trainers})
     for step in steps.values():
         for _ in range(args.warmup):
             step()
@@ -88,7 +112,7 @@ def main():
             sync(args.device)
             times[name].append(time.perf_counter() - start)
     base = statistics.median(times[next(iter(times))])
-    params = sum(p.numel() for p in trainers[variants[0]].net.parameters()) / 1e6
+    params = sum(p.numel() for p in first.net.parameters()) / 1e6
     print(f"{args.preset} UNet ({params:.1f}M parameters), {args.data} at {args.resolution}px, batch {args.batch}, "
           f"{args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
     print(f"{'what':45} {'median s':>9} {'img/s':>8} {'x raw':>6}")
