@@ -280,8 +280,8 @@ def cmd_train(args) -> None:
                                             ("--precision", args.precision),
                                             ("--set", args.set or None)) if value is not None]
         if changed:
-            raise CmkitError(f"--resume continues a run with its saved config; only --steps (and --device) may be "
-                             f"given, not {', '.join(changed)}")
+            raise CmkitError(f"--resume continues a run with its saved config; only --steps may be given, not "
+                             f"{', '.join(changed)} (and --device, to move the run to another machine)")
         config = {"method": args.method, "train": {"steps": args.steps}}
         if args.device is not None:  # a machine's property, not the run's: a run may move
             config["train"]["device"] = args.device

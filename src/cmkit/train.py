@@ -514,8 +514,6 @@ def _train(config: dict, out: Path, world: World, *, resume: bool, force: bool, 
     trainer = Trainer(config, world, resumed=resume)
     # Complete: what config.json records, with where and how this (latest) session trains.
     config = {**trainer.config, "runtime": trainer.runtime()}
-    if progress:
-        print(f"cmkit: {config['method']} on {trainer.describe()}", file=sys.stderr)
     total = config["train"]["steps"]
     start = 0
     if resume:
@@ -538,6 +536,8 @@ def _train(config: dict, out: Path, world: World, *, resume: bool, force: bool, 
         checkpoint.atomic_write_text(out / "config.json", json.dumps(config, indent=2) + "\n")
     world.barrier()
 
+    if progress:  # once the run is sure to start
+        print(f"cmkit: {config['method']} on {trainer.describe()}", file=sys.stderr)
     train_cfg = config["train"]
     logs = _Logs(out, train_cfg, world.is_main)
     try:
