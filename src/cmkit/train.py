@@ -19,6 +19,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from tqdm.auto import tqdm
@@ -141,12 +142,13 @@ def _resolve_classes(config: dict, data, teacher: Run | None) -> dict:
     return config
 
 
-class Sources:
+class Sources(NamedTuple):
     """What a run starts from besides its config: the loaded data, the teacher and the run whose
     weights it starts from (either may be None)."""
 
-    def __init__(self, data, teacher: Run | None, init: Run | None):
-        self.data, self.teacher, self.init = data, teacher, init
+    data: object
+    teacher: Run | None
+    init: Run | None
 
 
 def resolve_run_config(config: dict, *, resumed: bool = False, quiet: bool = False) -> tuple[dict, Sources]:
@@ -197,7 +199,7 @@ def build_optimizer(params, train_cfg: dict) -> torch.optim.Optimizer:
             raise CmkitError("train.fused_optimizer needs adam or adamw (torch has no fused RAdam)")
         extra["fused"] = True
     return optimizers[train_cfg["optimizer"]](params, lr=train_cfg["lr"], betas=tuple(train_cfg["betas"]),
-                                        weight_decay=train_cfg["weight_decay"], **extra)
+                                              weight_decay=train_cfg["weight_decay"], **extra)
 
 
 @torch.no_grad()
@@ -240,9 +242,8 @@ class Trainer:
         """``config``: a built config (`build_config`), or with ``resumed`` a run's saved one; it is
         not changed. ``self.config`` is the complete config the run trains with."""
         self.world = world
-        check_config(config)  # before the machine checks, which read its values
-        _check_machine(config, world)
         self.config, sources = resolve_run_config(config, resumed=resumed, quiet=not world.is_main)
+        _check_machine(self.config, world)
         self.spec = get_method(self.config["method"])
         self.images = isinstance(sources.data, ImageData)
         self.num_classes = self.config["model"]["num_classes"]
