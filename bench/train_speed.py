@@ -15,6 +15,7 @@ interleaved so that machine noise hits every variant alike.
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import tempfile
 import time
@@ -26,8 +27,10 @@ import cmkit
 from cmkit.config import build_config
 from cmkit.train import Trainer
 
-FLAGS = {"bf16": "train.bf16", "compile": "train.compile", "channels_last": "train.channels_last",
-         "fused": "train.fused_optimizer"}
+# A variant is flags joined by "+": eager (nothing), or the settings each flag stands for.
+FLAGS = {"bf16": {"train.bf16": True}, "compile": {"train.compile": True},
+         "cudagraphs": {"train.compile": True, "train.compile_mode": "reduce-overhead"},
+         "channels_last": {"train.channels_last": True}, "fused": {"train.fused_optimizer": True}}
 
 
 def make_trainer(args, method: str, variant: str, teacher: Path | None) -> Trainer:
@@ -42,7 +45,7 @@ def make_trainer(args, method: str, variant: str, teacher: Path | None) -> Train
         sets.update({"model.preset": args.preset, "model.c_noise": "edm", "model.num_classes": 0})
     for flag in filter(None, variant.split("+")):
         if flag != "eager":
-            sets[FLAGS[flag]] = True
+            sets.update(FLAGS[flag])
     return Trainer(build_config(method, **sets))
 
 
@@ -59,16 +62,22 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def raw_step(trainer: Trainer, batch: int):
-    """Forward + backward of the bare UNet (no preconditioning, loss weighting, optimizer, EMA)."""
-    unet = trainer.net.backbone.unet
+def raw_step(trainer: Trainer, batch: int, compiled: bool = False, bf16: bool = False):
+    """Forward + backward of the bare UNet (no preconditioning, loss weighting, optimizer, EMA),
+    eager or compiled (inductor's default mode) as cmkit's compiled step is."""
+    unet = copy.deepcopy(trainer.net.backbone.unet)
     c, r = trainer.config["model"]["image_channels"], trainer.config["model"]["resolution"]
     x = torch.randn(batch, c, r, r, device=trainer.device)
     t = torch.randn(batch, device=trainer.device)
+    device_type = torch.device(trainer.device).type
+
+    def loss():
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
+            return unet(x, t).sample.float().square().mean()
+    loss = torch.compile(loss) if compiled else loss
 
     def step():
-        out = unet(x, t).sample
-        out.square().mean().backward()
+        loss().backward()
         unet.zero_grad(set_to_none=True)
     return step
 
@@ -92,6 +101,10 @@ def main():
     trainers = {(m, v): make_trainer(args, m, v, teacher) for m in methods for v in variants}
     first = next(iter(trainers.values()))
     steps = {f"raw UNet fwd+bwd ({variants[0]})": raw_step(first, args.batch)}
+    for variant in variants:  # the bare UNet compiled too, to compare compiled steps with
+        if "compile" in variant.split("+"):
+            bf16 = "bf16" in variant.split("+")
+            steps[f"raw UNet fwd+bwd ({'bf16+' if bf16 else ''}compile)"] = raw_step(first, args.batch, True, bf16)
     counters = {key: 0 for key in trainers}
 
     def trainer_step(key):
@@ -112,13 +125,18 @@ def main():
             sync(args.device)
             times[name].append(time.perf_counter() - start)
     base = statistics.median(times[next(iter(times))])
+    compiled_raw = {name: statistics.median(ts) for name, ts in times.items() if name.startswith("raw") and "compile" in name}
     params = sum(p.numel() for p in first.net.parameters()) / 1e6
     print(f"{args.preset} UNet ({params:.1f}M parameters), {args.data} at {args.resolution}px, batch {args.batch}, "
           f"{args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
-    print(f"{'what':45} {'median s':>9} {'img/s':>8} {'x raw':>6}")
+    print(f"{'what':45} {'median s':>9} {'img/s':>8} {'x raw':>6} {'x raw compiled':>15}")
     for name, ts in times.items():
         med = statistics.median(ts)
-        print(f"{name:45} {med:9.4f} {args.batch / med:8.1f} {med / base:6.2f}")
+        # Against the compiled bare UNet of the same precision, for the compiled rows.
+        floor = next((t for raw, t in compiled_raw.items() if ("bf16" in raw) == ("bf16" in name)), None)
+        compiled_row = "compile" in name or "cudagraphs" in name
+        versus = f"{med / floor:15.2f}" if compiled_row and floor else " " * 15
+        print(f"{name:45} {med:9.4f} {args.batch / med:8.1f} {med / base:6.2f} {versus}")
 
 
 if __name__ == "__main__":

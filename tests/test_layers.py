@@ -21,7 +21,7 @@ LAYERS = [
     ("objectives and data", ["objectives", "data", "metrics.classifier", "metrics.inception"]),
     ("configs", ["config"]),
     ("runs", ["diffusers_runs", "run", "outputs"]),
-    ("training, evaluation, export, editing", ["train", "evaluate", "tune", "export", "editing"]),
+    ("training, evaluation, export, editing", ["compiled_step", "train", "evaluate", "tune", "export", "editing"]),
     ("front ends", ["serve", "editing.cli", "demo", "cli", "__main__", ""]),
 ]
 

@@ -1,6 +1,6 @@
 """The method registry is the one list of methods; a method added in a test trains, resumes and
-samples through the command line with no other change; configs are values; train.compile
-reaches every objective."""
+samples through the command line with no other change; configs are values (train.compile:
+tests/test_compile.py)."""
 
 import ast
 import copy
@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 import cmkit
 from cmkit.batch_rng import batch_rng
@@ -22,7 +21,6 @@ from cmkit.noise import broadcast_to_batch
 from cmkit.objectives import MethodSpec, Objective, method_names, methods, register, unregister
 from cmkit.objectives.registry import methods_table, objective_options
 from cmkit.precond import ConsistencyFunction
-from cmkit.train import Trainer
 
 from helpers import TINY, cli
 
@@ -115,10 +113,13 @@ class DenoisingConsistencyLoss(Objective):
     def __init__(self, p_mean: float = -1.0, p_std: float = 1.5):
         self.p_mean, self.p_std = p_mean, p_std
 
-    def __call__(self, net, x0, *, step=0, target=None, generator=None, class_labels=None):
+    def draw(self, x0, *, step=0, generator=None, class_labels=None):
         rng = batch_rng(generator)
         sigma = (self.p_mean + self.p_std * rng.randn((x0.shape[0],))).exp().clamp(0.002, 80).to(x0)
-        z = rng.randn(x0.shape).to(x0)
+        return {"sigma": sigma, "z": rng.randn(x0.shape).to(x0)}
+
+    def loss(self, net, x0, draws, *, target=None, class_labels=None):
+        sigma, z = draws["sigma"], draws["z"]
         out = net(x0 + broadcast_to_batch(sigma, x0) * z, sigma, class_labels)
         return (out - x0).pow(2).flatten(1).mean(1), {}
 
@@ -203,41 +204,6 @@ def test_one_dict_reused_for_a_sweep_trains_what_fresh_dicts_train(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# train.compile
-
-
-@pytest.mark.parametrize("method", ["edm", "cd", "ct", "ict", "ect", "sct", "scd", "meanflow"])
-def test_compile_reaches_the_network_every_objective_calls(method, tiny_teacher, monkeypatch):
-    """torch.compile is replaced by a recorder (compiling for real takes a C++ toolchain and
-    minutes): every network call the objective makes with gradients must go through what the
-    trainer compiled."""
-    compiled_calls = []
-
-    def record(fn, *args, **kwargs):
-        def compiled(*a, **k):
-            compiled_calls.append(fn.__self__)
-            return fn(*a, **k)
-        return compiled
-
-    monkeypatch.setattr(torch, "compile", record)
-    sources = {"teacher": str(tiny_teacher)} if method in ("cd", "scd") else {}
-    if method in ("ect", "sct"):
-        sources = {"init": str(tiny_teacher)}
-    model = {} if sources else SMALL_MODEL
-    trainer = Trainer(build_config(method, **SMALL, **model, **sources, **{"train.steps": 2, "train.compile": True}))
-    backbone = trainer.net.backbone
-    assert getattr(backbone, "_compiled_call_impl", None) is not None
-    assert getattr(trainer.ema.backbone, "_compiled_call_impl", None) is None  # sampling copies stay plain
-
-    online_calls = []
-    handle = backbone.register_forward_hook(lambda module, args, out: online_calls.append(torch.is_grad_enabled()))
-    trainer.step(0)
-    handle.remove()
-    assert any(online_calls), "the objective never called the online network with gradients"
-    assert len(compiled_calls) == len(online_calls) and all(m is backbone for m in compiled_calls)
-
-
-# ---------------------------------------------------------------------------------------------
 # Run directories written before the registry
 
 
@@ -264,35 +230,3 @@ def test_a_run_directory_from_before_the_registry_loads_samples_and_resumes(tmp_
     assert config == {**read_run_config(new), "train": {k: v for k, v in read_run_config(new)["train"].items()
                                                        if k != "device"}}
     assert _weights_digest(old) == _weights_digest(new)
-
-
-@pytest.mark.parametrize("method", ["edm", "cd", "ct", "ict", "ect", "sct", "scd", "meanflow"])
-def test_dynamo_captures_every_objectives_gradient_pass(method, tiny_teacher, monkeypatch):
-    """With real torch.compile (dynamo; a backend that runs the captured graph as it is, so no C++
-    toolchain is needed), every method's training step yields compiled graphs: the JVP
-    objectives run their torch.func.jvp eager, which must not leave the gradient pass eager too.
-    The step computes what the eager step does."""
-    import torch._dynamo
-    torch._dynamo.reset()
-    graphs = []
-    compile_for_real = torch.compile
-
-    def counting(fn, *args, **kwargs):
-        def backend(graph_module, example_inputs):
-            graphs.append(graph_module)
-            return graph_module.forward
-        return compile_for_real(fn, backend=backend)
-
-    sources = {"teacher": str(tiny_teacher)} if method in ("cd", "scd") else {}
-    if method in ("ect", "sct"):
-        sources = {"init": str(tiny_teacher)}
-    model = {} if sources else SMALL_MODEL
-    losses = []
-    for compiled in (False, True):
-        if compiled:
-            monkeypatch.setattr(torch, "compile", counting)
-        config = build_config(method, **SMALL, **model, **sources, **{"train.steps": 2, "train.compile": compiled})
-        losses.append(Trainer(config).step(0)["loss"])
-    torch._dynamo.reset()
-    assert graphs, f"{method}: nothing was compiled"
-    assert losses[1] == pytest.approx(losses[0], rel=1e-5)

@@ -20,14 +20,14 @@ def teacher(tiny_teacher):
 
 
 def _interrupt_at(monkeypatch, cls, step_to_fail):
-    original = cls.__call__
+    original = cls.draw
 
     def flaky(self, *args, step=0, **kwargs):
         if step == step_to_fail:
             raise KeyboardInterrupt
         return original(self, *args, step=step, **kwargs)
 
-    monkeypatch.setattr(cls, "__call__", flaky)
+    monkeypatch.setattr(cls, "draw", flaky)
 
 
 def _comparable(run):
@@ -69,18 +69,22 @@ def test_resume_extends_a_finished_run(tmp_path):
 
 def _poison(monkeypatch, bad_steps, kind="loss"):
     """Make the EDM loss NaN (kind "loss") or its gradient NaN with a finite loss ("grad") at ``bad_steps``."""
-    original = edm.EDMLoss.__call__
+    draw, loss_of = edm.EDMLoss.draw, edm.EDMLoss.loss
 
-    def poisoned(self, net, *args, step=0, **kwargs):
-        loss, extra = original(self, net, *args, step=step, **kwargs)
-        if step in bad_steps:
+    def marked(self, x0, *, step=0, **kwargs):
+        return {**draw(self, x0, step=step, **kwargs), "bad": step in bad_steps}
+
+    def poisoned(self, net, x0, draws, **kwargs):
+        loss, extra = loss_of(self, net, x0, draws, **kwargs)
+        if draws["bad"]:
             if kind == "loss":
                 loss = loss * float("nan")
             else:  # sqrt'(0) is inf: a finite loss whose gradient is not
                 loss = loss + torch.sqrt(sum((p - p.detach()).sum() for p in net.parameters()))
         return loss, extra
 
-    monkeypatch.setattr(edm.EDMLoss, "__call__", poisoned)
+    monkeypatch.setattr(edm.EDMLoss, "draw", marked)
+    monkeypatch.setattr(edm.EDMLoss, "loss", poisoned)
 
 
 @pytest.mark.parametrize("kind", ["loss", "grad"])

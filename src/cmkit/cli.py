@@ -119,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"cmkit {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
+    from .devices import COMPILE_MODES
     from .objectives import methods
     specs = methods()
     by_role = lambda test: ", ".join(name for name, spec in specs.items() if test(spec))  # noqa: E731
@@ -145,6 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu, cuda, cuda:N, mps or auto (default auto: a GPU when there is one; under "
                    "torchrun each process takes cuda:LOCAL_RANK); also with --resume")
     p.add_argument("--precision", choices=("fp32", "bf16"), help="fp32 (default) or bfloat16 autocast (train.bf16)")
+    p.add_argument("--compile", nargs="?", const="default", choices=COMPILE_MODES, metavar="MODE",
+                   help="torch.compile the training step (train.compile); MODE is one of "
+                   f"{', '.join(COMPILE_MODES)} (default: default; reduce-overhead adds CUDA graphs); also "
+                   "with --resume")
     p.add_argument("--config", help="JSON file of config overrides")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config value, e.g. --set model.width=256 (repeatable)")
@@ -258,7 +263,8 @@ def cmd_train(args) -> None:
     options = {"data.name": args.data, "train.steps": args.steps, "train.batch_size": args.batch_size,
                "train.lr": args.lr, "train.seed": args.seed, "train.label_dropout": args.label_dropout,
                "train.device": args.device,
-               "train.bf16": None if args.precision is None else args.precision == "bf16"}
+               "train.bf16": None if args.precision is None else args.precision == "bf16",
+               "train.compile": None if args.compile is None else True, "train.compile_mode": args.compile}
     spec = get_method(args.method)
     for flag, value, role, key, what in (
             ("--guidance", args.guidance, "guided", "objective.guidance", "--guidance (guided distillation)"),
@@ -281,10 +287,12 @@ def cmd_train(args) -> None:
                                             ("--set", args.set or None)) if value is not None]
         if changed:
             raise CmkitError(f"--resume continues a run with its saved config; only --steps may be given, not "
-                             f"{', '.join(changed)} (and --device, to move the run to another machine)")
+                             f"{', '.join(changed)} (and --device or --compile, to move the run to another machine)")
         config = {"method": args.method, "train": {"steps": args.steps}}
-        if args.device is not None:  # a machine's property, not the run's: a run may move
-            config["train"]["device"] = args.device
+        # A machine's properties, not the run's: a run may move.
+        for key in ("device", "compile", "compile_mode"):
+            if options[f"train.{key}"] is not None:
+                config["train"][key] = options[f"train.{key}"]
     else:
         config = build_config(args.method, config_file=args.config, sets=args.set, **options)
     out = train(config, args.out, resume=args.resume, force=args.force, progress=not args.quiet)

@@ -18,7 +18,7 @@ from importlib import resources
 from pathlib import Path
 
 from .data import is_image_source
-from .devices import check_device_name
+from .devices import check_compile_mode, check_device_name
 from .errors import CmkitError
 from .objectives import MethodSpec, get_method
 from .safe_io import read_json
@@ -234,3 +234,4 @@ def check_config(config: dict) -> None:
         if not 0 <= value < 2**63:
             raise CmkitError(f"{key} must be a non-negative integer, got {value!r}")
     check_device_name(train["device"], "train.device")
+    check_compile_mode(train["compile_mode"])

@@ -1,4 +1,5 @@
-"""Which device a command runs on: one rule for training, sampling, evaluation, editing and serving.
+"""Which device a command runs on: one rule for training, sampling, evaluation, editing and serving
+(and, for training, how it compiles for it).
 
 ``auto`` takes a CUDA GPU when there is one, else Apple's MPS where torch has it, else the CPU. A
 device asked for by name that this machine lacks is an error, never a silent fallback.
@@ -13,6 +14,15 @@ import torch
 from .errors import CmkitError
 
 DEVICE_NAMES = "cpu, cuda, cuda:N, mps or auto"
+# torch.compile's modes. "reduce-overhead" adds CUDA graphs (static shapes: a fixed batch size,
+# which training has); the max-autotune modes benchmark kernel choices (slow to compile).
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
+
+
+def check_compile_mode(mode) -> str:
+    if mode not in COMPILE_MODES:
+        raise CmkitError(f"train.compile_mode must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
+    return mode
 
 
 def mps_available() -> bool:

@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 
 from . import checkpoint
 from .batch_rng import BatchRNG, step_seed
-from .config import check_config
+from .compiled_step import compile_loss, use_run_cache
+from .config import base_section, check_config
 from .distributed import World, sum_gradients, close, world_from_env
 from .devices import resolve_device
 from .data import ImageData, ImageScaler, Standardizer, is_builtin, load_dataset, random_hflip
@@ -204,11 +205,12 @@ def build_optimizer(params, train_cfg: dict) -> torch.optim.Optimizer:
 
 @torch.no_grad()
 def ema_update(ema: torch.nn.Module, online: torch.nn.Module, rate: float) -> None:
-    """ema <- rate * ema + (1 - rate) * online (rate 0 copies)."""
-    for e, p in zip(ema.parameters(), online.parameters()):
-        e.lerp_(p, 1 - rate)
-    for e, b in zip(ema.buffers(), online.buffers()):
-        e.copy_(b)
+    """ema <- rate * ema + (1 - rate) * online (rate 0 copies), in a few multi-tensor kernels on
+    a GPU instead of two per tensor (the same arithmetic as ``lerp_``)."""
+    torch._foreach_lerp_(list(ema.parameters()), list(online.parameters()), 1 - rate)
+    buffers = list(ema.buffers())
+    if buffers:
+        torch._foreach_copy_(buffers, list(online.buffers()))
 
 
 def ema_rate(rate: float, step: int) -> float:
@@ -281,29 +283,31 @@ class Trainer:
         self.x_train = (data.train.to(self.device) if self.images
                         else Standardizer.from_state(config["standardizer"]).to_model(data.train))
         self.y_train = data.train_labels.to(self.device) if self.num_classes else None
-        if train_cfg["compile"]:
-            # The online network's backbone compiles in place: every way an objective calls the
-            # network (net(x, sigma), sCM's net.trigflow, MeanFlow's net.velocity) runs through it,
-            # and the saved weights, the EMA and the target keep their plain module names.
-            self.net.backbone.compile()
+        self.device_type = torch.device(self.device).type
+        # The loss of a step, compiled whole (compiled_step.py); the weights, the EMA and the
+        # target keep their plain module names.
+        self.loss_fn = compile_loss(self._loss, train_cfg["compile_mode"]) if train_cfg["compile"] else self._loss
         self.skipped_steps = 0  # steps skipped for a NaN/inf loss or gradient, over the whole run
         self.bad_in_row = 0
         self.stop_signal = None  # set by SIGTERM/SIGINT; the run stops, saved, after the step in progress
         self.stopping = False  # a stop every rank agreed on
         self._sync_weights()
-        self.autocast = torch.autocast(torch.device(self.device).type, dtype=torch.bfloat16, enabled=train_cfg["bf16"])
 
     def runtime(self) -> dict:
         """Where and how this session trains (config.json's ``runtime``; a resumed run may differ)."""
         return {"device": self.device, "processes": self.world.size,
-                "precision": "bf16" if self.train_cfg["bf16"] else "fp32", "compile": self.train_cfg["compile"],
+                "precision": "bf16" if self.train_cfg["bf16"] else "fp32",
+                "compile": self.train_cfg["compile_mode"] if self.train_cfg["compile"] else False,
                 "torch": torch.__version__}
 
     def describe(self) -> str:
         runtime = self.runtime()
         processes = "1 process" if runtime["processes"] == 1 else f"{runtime['processes']} processes"
+        compile_note = runtime["compile"] or "off"
+        if runtime["compile"] and self.spec.time_derivative and self.config["objective"].get("jvp") == "autograd":
+            compile_note += " (the JVP pass eager: torch.func.jvp does not compile)"
         return (f"{runtime['device']} ({processes}), {runtime['precision']}, "
-                f"compile {'on' if runtime['compile'] else 'off'}, torch {runtime['torch']}")
+                f"compile {compile_note}, torch {runtime['torch']}")
 
     @property
     def modules(self) -> dict:
@@ -355,10 +359,10 @@ class Trainer:
             rng = BatchRNG(self.generator.manual_seed(step_seed(train_cfg["seed"], step)), start=m * micro, total=total)
             self._seed_dropout(step_seed(train_cfg["seed"], step, 1 + m))
             batch, labels = self._draw(rng, micro)
-            with self.autocast:
-                per_sample, extra = self.objective(self.net, batch, step=step, target=self.target,
-                                                   generator=rng, class_labels=labels)
-            loss = per_sample.float().mean() / (accum * world.size)
+            draws = self.objective.draw(batch, step=step, generator=rng, class_labels=labels)
+            loss, logs = self.loss_fn(batch, labels, draws)
+            loss = loss / (accum * world.size)
+            extra = {**self.objective.step_logs(step), **{k: float(v) for k, v in logs.items()}}
             if torch.isfinite(loss):
                 loss.backward()
             else:
@@ -389,6 +393,12 @@ class Trainer:
         ema_update(self.ema, self.net, ema_rate(train_cfg["ema_rate"], step))
         return {"step": step + 1, "loss": loss_value, "grad_norm": grad_norm.item(),
                 "lr": self.optimizer.param_groups[0]["lr"], "skipped_steps": self.skipped_steps, **extra}
+
+    def _loss(self, batch: torch.Tensor, labels: torch.Tensor | None, draws: dict) -> tuple[torch.Tensor, dict]:
+        """The mean loss of a micro-batch and its logged tensors: what ``train.compile`` compiles."""
+        with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.train_cfg["bf16"]):
+            per_sample, logs = self.objective.loss(self.net, batch, draws, target=self.target, class_labels=labels)
+        return per_sample.float().mean(), logs
 
     def sample_grid(self, path: Path) -> None:
         """A grid of EMA samples (1 step for a consistency model, 18 Heun steps for a teacher)."""
@@ -509,9 +519,12 @@ def _train(config: dict, out: Path, world: World, *, resume: bool, force: bool, 
         saved = checkpoint.read_run_config(out)
         if method is not None and method != saved.get("method"):
             raise CmkitError(f"{out} is a run of method {saved.get('method')}, not {method}")
-        # The step to stop at, and the device if one is given: a run may move between machines.
-        moved = {"device": config["train"]["device"]} if "device" in config["train"] else {}
-        config = {**saved, "train": {**saved["train"], "steps": steps, **moved}}
+        # The step to stop at, and the machine's settings if given (a run may move between machines).
+        # Train settings added since the run was written take their defaults.
+        moved = {k: config["train"][k] for k in ("device", "compile", "compile_mode") if k in config["train"]}
+        config = {**saved, "train": {**base_section("train"), **saved["train"], "steps": steps, **moved}}
+    if config["train"]["compile"]:
+        use_run_cache(out)  # before anything compiles
     trainer = Trainer(config, world, resumed=resume)
     # Complete: what config.json records, with where and how this (latest) session trains.
     config = {**trainer.config, "runtime": trainer.runtime()}

@@ -61,18 +61,26 @@ class ConsistencyLoss(Objective):
         """Per-sample guidance scales of guided distillation (None: not guided)."""
         return None
 
-    def __call__(self, net, x0: torch.Tensor, *, step: int = 0, target=None, generator=None, class_labels=None):
+    def step_logs(self, step):
+        return {"num_levels": self.num_levels(step)}
+
+    def draw(self, x0: torch.Tensor, *, step: int = 0, generator=None, class_labels=None):
+        B = x0.shape[0]
+        sigmas = self.noise.karras(self.num_levels(step)).to(x0)
+        n = self.sample_pairs(sigmas, B, generator).to(x0.device)
+        draws = {"sigma_hi": sigmas[n], "sigma_lo": sigmas[n + 1], "z": batch_rng(generator).randn(x0.shape).to(x0)}
+        scales = self.guidance_scales(class_labels, B, generator)
+        if scales is not None:
+            draws["guidance"] = scales
+        return draws
+
+    def loss(self, net, x0: torch.Tensor, draws, *, target=None, class_labels=None):
         if target is None:
             if self.needs_target:
                 raise ValueError("this consistency loss needs a target network")
             target = net  # iCT: stopgrad of the online network
-        B = x0.shape[0]
-        sigmas = self.noise.karras(self.num_levels(step)).to(x0)
-        n = self.sample_pairs(sigmas, B, generator).to(x0.device)
-        sigma_hi, sigma_lo = sigmas[n], sigmas[n + 1]
-        z = batch_rng(generator).randn(x0.shape).to(x0)
+        sigma_hi, sigma_lo, z, scales = draws["sigma_hi"], draws["sigma_lo"], draws["z"], draws.get("guidance")
         x_hi = x0 + broadcast_to_batch(sigma_hi, x0) * z
-        scales = self.guidance_scales(class_labels, B, generator)
         with torch.no_grad():
             x_lo = self.lower(x_hi, x0, z, sigma_hi, sigma_lo, class_labels, scales)
             rng = SharedRNG(x0.device)  # the target and online passes share dropout masks
@@ -80,7 +88,7 @@ class ConsistencyLoss(Objective):
         rng.replay()
         online = net(x_hi, sigma_hi, class_labels, **guidance_kwarg(scales))
         loss = self.weighting(sigma_hi, sigma_lo) * self.distance(online, target_out)
-        return loss, {"num_levels": len(sigmas)}
+        return loss, {}
 
 
 class ConsistencyDistillationLoss(ConsistencyLoss):

@@ -40,14 +40,19 @@ class EasyConsistencyTuningLoss(Objective):
         """Stages of equal length over ``total_steps``; the last lasts to the end of the run."""
         return min(step * self.stages // self.total_steps, self.stages - 1)
 
-    def __call__(self, net, x0: torch.Tensor, *, step: int = 0, target=None, generator=None, class_labels=None):
-        B = x0.shape[0]
+    def step_logs(self, step):
+        return {"stage": self.stage(step)}
+
+    def draw(self, x0: torch.Tensor, *, step: int = 0, generator=None, class_labels=None):
         rng = batch_rng(generator)
-        ln_t = self.p_mean + self.p_std * rng.randn((B,))
+        ln_t = self.p_mean + self.p_std * rng.randn((x0.shape[0],))
         t = ln_t.exp().clamp(self.noise.sigma_min, self.noise.sigma_max).to(x0)
         r = ect_r(t, self.stage(step), self.k, self.b, self.q)
         r = torch.where(r < self.noise.sigma_min, torch.zeros_like(r), r)  # below sigma_min: the data
-        z = rng.randn(x0.shape).to(x0)
+        return {"t": t, "r": r, "z": rng.randn(x0.shape).to(x0)}
+
+    def loss(self, net, x0: torch.Tensor, draws, *, target=None, class_labels=None):
+        t, r, z = draws["t"], draws["r"], draws["z"]
         x_t = x0 + broadcast_to_batch(t, x0) * z
         x_r = x0 + broadcast_to_batch(r, x0) * z
         rng = SharedRNG(x0.device)
@@ -56,7 +61,7 @@ class EasyConsistencyTuningLoss(Objective):
             target_out = torch.where(broadcast_to_batch(r, x0) > 0, target_out, x0)
         rng.replay()
         loss = self.distance(net(x_t, t, class_labels), target_out) / (t - r)
-        return loss, {"stage": self.stage(step), "r_zero": float((r == 0).float().mean())}
+        return loss, {"r_zero": (r == 0).float().mean()}
 
 
 register(MethodSpec(

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from .rng import SharedRNG
@@ -20,9 +18,7 @@ def jvp(fn, primals: tuple, tangents: tuple, mode: str = "autograd", eps: float 
     convolutions the rounding error (~1e-3 relative) is as large as the step itself, and the
     difference quotient would be noise."""
     if mode == "autograd":
-        from ..nets.unet import forward_ad_safe
-        with forward_ad_safe(module if module is not None else torch.nn.Identity()), _eager():
-            return torch.func.jvp(fn, primals, tangents)
+        return _autograd(fn, primals, tangents, module)
     if mode != "finite_difference":
         raise ValueError(f"unknown jvp mode {mode!r}; known: {', '.join(JVP_MODES)}")
     device = primals[0].device
@@ -38,13 +34,24 @@ def jvp(fn, primals: tuple, tangents: tuple, mode: str = "autograd", eps: float 
     return out, (plus - minus) / (2 * eps)
 
 
-def _eager():
-    """Compiled modules run eager inside ``torch.func.jvp``: dynamo does not trace forward-mode AD
-    there, and a frame it gives up on stays uncompiled for the gradient pass as well (measured:
-    with train.compile, sCT and MeanFlow compiled nothing). The gradient pass, the costly part,
-    stays compiled. (torch < 2.6 has no stance: there compile and the JVP may not mix.)"""
-    set_stance = getattr(torch.compiler, "set_stance", None)
-    return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
+def _autograd_jvp(fn, primals: tuple, tangents: tuple, module) -> tuple:
+    """``torch.func.jvp`` runs eager, also inside a compiled training step: dynamo cannot trace
+    forward-mode AD through the UNet (torch 2.13: fake-tensor ``_fw_primal`` errors, and the
+    forward-AD-safe layer swap mutates modules). The step's graph breaks around it; the gradient
+    pass, the costly part, stays compiled. ``finite_difference`` is plain forward passes and compiles."""
+    from ..nets.unet import forward_ad_safe
+    with forward_ad_safe(module if module is not None else torch.nn.Identity()):
+        return torch.func.jvp(fn, primals, tangents)
+
+
+_autograd = _autograd_jvp  # what jvp() calls; run_eager_under_compile() swaps in the disabled one
+
+
+def run_eager_under_compile() -> None:
+    """Make the autograd JVP run eager inside ``torch.compile``d code (a graph break). Called by
+    whoever compiles a step, not at import: ``torch.compiler.disable`` loads dynamo (a second)."""
+    global _autograd
+    _autograd = torch.compiler.disable(_autograd_jvp)
 
 
 def _at_least_float32(tensors: tuple) -> tuple:

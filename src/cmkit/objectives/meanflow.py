@@ -67,9 +67,12 @@ class MeanFlowLoss(Objective):
         u, du_dt = meanflow_jvp(model, z, r, t, v, self.jvp, class_labels=class_labels)
         return u, v - broadcast_to_batch(t - r, v) * du_dt
 
-    def __call__(self, net, x0: torch.Tensor, *, step: int = 0, target=None, generator=None, class_labels=None):
+    def draw(self, x0: torch.Tensor, *, step: int = 0, generator=None, class_labels=None):
         r, t = (s.to(x0) for s in self.sample_times(x0.shape[0], generator))
-        eps = batch_rng(generator).randn(x0.shape).to(x0)
+        return {"r": r, "t": t, "eps": batch_rng(generator).randn(x0.shape).to(x0)}
+
+    def loss(self, net, x0: torch.Tensor, draws, *, target=None, class_labels=None):
+        r, t, eps = draws["r"], draws["t"], draws["eps"]
         z = broadcast_to_batch(1 - t, x0) * x0 + broadcast_to_batch(t, x0) * eps
         v = eps - x0
         with torch.no_grad():
@@ -78,7 +81,7 @@ class MeanFlowLoss(Objective):
         rng.replay()
         sq = (net.velocity(z, r, t, class_labels) - u_tgt).float().pow(2).flatten(1).sum(1)
         weight = 1 / (sq.detach() + self.c) ** self.p
-        return weight * sq, {"mse": float(sq.detach().mean() / x0[0].numel())}
+        return weight * sq, {"mse": sq.detach().mean() / x0[0].numel()}
 
 
 register(MethodSpec(

@@ -95,33 +95,40 @@ class ContinuousConsistencyLoss(Objective):
     def warmup(self, step: int) -> float:
         return 1.0 if self.tangent_warmup == 0 else min(1.0, step / self.tangent_warmup)
 
-    def tangent(self, F_minus, dF_dt, x_t, v, t, warmup: float):
+    def tangent(self, F_minus, dF_dt, x_t, v, t, warmup):
         """g before normalisation (``warmup``: the tangent warm-up factor r of the paper, 0 -> 1)."""
         sd = self.noise.sigma_data
         cos, sin = broadcast_to_batch(t.cos(), x_t), broadcast_to_batch(t.sin(), x_t)
         return -cos**2 * (sd * F_minus - v) - warmup * cos * sin * (x_t + sd * dF_dt)
 
-    def __call__(self, net, x0: torch.Tensor, *, step: int = 0, target=None, generator=None, class_labels=None):
+    def step_logs(self, step):
+        return {"tangent_warmup": self.warmup(step)}
+
+    def draw(self, x0: torch.Tensor, *, step: int = 0, generator=None, class_labels=None):
         sd, B = self.noise.sigma_data, x0.shape[0]
         rng = batch_rng(generator)
         sigma = (self.p_mean + self.p_std * rng.randn((B,))).exp()
-        t = trigflow_from_sigma(sigma.clamp(self.noise.sigma_min, self.noise.sigma_max), sd).to(x0)
-        z = sd * rng.randn(x0.shape).to(x0)
-        cos, sin = broadcast_to_batch(t.cos(), x0), broadcast_to_batch(t.sin(), x0)
-        x_t = cos * x0 + sin * z
-        scales = None
+        draws = {"t": trigflow_from_sigma(sigma.clamp(self.noise.sigma_min, self.noise.sigma_max), sd).to(x0),
+                 "z": sd * rng.randn(x0.shape).to(x0),
+                 "warmup": torch.tensor(self.warmup(step), dtype=x0.dtype, device=x0.device)}
         if self.guidance is not None:
             if class_labels is None:
                 raise ValueError("guided distillation needs class labels")
-            scales = draw_scales(self.guidance, B, rng).to(x0.device)
+            draws["guidance"] = draw_scales(self.guidance, B, rng).to(x0.device)
+        return draws
+
+    def loss(self, net, x0: torch.Tensor, draws, *, target=None, class_labels=None):
+        sd = self.noise.sigma_data
+        t, z, scales = draws["t"], draws["z"], draws.get("guidance")
+        cos, sin = broadcast_to_batch(t.cos(), x0), broadcast_to_batch(t.sin(), x0)
+        x_t = cos * x0 + sin * z
         F = trigflow_F(net, class_labels, scales)
         with torch.no_grad():
             v = (cos * z - sin * x0 if self.teacher is None
                  else teacher_velocity(bind_condition(self.teacher, class_labels, scales), x_t, t, sd))
             rng = SharedRNG(x0.device)
             F_minus, dF_dt = jvp_F(F, x_t / sd, t, v / sd, self.jvp, module=net)
-            warmup = self.warmup(step)
-            g = self.tangent(F_minus, dF_dt, x_t, v, t, warmup)
+            g = self.tangent(F_minus, dF_dt, x_t, v, t, draws["warmup"])
             norm = g.flatten(1).norm(dim=1)
             g = g / broadcast_to_batch(norm + self.c, g)
         rng.replay()
@@ -135,7 +142,7 @@ class ContinuousConsistencyLoss(Objective):
         else:
             log_weight = self.weight(t)
             loss = log_weight.exp() / dim * sq - log_weight
-        return loss, {"tangent_warmup": warmup, "g_norm": float(norm.mean())}
+        return loss, {"g_norm": norm.mean()}
 
 
 def resolve_tangent_warmup(config: dict) -> dict:
