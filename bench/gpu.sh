@@ -5,9 +5,11 @@
 #   bench/gpu.sh [OUT]            # on the GPU: about 9 minutes
 #   bench/gpu.sh --smoke [OUT]    # tiny sizes on the CPU, end to end (tests/test_bench.py runs it)
 #
-# 1. Training-step throughput (bench/train_speed.py): EDM, CD and sCT steps, eager / bf16 /
-#    bf16+compile, at batch 128 and 512, as images/s and as a multiple of the bare UNet's
-#    forward+backward.
+# 1. Training-step throughput (bench/train_speed.py), as images/s and as a multiple of the bare
+#    UNet's forward+backward (eager, and compiled the same way): EDM, CD and sCT steps at batch
+#    128, eager fp32 against the compiled bf16 step with CUDA graphs (reduce-overhead); then the
+#    EDM step at batch 512, eager / bf16 / bf16+compile / bf16+CUDA graphs. (Each compiled
+#    variant compiles for tens of seconds in its warm-up, so not every pair is measured.)
 # 2. One-step sampling speed (bench/inference.py).
 # 3. Quality on Fashion-MNIST 32x32 (bench/compare_images.sh): a teacher, then CD, ECT and sCT
 #    with 1- and 2-step FD and precision/recall, each evaluated as soon as it is trained.
@@ -25,19 +27,18 @@ PYTHON=${PYTHON:-python3}
 CMKIT=${CMKIT:-cmkit}
 mkdir -p "$OUT"
 if [ "$SMOKE" = 1 ]; then
-  SPEED=(--device cpu --data digits --resolution 8 --preset tiny --warmup 1 --repeats 1 --variants eager,bf16)
-  BATCHES=(8)
+  SPEED=(--device cpu --data digits --resolution 8 --preset tiny --warmup 1 --repeats 1)
+  SPEED_RUNS=("8 edm,cd,sct eager,bf16")
   SAMPLING=(--device cpu --data digits --resolution 8 --preset tiny --batch 8 --repeats 1)
   QUALITY=(TINY=1 DEVICE=cpu)
   : "${SPEED_S:=300}" "${SAMPLING_S:=300}" "${QUALITY_S:=600}"
 else
   # First sizes, not yet run on a GPU: the first session with one tunes them to the 9 minutes.
-  SPEED=(--device cuda --data fashion-mnist --resolution 32 --preset small --warmup 3 --repeats 10
-         --variants eager,bf16,bf16+compile)
-  BATCHES=(128 512)
+  SPEED=(--device cuda --data fashion-mnist --resolution 32 --preset small --warmup 3 --repeats 10)
+  SPEED_RUNS=("128 edm,cd,sct eager,bf16+cudagraphs" "512 edm eager,bf16,bf16+compile,bf16+cudagraphs")
   SAMPLING=(--device cuda --data fashion-mnist --resolution 32 --preset small --batch 256 --repeats 20)
   QUALITY=(DEVICE=cuda COMPILE=1 CD_STEPS=auto "BUDGET=${BUDGET:-90}" "TEACHER_STEPS=${TEACHER_STEPS:-2000}")
-  : "${SPEED_S:=120}" "${SAMPLING_S:=45}" "${QUALITY_S:=255}"
+  : "${SPEED_S:=150}" "${SAMPLING_S:=45}" "${QUALITY_S:=200}"
 fi
 status=0
 phase() {  # phase NAME SECONDS COMMAND...: run with a time limit, keep going if it fails or is cut
@@ -53,9 +54,10 @@ phase() {  # phase NAME SECONDS COMMAND...: run with a time limit, keep going if
 }
 {
   echo "machine: $("$PYTHON" -c 'import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "torch", torch.__version__)')"
-  for b in "${BATCHES[@]}"; do
-    phase "training-step throughput, batch $b" "$SPEED_S" "$PYTHON" "$HERE/train_speed.py" --methods edm,cd,sct \
-      --batch "$b" "${SPEED[@]}"
+  for run in "${SPEED_RUNS[@]}"; do
+    read -r b methods variants <<< "$run"
+    phase "training-step throughput, batch $b" "$SPEED_S" "$PYTHON" "$HERE/train_speed.py" --methods "$methods" \
+      --variants "$variants" --batch "$b" "${SPEED[@]}"
   done
   phase "one-step sampling" "$SAMPLING_S" "$PYTHON" "$HERE/inference.py" "${SAMPLING[@]}"
   phase "quality: Fashion-MNIST teacher, CD, ECT, sCT" "$QUALITY_S" \

@@ -7,6 +7,7 @@ backward AOTAutograd derives, run without inductor's C++ code generation (second
 One test compiles for real with inductor."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -128,6 +129,18 @@ def test_the_kernel_cache_lives_in_the_run_unless_the_user_chose_a_place(tmp_pat
     assert compiled_step.use_run_cache(tmp_path / "b") == str(tmp_path / "b" / "compile_cache")
     monkeypatch.setenv(compiled_step.CACHE_ENV, str(tmp_path / "mine"))
     assert compiled_step.use_run_cache(tmp_path / "c") == str(tmp_path / "mine")
+
+
+def test_a_compiled_image_run_keeps_its_kernels_in_its_directory(tmp_path, monkeypatch, aot_eager):
+    """Importing diffusers loads dynamo, which creates the cache folder: the run must set it only
+    once its directory is in place (else a new run finds its directory 'already exists')."""
+    monkeypatch.delenv(compiled_step.CACHE_ENV, raising=False)
+    monkeypatch.setattr(compiled_step, "_cache_set_by_cmkit", None)
+    out = tmp_path / "run"
+    assert cli("train", "--method", "edm", "--data", "digits", "--steps", 1, "--out", out, "--compile", "--quiet",
+               "--set", "model.preset=tiny", "--set", "train.batch_size=8", "--set", "train.sample_every=0") == 0
+    assert os.environ[compiled_step.CACHE_ENV] == str(out.resolve() / "compile_cache")
+    assert read_run_config(out)["runtime"]["compile"] == "default"
 
 
 def test_compile_options_on_the_command_line_and_on_resume(tmp_path, capsys, aot_eager):

@@ -32,23 +32,35 @@ _cache_set_by_cmkit: str | None = None  # the value this process put in CACHE_EN
 
 
 def compile_loss(fn, mode: str = "default"):
-    """``fn`` compiled with inductor in ``mode`` (its backward too, when it is differentiated)."""
-    from torch._inductor import list_mode_options
-
-    from .objectives.jvp import run_eager_under_compile
-
+    """``fn`` compiled with inductor in ``mode`` (its backward too, when it is differentiated), on
+    its first call, so that building a trainer neither loads dynamo nor fixes the cache folder
+    before the run directory is in place."""
     check_compile_mode(mode)
-    run_eager_under_compile()
-    # mode and options cannot both be given to torch.compile: the mode's options, plus ours.
-    return torch.compile(fn, options={**list_mode_options(mode), "fallback_random": True})
+    compiled = None
+
+    def call(*args, **kwargs):
+        nonlocal compiled
+        if compiled is None:
+            from torch._inductor import list_mode_options
+
+            from .objectives.jvp import run_eager_under_compile
+            run_eager_under_compile()
+            # mode and options cannot both be given to torch.compile: the mode's options, plus ours.
+            compiled = torch.compile(fn, options={**list_mode_options(mode), "fallback_random": True})
+        return compiled(*args, **kwargs)
+    return call
 
 
 def use_run_cache(run_dir: str | Path) -> str:
     """Point inductor's cache at ``run_dir/compile_cache`` unless the user chose a place; return
-    where the cache is."""
+    where the cache is. Call it once the run directory is in place: importing dynamo (diffusers
+    does) creates the folder the variable names."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
     global _cache_set_by_cmkit
     current = os.environ.get(CACHE_ENV)
-    if current is not None and current != _cache_set_by_cmkit:
-        return current  # the user's choice (or inductor's default, once it ran in this process)
+    # Inductor writes its default into the variable when it first looks: that is not a choice.
+    if current is not None and current not in (_cache_set_by_cmkit, os.path.abspath(default_cache_dir())):
+        return current
     _cache_set_by_cmkit = os.environ[CACHE_ENV] = str(Path(run_dir).resolve() / RUN_CACHE)
     return _cache_set_by_cmkit

@@ -523,8 +523,6 @@ def _train(config: dict, out: Path, world: World, *, resume: bool, force: bool, 
         # Train settings added since the run was written take their defaults.
         moved = {k: config["train"][k] for k in ("device", "compile", "compile_mode") if k in config["train"]}
         config = {**saved, "train": {**base_section("train"), **saved["train"], "steps": steps, **moved}}
-    if config["train"]["compile"]:
-        use_run_cache(out)  # before anything compiles
     trainer = Trainer(config, world, resumed=resume)
     # Complete: what config.json records, with where and how this (latest) session trains.
     config = {**trainer.config, "runtime": trainer.runtime()}
@@ -549,6 +547,8 @@ def _train(config: dict, out: Path, world: World, *, resume: bool, force: bool, 
     if world.is_main:
         checkpoint.atomic_write_text(out / "config.json", json.dumps(config, indent=2) + "\n")
     world.barrier()
+    if config["train"]["compile"]:
+        use_run_cache(out)  # the directory is in place; nothing has compiled yet
 
     if progress:  # once the run is sure to start
         print(f"cmkit: {config['method']} on {trainer.describe()}", file=sys.stderr)
