@@ -17,7 +17,7 @@ import json
 from importlib import resources
 from pathlib import Path
 
-from .data import is_image_source
+from .data import check_stream_settings, is_image_source
 from .devices import check_compile_mode, check_device_name
 from .errors import CmkitError
 from .objectives import MethodSpec, get_method
@@ -100,7 +100,7 @@ def read_config_file(path: str | Path) -> dict:
 
 # Types of the shared keys whose default is null (any other key must keep its default's type); a
 # method's own null objective keys are typed in its spec (`MethodSpec.nullable`).
-NULLABLE = {"teacher": str, "init": str, "data.name": str, "data.resolution": int, "data.root": str,
+NULLABLE = {"teacher": str, "init": str, "data.name": str, "data.resolution": int, "data.root": str, "data.workers": int,
             "train.grad_clip": float, "model.channels": list, "model.layers_per_block": int,
             "model.attention": list, "model.dropout": float, "model.num_classes": int}
 
@@ -233,5 +233,6 @@ def check_config(config: dict) -> None:
     for key, value in (("train.seed", train["seed"]), ("data.seed", data["seed"])):
         if not 0 <= value < 2**63:
             raise CmkitError(f"{key} must be a non-negative integer, got {value!r}")
+    check_stream_settings(data)
     check_device_name(train["device"], "train.device")
     check_compile_mode(train["compile_mode"])

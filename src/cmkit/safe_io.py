@@ -106,15 +106,15 @@ class NpzArchive:
         self._zip.close()
 
 
-def open_image(source, name: str | None = None):
+def open_image(source, name: str | None = None, formats: tuple[str, ...] | None = None):
     """A fully decoded PIL image from a path or a binary file object (``name`` labels the latter in
     errors), refusing one whose header declares more than MAX_IMAGE_PIXELS. The caller closes it
-    (``with open_image(p) as im``)."""
+    (``with open_image(p) as im``). ``formats``: PIL's allow-list of formats (None: any it reads)."""
     from PIL import Image
 
     label = str(source) if isinstance(source, (str, Path)) else (name or "upload")
     try:
-        im = Image.open(source)
+        im = Image.open(source, formats=formats)
         if im.width * im.height > MAX_IMAGE_PIXELS:
             im.close()
             raise CmkitError(f"{label} declares {im.width}x{im.height} pixels, more than cmkit reads "

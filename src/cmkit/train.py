@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import resource
 import signal
 import sys
@@ -31,6 +32,8 @@ from .config import base_section, check_config
 from .distributed import World, sum_gradients, close, world_from_env
 from .devices import resolve_device
 from .data import ImageData, ImageScaler, Standardizer, is_builtin, load_dataset, random_hflip
+from .data.loader import PlannedBatches, default_workers
+from .data.streams import StreamedImages
 from .errors import CmkitError, Stopped
 from .guidance import GuidanceInput, default_guidance
 from .nets import load_backbone_weights
@@ -280,7 +283,10 @@ class Trainer:
         params = list(self.net.parameters()) + [p for m in self.extra_modules.values() for p in m.parameters()]
         self.optimizer = build_optimizer(params, train_cfg)
         # Vectors are standardised once; images stay uint8 (on the device) until a batch is drawn.
-        self.x_train = (data.train.to(self.device) if self.images
+        # A streamed set (StreamedImages) stays on disk: batches come decoded from a PlannedBatches.
+        self.streamed = isinstance(data.train, StreamedImages)
+        self.loader, self.bad_images, self.images_read = None, 0, 0
+        self.x_train = (data.train if self.streamed else data.train.to(self.device) if self.images
                         else Standardizer.from_state(config["standardizer"]).to_model(data.train))
         self.y_train = data.train_labels.to(self.device) if self.num_classes else None
         self.device_type = torch.device(self.device).type
@@ -328,11 +334,46 @@ class Trainer:
         else:
             torch.random.default_generator.manual_seed(seed)
 
-    def _draw(self, rng: BatchRNG, size: int):
+    def _batch_rng(self, step: int, micro_batch: int, generator: torch.Generator) -> BatchRNG:
+        """The draws of micro-batch ``micro_batch`` (its place in the global batch) at ``step``."""
+        total = self.train_cfg["batch_size"]
+        micro = total // (self.world.size * self.train_cfg["grad_accum"])
+        return BatchRNG(generator.manual_seed(step_seed(self.train_cfg["seed"], step)), start=micro_batch * micro,
+                        total=total)
+
+    def _planned_rows(self, step: int):
+        """This process's training rows at ``step``, one tensor per micro-batch: the first draw of
+        each micro-batch's generator, as `_draw` makes it (the streamed loader decodes ahead)."""
+        accum = self.train_cfg["grad_accum"]
+        micro = self.train_cfg["batch_size"] // (self.world.size * accum)
+        for a in range(accum):
+            yield self._batch_rng(step, self.world.rank * accum + a, torch.Generator()).randint(len(self.x_train), micro)
+
+    def _streamed_batch(self, step: int, rows: torch.Tensor) -> torch.Tensor:
+        if self.loader is None or self.loader_step != step:  # the first step, or steps taken out of order
+            workers = self.config["data"].get("workers")
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # torchrun's processes on this machine
+            workers = default_workers(local) if workers is None else workers
+            self.loader = PlannedBatches(self.x_train, self._planned_rows, step, self.train_cfg["steps"],
+                                         workers=workers, pin_memory=self.device.startswith("cuda"))
+            self.loader_bad = self.bad_images
+        batch = self.loader.take(rows)
+        self.loader_step = step + (self._micro_left == 0)
+        self.bad_images = self.loader_bad + self.loader.bad
+        self.images_read += len(rows)
+        limit = self.config["data"].get("max_bad_fraction", 0.01)
+        if self.images_read >= 1000 and self.bad_images > limit * self.images_read:
+            raise CmkitError(f"{self.bad_images} of {self.images_read} images read did not decode (more than "
+                             f"data.max_bad_fraction = {limit}); cmkit data check {self.config['data']['name']} "
+                             "lists them")
+        return batch
+
+    def _draw(self, rng: BatchRNG, size: int, step: int = 0):
         """This shard's ``size`` training samples (in model units) and labels."""
         train_cfg = self.train_cfg
-        index = rng.randint(len(self.x_train), size).to(self.device)
-        batch = self.x_train[index]
+        index = rng.randint(len(self.x_train), size)
+        batch = self._streamed_batch(step, index).to(self.device) if self.streamed else self.x_train[index.to(self.device)]
+        index = index.to(self.device)
         if self.images:
             if self.config["data"]["hflip"]:
                 batch = random_hflip(batch, rng)
@@ -356,9 +397,10 @@ class Trainer:
         loss_sum, bad, extra = torch.zeros(()), 0.0, {}
         for a in range(accum):
             m = world.rank * accum + a  # this micro-batch's place in the global batch
-            rng = BatchRNG(self.generator.manual_seed(step_seed(train_cfg["seed"], step)), start=m * micro, total=total)
+            rng = self._batch_rng(step, m, self.generator)
             self._seed_dropout(step_seed(train_cfg["seed"], step, 1 + m))
-            batch, labels = self._draw(rng, micro)
+            self._micro_left = accum - 1 - a
+            batch, labels = self._draw(rng, micro, step)
             draws = self.objective.draw(batch, step=step, generator=rng, class_labels=labels)
             loss, logs = self.loss_fn(batch, labels, draws)
             loss = loss / (accum * world.size)
@@ -391,6 +433,8 @@ class Trainer:
         if self.target is not None:
             ema_update(self.target, self.net, self.objective.target_rate(step))
         ema_update(self.ema, self.net, ema_rate(train_cfg["ema_rate"], step))
+        if self.streamed:
+            extra["bad_images"] = self.bad_images
         return {"step": step + 1, "loss": loss_value, "grad_norm": grad_norm.item(),
                 "lr": self.optimizer.param_groups[0]["lr"], "skipped_steps": self.skipped_steps, **extra}
 
@@ -520,9 +564,10 @@ def _train(config: dict, out: Path, world: World, *, resume: bool, force: bool, 
         if method is not None and method != saved.get("method"):
             raise CmkitError(f"{out} is a run of method {saved.get('method')}, not {method}")
         # The step to stop at, and the machine's settings if given (a run may move between machines).
-        # Train settings added since the run was written take their defaults.
+        # Data and train settings added since the run was written take their defaults.
         moved = {k: config["train"][k] for k in ("device", "compile", "compile_mode") if k in config["train"]}
-        config = {**saved, "train": {**base_section("train"), **saved["train"], "steps": steps, **moved}}
+        config = {**saved, "data": {**base_section("data"), **saved["data"]},
+                  "train": {**base_section("train"), **saved["train"], "steps": steps, **moved}}
     trainer = Trainer(config, world, resumed=resume)
     # Complete: what config.json records, with where and how this (latest) session trains.
     config = {**trainer.config, "runtime": trainer.runtime()}

@@ -10,8 +10,8 @@ import torch
 
 from ..errors import CmkitError
 from .files import SUFFIXES, holdout_split, load_array, load_labelled_array, validate_array
-from .images import (FASHION_MNIST_CLASSES, IMAGE_SETS, ImageData, ImageScaler, count_classes, is_image_source,
-                     load_images, random_hflip, read_idx)
+from .images import (FASHION_MNIST_CLASSES, IMAGE_SETS, ImageData, ImageScaler, check_stream_settings, count_classes,
+                     is_image_source, load_images, random_hflip, read_idx)
 from .toys import TOY_SETS, TOY_TRUTH
 
 
@@ -41,8 +41,10 @@ def load_dataset(d: dict, name: str | None = None) -> VectorData | ImageData:
     if not name:  # an imported model (a diffusers folder) records no training data
         raise CmkitError("this model has no data on record: pass --data (e.g. fashion-mnist, a folder of images)")
     if is_image_source(name):
+        # Runs from before streaming have no stream keys: "auto" with the default threshold.
         return load_images(name, resolution=d["resolution"], fit=d["fit"], root=d["root"],
-                           holdout_fraction=d["holdout_fraction"], seed=d["seed"])
+                           holdout_fraction=d["holdout_fraction"], seed=d["seed"], stream=d.get("stream", "auto"),
+                           stream_above_mb=d.get("stream_above_mb", 1024.0))
     if d["resolution"] is not None or d["hflip"]:
         raise CmkitError(f"data.resolution and data.hflip apply to images; {name!r} is vector data")
     return load_vectors(name, n=d["n"], n_holdout=d["n_holdout"], holdout_fraction=d["holdout_fraction"],
@@ -111,6 +113,6 @@ class Standardizer:
         return cls(state["mean"], state["std"], state["sigma_data"])
 
 
-__all__ = ["FASHION_MNIST_CLASSES", "IMAGE_SETS", "ImageData", "ImageScaler", "Standardizer", "TOY_SETS", "TOY_TRUTH", "VectorData",
+__all__ = ["FASHION_MNIST_CLASSES", "IMAGE_SETS", "ImageData", "ImageScaler", "Standardizer", "check_stream_settings", "TOY_SETS", "TOY_TRUTH", "VectorData",
            "is_builtin", "is_image_source", "load_array", "load_dataset", "load_images", "load_vectors",
            "random_hflip", "read_idx", "scaler_from_state", "validate_array"]

@@ -14,19 +14,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..batch_rng import batch_rng
 from ..errors import CmkitError
 from ..safe_io import READ_ERRORS, NpzArchive, load_npy, memory_bytes, npy_header, open_image
 from .files import holdout_split, validate_labels
+from .geometry import FITS, fit_resolution, to_nchw  # noqa: F401 (cmkit.data.images' names)
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian package dataset-fashion-mnist
 FASHION_MNIST_ENV = "CMKIT_FASHION_MNIST"
 FASHION_MNIST_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
                        "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-FITS = ("pad", "resize")
 FASHION_MNIST_CLASSES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
                          "ankle-boot")
 
@@ -214,56 +213,8 @@ def is_image_array(path: str | Path) -> bool:
         return False  # the vector reader reports the problem
 
 
-def to_nchw(arr: np.ndarray, name: str) -> np.ndarray:
-    """(N, H, W) -> (N, 1, H, W); NHWC -> NCHW; NCHW stays. Only uint8 with 1 or 3 channels."""
-    if arr.dtype != np.uint8:
-        raise CmkitError(f"{name}: images must be uint8 (0..255), got {arr.dtype}; convert with "
-                         "np.clip(x, 0, 255).astype(np.uint8) (vector data must have shape (N, D))")
-    if arr.ndim == 3:
-        return arr[:, None]
-    if arr.ndim != 4:
-        raise CmkitError(f"{name}: images must have shape (N, H, W), (N, H, W, C) or (N, C, H, W), got {arr.shape}")
-    last, first = arr.shape[3] in (1, 3), arr.shape[1] in (1, 3)
-    if last and (not first or arr.shape[1] == arr.shape[2]):
-        return np.ascontiguousarray(arr.transpose(0, 3, 1, 2))
-    if first:
-        return arr
-    raise CmkitError(f"{name}: cannot find a channel axis of size 1 or 3 in shape {arr.shape} "
-                     "(RGBA: drop the alpha channel)")
-
-
 # ---------------------------------------------------------------------------------------------
 # Geometry
-
-
-def fit_resolution(images: torch.Tensor, resolution: int | None, fit: str = "pad") -> torch.Tensor:
-    """Make (N, C, H, W) uint8 images square at ``resolution``: ``pad`` centres them on a black
-    canvas (Fashion-MNIST 28 -> 32, as the CM and EDM papers pad MNIST-like data), ``resize``
-    centre-crops to a square and resamples (bilinear, antialiased)."""
-    if fit not in FITS:
-        raise CmkitError(f"data.fit must be one of {', '.join(FITS)}, got {fit!r}")
-    h, w = images.shape[2:]
-    if resolution is None:
-        if h != w:
-            raise CmkitError(f"images are {h}x{w}, not square: set --set data.resolution=N")
-        return images
-    if resolution < 4:
-        raise CmkitError(f"data.resolution must be at least 4, got {resolution}")
-    if (h, w) == (resolution, resolution):
-        return images
-    if fit == "pad":
-        if max(h, w) > resolution:
-            raise CmkitError(f"cannot pad {h}x{w} images to {resolution}: use --set data.fit=resize")
-        top, left = (resolution - h) // 2, (resolution - w) // 2
-        return F.pad(images, (left, resolution - w - left, top, resolution - h - top))
-    side = min(h, w)
-    top, left = (h - side) // 2, (w - side) // 2
-    square = images[:, :, top:top + side, left:left + side]
-    out = []
-    for chunk in square.split(1024):
-        out.append(F.interpolate(chunk.float(), size=(resolution, resolution), mode="bilinear",
-                                 antialias=True, align_corners=False).round().clamp(0, 255).to(torch.uint8))
-    return torch.cat(out)
 
 
 def random_hflip(batch: torch.Tensor, generator) -> torch.Tensor:
@@ -279,7 +230,9 @@ IMAGE_SETS = ("fashion-mnist", "digits")
 
 
 def is_image_source(name: str | None) -> bool:
-    return bool(name) and (name in IMAGE_SETS or Path(name).is_dir() or is_image_array(name))
+    from .streams import is_stream_source
+    return bool(name) and (name in IMAGE_SETS or Path(name).is_dir() or is_image_array(name)
+                           or is_stream_source(name))
 
 
 def count_classes(train_labels, holdout_labels) -> int | None:
@@ -289,10 +242,34 @@ def count_classes(train_labels, holdout_labels) -> int | None:
     return int(max(train_labels.max(), holdout_labels.max() if len(holdout_labels) else 0)) + 1
 
 
+STREAM_CHOICES = ("auto", "always", "never")
+
+
+def check_stream_settings(d: dict) -> None:
+    """The data section's streaming keys (`load_images`, the trainer's loader)."""
+    if d["stream"] not in STREAM_CHOICES:
+        raise CmkitError(f"data.stream must be one of {', '.join(STREAM_CHOICES)}, got {d['stream']!r}")
+    if not d["stream_above_mb"] >= 0:
+        raise CmkitError(f"data.stream_above_mb must be >= 0, got {d['stream_above_mb']!r}")
+    if d["workers"] is not None and d["workers"] < 0:
+        raise CmkitError(f"data.workers must be >= 0 (null: from the cores), got {d['workers']!r}")
+    if not 0 <= d["max_bad_fraction"] < 1:
+        raise CmkitError(f"data.max_bad_fraction must be in [0, 1), got {d['max_bad_fraction']!r}")
+
+
 def load_images(name: str, *, resolution: int | None = None, fit: str = "pad", root: str | None = None,
-                holdout_fraction: float = 0.1, seed: int = 0) -> ImageData:
+                holdout_fraction: float = 0.1, seed: int = 0, stream="auto", stream_above_mb: float = 1024) -> ImageData:
     """Load an image source with its train/held-out split. Fashion-MNIST holds out its own 10k
-    test set; other sources hold out a seeded ``holdout_fraction``."""
+    test set; other sources hold out a seeded ``holdout_fraction``. Folders, .zip, .tar shards and
+    .npy are streamed (`cmkit.data.streams`) with ``stream`` "always", or with "auto" when the decoded
+    set would take more than ``stream_above_mb``; .zip and .tar sources below it are decoded into
+    memory by the same code."""
+    if stream not in STREAM_CHOICES:
+        raise CmkitError(f"data.stream must be one of {', '.join(STREAM_CHOICES)}, got {stream!r}")
+    if name not in IMAGE_SETS and Path(name).suffix.lower() != ".npz":
+        streamed = _load_streamed(name, resolution, fit, holdout_fraction, seed, stream, stream_above_mb)
+        if streamed is not None:
+            return streamed
     if name == "fashion-mnist":
         train, train_labels = load_fashion_mnist(root, "train")
         test, test_labels = load_fashion_mnist(root, "test")
@@ -316,3 +293,29 @@ def load_images(name: str, *, resolution: int | None = None, fit: str = "pad", r
          None if y is None else torch.from_numpy(y)) for x, y in parts]
     padded = fit == "pad" and train.shape[2] != native
     return ImageData(name, train, holdout, train_labels, holdout_labels, native if padded else None, names)
+
+
+def _load_streamed(name: str, resolution, fit: str, holdout_fraction: float, seed: int, stream,
+                   stream_above_mb: float) -> ImageData | None:
+    """The source streamed (or, below the threshold, decoded into memory by the same code); None
+    for a folder or .npy small enough for the in-memory readers."""
+    from .streams import StreamedImages, is_stream_source, open_source
+    if fit not in FITS:
+        raise CmkitError(f"data.fit must be one of {', '.join(FITS)}, got {fit!r}")
+    source = open_source(name)
+    train_rows, holdout_rows = holdout_split(len(source), holdout_fraction, seed, name, "images")
+    train = StreamedImages(source, train_rows, resolution=resolution, fit=fit)
+    holdout = StreamedImages(source, holdout_rows, resolution=resolution, fit=fit, mode=train.mode, size=train.size)
+    decoded_mb = len(source) * math.prod(train.item_shape) / 2**20
+    if stream == "never" or (stream == "auto" and decoded_mb <= stream_above_mb):
+        if not is_stream_source(name):
+            return None  # a small folder or .npy: the in-memory readers, as before
+        train_x, holdout_x = train.materialize(), holdout.materialize()
+        if train.bad or holdout.bad:
+            raise CmkitError(f"{name}: {train.bad + holdout.bad} image(s) do not decode (cmkit data check lists them)")
+    else:
+        train_x, holdout_x = train, holdout
+    native = train.size[0]
+    padded = fit == "pad" and train.item_shape[1] != native
+    return ImageData(name, train_x, holdout_x, train.labels(), holdout.labels(), native if padded else None,
+                     source.class_names)

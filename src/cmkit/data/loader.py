@@ -1,0 +1,84 @@
+"""Batches of a streamed image set, decoded ahead in DataLoader worker processes.
+
+The trainer's batch rows are a function of (seed, step, the process's share) only (batch_rng.py),
+so they can be computed before the step: ``plan(step)`` yields this process's rows for each of its
+micro-batches, a DataLoader decodes them in ``workers`` processes (pinned memory for a GPU), and
+``take(rows)`` hands over the next batch after checking it is the one the step drew. A resume
+starts the plan at its step: nothing before it is read again, and any process count reads the
+rows it would have read in an unbroken run.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ..errors import CmkitError
+from .streams import StreamedImages
+
+
+def default_workers(processes_per_machine: int = 1) -> int:
+    """Decoding processes for one training process: the cores it may use, less one for itself."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    return max(0, min(8, cores // max(1, processes_per_machine) - 1))
+
+
+class _Rows(Dataset):
+    def __init__(self, images: StreamedImages):
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, row: int):
+        bad = self.images.bad
+        image = self.images.image(row)
+        return row, image, self.images.bad - bad  # replacements made for this row, counted here
+
+
+class _Plan(Sampler):
+    def __init__(self, plan: Callable[[int], Iterator[torch.Tensor]], start: int, stop: int):
+        self.plan, self.start, self.stop = plan, start, stop
+
+    def __iter__(self):
+        for step in range(self.start, self.stop):
+            for rows in self.plan(step):
+                yield rows.tolist()
+
+    def __len__(self) -> int:
+        return 0  # unknown micro-batch count per step; DataLoader does not need it
+
+
+def _collate(items):
+    rows, images, bad = zip(*items)
+    return torch.tensor(rows), torch.stack(images), sum(bad)
+
+
+class PlannedBatches:
+    """The batches ``plan`` names from ``start`` to ``stop`` (exclusive), decoded ahead."""
+
+    def __init__(self, images: StreamedImages, plan: Callable[[int], Iterator[torch.Tensor]], start: int,
+                 stop: int, *, workers: int, pin_memory: bool = False, prefetch: int = 4):
+        self.images, self.plan, self.start = images, plan, start
+        self.bad = 0  # images replaced because they did not decode, over this loader's batches
+        loader = DataLoader(_Rows(images), batch_sampler=_Plan(plan, start, stop), num_workers=workers,
+                            collate_fn=_collate, pin_memory=pin_memory,
+                            prefetch_factor=prefetch if workers else None, persistent_workers=False)
+        self._batches = iter(loader)
+
+    def take(self, rows: torch.Tensor) -> torch.Tensor:
+        """The next planned batch; ``rows`` must be the ones it decoded."""
+        try:
+            planned, batch, bad = next(self._batches)
+        except StopIteration:
+            raise CmkitError("the data loader ran past its planned steps") from None
+        if not torch.equal(planned, rows.cpu()):
+            raise RuntimeError("the data loader's batch is not the one the step drew (a plan out of step)")
+        self.bad += bad
+        return batch

@@ -1,0 +1,420 @@
+"""Image sets read in place, one image at a time: folders, EDM zip archives, WebDataset-style tar
+shards and memory-mapped .npy arrays.
+
+    source = open_source("shards/train-{000000..000099}.tar")
+    images = StreamedImages(source, rows, ...)      # indexable like a uint8 tensor (N, C, H, W)
+    batch = images[torch.tensor([5, 17, 3])]         # decodes three images
+
+A source lists its samples (keys, labels) without decoding any; an index of byte offsets is built
+once for tar shards and cached next to them, checked against each shard's size and mtime.
+Decoding (PNG/JPEG only, size-capped), the mode conversion and the fit to ``data.resolution`` are
+per image, and the same code turns a small source into the in-memory tensor, so a set trains to the
+same weights whether it is streamed or loaded. A member that does not decode is replaced by the next
+row that does, and counted.
+"""
+
+from __future__ import annotations
+
+import abc
+import io
+import json
+import os
+import re
+import tarfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import CmkitError
+from ..safe_io import READ_ERRORS, npy_header, open_image
+from .geometry import fit_resolution, to_nchw
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+GREY_MODES = ("1", "L", "I", "I;16", "F")
+INDEX_NAME = ".cmkit-index.json"  # next to tar shards
+MAX_MEMBER_BYTES = 64 * 2**20  # an encoded training image is far smaller; larger is refused unread
+MAX_LABEL_BYTES = 4096
+
+
+class BadSample(Exception):
+    """A member that cannot be decoded (truncated, corrupt, not PNG/JPEG)."""
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """WebDataset's shard patterns: ``train-{000000..000099}.tar`` (zero-padded numeric ranges) and
+    ``{a,b}`` alternatives, expanded in order."""
+    match = re.search(r"\{([^{}]*)\}", pattern)
+    if match is None:
+        return [pattern]
+    head, body, tail = pattern[:match.start()], match.group(1), pattern[match.end():]
+    numeric = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if numeric:
+        lo, hi = numeric.groups()
+        if int(hi) < int(lo) or int(hi) - int(lo) > 10**6:
+            raise CmkitError(f"bad shard range {{{body}}} in {pattern}")
+        width = len(lo) if lo.startswith("0") else 0
+        parts = [str(i).zfill(width) for i in range(int(lo), int(hi) + 1)]
+    else:
+        parts = body.split(",")
+    return [out for part in parts for out in expand_braces(head + part + tail)]
+
+
+def _stamp(path: Path) -> list[int]:
+    stat = path.stat()
+    return [stat.st_size, stat.st_mtime_ns]
+
+
+class ImageSource(abc.ABC):
+    """The samples of a set: ``keys`` (sorted, unique), ``labels`` ((N,) int64 or None) and
+    ``class_names``; ``read(i)`` is sample i's encoded bytes (or a decoded array for .npy)."""
+
+    name: str
+    keys: list[str]
+    labels: np.ndarray | None = None
+    class_names: list[str] | None = None
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @abc.abstractmethod
+    def read(self, i: int):
+        ...
+
+    def __getstate__(self):  # DataLoader workers reopen files in their own process
+        state = self.__dict__.copy()
+        state["_handles"] = {}
+        return state
+
+
+class FolderSource(ImageSource):
+    """Every PNG/JPEG below a folder (recursive, sorted). If every image sits in a first-level
+    sub-folder, those are the classes (sorted names -> labels 0..K-1)."""
+
+    def __init__(self, root: str | Path):
+        self.root, self.name = Path(root), str(root)
+        files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        if not files:
+            raise CmkitError(f"no .png/.jpg/.jpeg images found under {root}")
+        self.keys = [p.relative_to(self.root).as_posix() for p in files]
+        parts = [key.split("/") for key in self.keys]
+        if all(len(p) == 2 for p in parts):
+            self.class_names = sorted({p[0] for p in parts})
+            self.labels = np.array([self.class_names.index(p[0]) for p in parts], dtype=np.int64)
+        self._handles = {}
+
+    def read(self, i: int) -> bytes:
+        path = self.root / self.keys[i]
+        if path.stat().st_size > MAX_MEMBER_BYTES:
+            raise BadSample(f"{path} is larger than {MAX_MEMBER_BYTES} bytes")
+        return path.read_bytes()
+
+
+class ZipSource(ImageSource):
+    """A zip of PNG/JPEG files in EDM's ``dataset_tool.py`` layout: labels (optional) in
+    ``dataset.json`` as ``{"labels": [["00000/img00000000.png", 6], ...]}``."""
+
+    def __init__(self, path: str | Path):
+        self.path, self.name = Path(path), str(path)
+        self._handles = {}
+        try:
+            with zipfile.ZipFile(self.path) as archive:
+                infos = {i.filename: i for i in archive.infolist() if not i.is_dir()}
+                meta = None
+                if "dataset.json" in infos:
+                    if infos["dataset.json"].file_size > 2**30:
+                        raise CmkitError(f"{path}: dataset.json is implausibly large")
+                    meta = json.loads(archive.read("dataset.json").decode("utf-8"))
+        except CmkitError:
+            raise
+        except (*READ_ERRORS, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CmkitError(f"cannot read zip archive {path}: {str(e).splitlines()[0]}") from None
+        self.keys = sorted(name for name in infos if Path(name).suffix.lower() in IMAGE_SUFFIXES)
+        if not self.keys:
+            raise CmkitError(f"zip archive {path} holds no .png/.jpg/.jpeg images")
+        labels = (meta or {}).get("labels")
+        if labels is not None:
+            try:
+                table = {str(name): int(label) for name, label in labels}
+                self.labels = np.array([table[key] for key in self.keys], dtype=np.int64)
+            except (TypeError, ValueError, KeyError) as e:
+                raise CmkitError(f"{path}: dataset.json labels do not cover the images ({e})") from None
+            if self.labels.min() < 0:
+                raise CmkitError(f"{path}: dataset.json has negative labels")
+
+    def _archive(self) -> zipfile.ZipFile:
+        pid = os.getpid()
+        if pid not in self._handles:
+            self._handles = {pid: zipfile.ZipFile(self.path)}
+        return self._handles[pid]
+
+    def read(self, i: int) -> bytes:
+        try:
+            archive = self._archive()
+            if archive.getinfo(self.keys[i]).file_size > MAX_MEMBER_BYTES:
+                raise BadSample(f"{self.keys[i]} is larger than {MAX_MEMBER_BYTES} bytes")
+            return archive.read(self.keys[i])
+        except BadSample:
+            raise
+        except (*READ_ERRORS, zipfile.BadZipFile) as e:
+            raise BadSample(f"{self.keys[i]}: {str(e).splitlines()[0]}") from None
+
+
+class TarSource(ImageSource):
+    """WebDataset-style tar shards: members ``{key}.png|jpg|jpeg`` with an optional ``{key}.cls``
+    (an integer label) or ``{key}.json`` (``{"label": n}``). ``shards``: a list of .tar paths. The
+    index (each image's shard, offset and size, and the labels) is built by reading the tar
+    headers once, and cached in ``.cmkit-index.json`` next to the first shard (rebuilt when a
+    shard's size or mtime changed; where the folder is read-only, rebuilt each time)."""
+
+    def __init__(self, shards: list[str | Path], name: str):
+        self.shards, self.name = [Path(s) for s in shards], name
+        self._handles = {}
+        missing = [str(s) for s in self.shards if not s.is_file()]
+        if missing:
+            raise CmkitError(f"missing tar shard {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        index = self._cached_index() or self._build_index()
+        self.keys = index["keys"]
+        self.locations = index["locations"]
+        labels = index["labels"]
+        if not self.keys:
+            raise CmkitError(f"{name}: the tar shards hold no .png/.jpg/.jpeg images")
+        if any(label is not None for label in labels):
+            if any(label is None for label in labels):
+                raise CmkitError(f"{name}: some images have a .cls/.json label and some do not")
+            self.labels = np.array(labels, dtype=np.int64)
+
+    def _index_path(self) -> Path:
+        return self.shards[0].parent / INDEX_NAME
+
+    def _stamps(self) -> dict:
+        return {str(s.resolve()): _stamp(s) for s in self.shards}
+
+    def _cached_index(self) -> dict | None:
+        try:
+            cached = json.loads(self._index_path().read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(cached, dict) or cached.get("shards") != self._stamps():
+            return None  # another set of shards, or one changed since: rebuild
+        return cached
+
+    def _build_index(self) -> dict:
+        entries = {}
+        for number, shard in enumerate(self.shards):
+            try:
+                with tarfile.open(shard, "r:") as archive:
+                    for member in archive:
+                        if not member.isfile():
+                            continue
+                        base = member.name.rsplit("/", 1)[-1]
+                        stem, dot, suffix = base.partition(".")
+                        key = member.name[:len(member.name) - len(base)] + stem
+                        entry = entries.setdefault((number, key), {})
+                        suffix = "." + suffix.lower() if dot else ""
+                        if suffix in IMAGE_SUFFIXES:
+                            entry["image"] = [number, member.offset_data, member.size]
+                        elif suffix in (".cls", ".json") and member.size <= MAX_LABEL_BYTES:
+                            entry["label"] = _parse_label(archive.extractfile(member).read(), suffix)
+            except (tarfile.TarError, *READ_ERRORS) as e:
+                raise CmkitError(f"cannot read tar shard {shard}: {str(e).splitlines()[0]}") from None
+        images = sorted((key, entry) for (number, key), entry in entries.items() if "image" in entry)
+        index = {"shards": self._stamps(), "keys": [key for key, _ in images],
+                 "locations": [entry["image"] for _, entry in images],
+                 "labels": [entry.get("label") for _, entry in images]}
+        if len(set(index["keys"])) != len(index["keys"]):
+            raise CmkitError(f"{self.name}: two shards hold images with the same key")
+        try:
+            tmp = self._index_path().with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps(index))
+            os.replace(tmp, self._index_path())
+        except OSError:
+            pass  # a read-only data folder: the index is rebuilt next time
+        return index
+
+    def _shard(self, number: int):
+        pid = os.getpid()
+        if self._handles.get("pid") != pid:
+            self._handles = {"pid": pid}
+        if number not in self._handles:
+            self._handles[number] = open(self.shards[number], "rb")
+        return self._handles[number]
+
+    def read(self, i: int) -> bytes:
+        number, offset, size = self.locations[i]
+        if size > MAX_MEMBER_BYTES:
+            raise BadSample(f"{self.keys[i]} is larger than {MAX_MEMBER_BYTES} bytes")
+        fh = self._shard(number)
+        fh.seek(offset)
+        data = fh.read(size)
+        if len(data) != size:
+            raise BadSample(f"{self.keys[i]} is truncated in {self.shards[number]}")
+        return data
+
+
+def _parse_label(raw: bytes, suffix: str) -> int | None:
+    try:
+        text = raw.decode("utf-8").strip()
+        value = json.loads(text) if suffix == ".json" else int(text)
+        if isinstance(value, dict):
+            value = value.get("label", value.get("cls"))
+        return int(value) if value is not None and int(value) >= 0 else None
+    except (ValueError, TypeError, UnicodeDecodeError):
+        return None
+
+
+class NpySource(ImageSource):
+    """A uint8 .npy of images, memory-mapped: (N, H, W), (N, H, W, C) or (N, C, H, W)."""
+
+    def __init__(self, path: str | Path):
+        self.path, self.name = Path(path), str(path)
+        try:
+            with open(self.path, "rb") as fh:
+                shape, dtype = npy_header(fh)
+        except READ_ERRORS as e:
+            raise CmkitError(f"cannot read {self.path.name}: {str(e).splitlines()[0]}") from None
+        if dtype != np.uint8 or len(shape) not in (3, 4):
+            raise CmkitError(f"{self.path.name}: streamed images must be uint8 of shape (N, H, W), (N, H, W, C) "
+                             f"or (N, C, H, W), got {dtype} {shape}")
+        self.keys = [str(i) for i in range(shape[0])]
+        self._handles = {}
+
+    def _array(self) -> np.ndarray:
+        pid = os.getpid()
+        if pid not in self._handles:
+            self._handles = {pid: np.load(self.path, mmap_mode="r", allow_pickle=False)}
+        return self._handles[pid]
+
+    def read(self, i: int) -> np.ndarray:
+        return np.asarray(self._array()[i])
+
+
+def is_stream_source(name: str | None) -> bool:
+    """Whether ``name`` is a zip archive, a tar shard or shard pattern, or a folder of tar shards."""
+    if not name:
+        return False
+    path = Path(name)
+    if path.is_file():
+        return path.suffix.lower() in (".zip", ".tar")
+    if "{" in name and name.endswith(".tar"):
+        return True
+    return path.is_dir() and any(path.glob("*.tar")) and not any(
+        p.suffix.lower() in IMAGE_SUFFIXES for p in path.rglob("*"))
+
+
+def open_source(name: str) -> ImageSource:
+    """The source ``name`` names: a folder of images, a folder of .tar shards, a shard pattern, a
+    .tar, a .zip or a .npy."""
+    path = Path(name)
+    if path.is_dir():
+        shards = sorted(path.glob("*.tar"))
+        if shards and not any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.rglob("*")):
+            return TarSource(shards, name)
+        return FolderSource(path)
+    if "{" in name and name.endswith(".tar"):
+        return TarSource(expand_braces(name), name)
+    suffix = path.suffix.lower()
+    if not path.is_file():
+        raise CmkitError(f"data not found: {name}")
+    if suffix == ".zip":
+        return ZipSource(path)
+    if suffix == ".tar":
+        return TarSource([path], name)
+    if suffix == ".npy":
+        return NpySource(path)
+    raise CmkitError(f"{name}: not an image source cmkit streams (a folder, .zip, .tar or shard pattern, .npy)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding
+
+
+def decode(raw, mode: str | None, label: str = "image") -> np.ndarray:
+    """(C, H, W) uint8 from PNG/JPEG bytes (converted to ``mode``, "L" or "RGB"; None: grey stays
+    grey, anything else becomes RGB) or from an array row."""
+    if isinstance(raw, np.ndarray):
+        return to_nchw(raw[None], label)[0]
+    try:
+        with open_image(io.BytesIO(raw), label, formats=("PNG", "JPEG")) as im:
+            if mode is None:
+                mode = "L" if im.mode in GREY_MODES else "RGB"
+            arr = np.asarray(im.convert(mode))
+    except CmkitError as e:
+        raise BadSample(str(e)) from None
+    except READ_ERRORS as e:  # converting a decoded image can still fail
+        raise BadSample(f"{label}: {str(e).splitlines()[0]}") from None
+    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+
+
+class StreamedImages:
+    """Rows ``rows`` of ``source``, indexable like a uint8 tensor (N, C, H, W) that is never held:
+    ``images[index]`` decodes the images it names. A row that does not decode (or has another
+    size, when no resolution is set) is replaced by the next one that does, and counted in
+    ``bad``; ``reads`` counts decoded images."""
+
+    def __init__(self, source: ImageSource, rows: np.ndarray, *, resolution: int | None, fit: str,
+                 mode: str | None = None, size: tuple[int, int] | None = None):
+        self.source, self.rows = source, np.asarray(rows, dtype=np.int64)
+        self.resolution, self.fit = resolution, fit
+        self.reads, self.bad = 0, 0
+        if mode is None or size is None:  # from the first row that decodes
+            first = self._first_good()
+            mode = mode or ("L" if first.shape[0] == 1 else "RGB")
+            size = size or tuple(first.shape[1:])
+        self.mode, self.size = mode, tuple(size)
+        self.channels = 1 if mode == "L" else 3
+        side = resolution or size[0]
+        if resolution is None and size[0] != size[1]:
+            raise CmkitError(f"images are {size[0]}x{size[1]}, not square: set --set data.resolution=N")
+        self.item_shape = (self.channels, side, side)
+
+    def _first_good(self) -> np.ndarray:
+        for i in range(min(len(self.rows), 100)):
+            try:
+                return decode(self.source.read(int(self.rows[i])), None, self.source.keys[int(self.rows[i])])
+            except BadSample:
+                continue
+        raise CmkitError(f"{self.source.name}: none of the first images decodes")
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((len(self.rows), *self.item_shape))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def image(self, i: int) -> torch.Tensor:
+        """Row i as (C, H, W) uint8, or the next good row's."""
+        for step in range(len(self.rows)):
+            row = int(self.rows[(i + step) % len(self.rows)])
+            try:
+                arr = decode(self.source.read(row), self.mode, self.source.keys[row])
+                if arr.shape[0] != self.channels:
+                    raise BadSample(f"{self.source.keys[row]} has {arr.shape[0]} channels, not {self.channels}")
+                if self.resolution is None and tuple(arr.shape[1:]) != self.size:
+                    raise BadSample(f"{self.source.keys[row]} is {arr.shape[2]}x{arr.shape[1]}, not "
+                                    f"{self.size[1]}x{self.size[0]}")
+                self.reads += 1
+                return fit_resolution(torch.from_numpy(np.ascontiguousarray(arr))[None], self.resolution, self.fit)[0]
+            except BadSample:
+                self.bad += 1
+        raise CmkitError(f"{self.source.name}: no image decodes")
+
+    def labels(self) -> torch.Tensor | None:
+        if self.source.labels is None:
+            return None
+        return torch.from_numpy(self.source.labels[self.rows])
+
+    def __getitem__(self, index) -> torch.Tensor:
+        index = torch.as_tensor(index).cpu()
+        if index.ndim == 0:
+            return self.image(int(index))
+        if index.dtype == torch.bool:
+            index = index.nonzero()[:, 0]
+        return torch.stack([self.image(int(i)) for i in index]) if len(index) else torch.empty(
+            (0, *self.item_shape), dtype=torch.uint8)
+
+    def materialize(self) -> torch.Tensor:
+        """Every row, decoded: the in-memory tensor."""
+        return self[torch.arange(len(self.rows))]
