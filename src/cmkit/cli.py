@@ -194,6 +194,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-check", action="store_true", help="onnx: skip the onnxruntime parity check")
     p.add_argument("--quiet", action="store_true")
 
+    p = sub.add_parser("data", help="inspect an image source, or pack a folder into tar shards")
+    data_sub = p.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
+    q = data_sub.add_parser("check", help="count images, sizes, colour, classes; list the ones that do not decode")
+    q.add_argument("source", help="a folder, .zip (EDM layout), .tar, shard pattern (train-{000000..000009}.tar), "
+                   "folder of .tar shards or .npy")
+    q.add_argument("--limit", type=int, help="decode only the first N images")
+    q.add_argument("--grid", help="write a PNG grid of 64 of the images here")
+    q.add_argument("--seed", type=_seed, default=0, help="which images the grid shows (default 0)")
+    q.add_argument("--strict", action="store_true", help="exit 2 if any image does not decode")
+    q = data_sub.add_parser("pack", help="write a folder of images as WebDataset-style tar shards ({key}.png + {key}.cls)")
+    q.add_argument("folder", help="folder of PNG/JPEG images (first-level sub-folders: classes)")
+    q.add_argument("out", help="folder for the shards (empty or new)")
+    q.add_argument("--shard-size", type=int, default=10000, help="images per shard (default 10000)")
+    q.add_argument("--prefix", default="train", help="shard names: PREFIX-000000.tar, ... (default train)")
+
     p = sub.add_parser("tune-sigmas", help="search a consistency run's multistep noise levels by the eval metric "
                        "and store them for `sample --steps K`")
     p.add_argument("--checkpoint", required=True, help="run directory")
@@ -445,6 +460,24 @@ def cmd_train_classifier(args) -> None:
     print(json.dumps(result, indent=2))
 
 
+def cmd_data(args) -> None:
+    from .data.tools import check_source, pack_folder
+
+    if args.data_command == "pack":
+        shards = pack_folder(args.folder, args.out, shard_size=args.shard_size, prefix=args.prefix)
+        last = shards[-1].name if len(shards) > 1 else ""
+        print(f"wrote {len(shards)} shard(s) to {args.out}: {shards[0].name}{' .. ' + last if last else ''}")
+        return
+    if args.limit is not None and args.limit < 1:
+        raise CmkitError(f"--limit must be positive, got {args.limit}")
+    report = check_source(args.source, limit=args.limit, grid=args.grid, seed=args.seed)
+    print("\n".join(report.lines()))
+    if args.grid:
+        print(f"grid: {args.grid}")
+    if args.strict and report.bad:
+        raise CmkitError(f"{len(report.bad)} image(s) of {args.source} do not decode (--strict)")
+
+
 def cmd_edit(args) -> None:
     from .editing.cli import cmd_edit as run_edit
 
@@ -458,7 +491,7 @@ def cmd_demo(args) -> None:
 
 
 COMMANDS = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "export": cmd_export, "tune-sigmas": cmd_tune_sigmas, "serve": cmd_serve, "train-classifier": cmd_train_classifier,
-            "edit": cmd_edit, "demo": cmd_demo}
+            "edit": cmd_edit, "demo": cmd_demo, "data": cmd_data}
 
 
 def _rank_tag() -> str:

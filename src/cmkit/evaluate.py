@@ -143,6 +143,10 @@ def evaluate_image_run(run: Run, *, data: str | None, steps: list[int] | None, n
     if not isinstance(images, ImageData) or images.shape != run.shape:
         got = images.shape if isinstance(images, ImageData) else f"vectors of {images.dim} dimensions"
         raise CmkitError(f"reference data has shape {got} but the run generates {run.shape}")
+    recorded = run.config.get("data_fingerprint")
+    if (data is None or data == d["name"]) and recorded is not None and images.fingerprint() != recorded:
+        raise CmkitError(f"{images.name} changed since the run trained on it (other images, or another held-out "
+                         "split): its held-out images may have been trained on; pass --data for other reference data")
     rng = np.random.default_rng([seed, 4])
     index = torch.from_numpy(rng.permutation(len(images.holdout))[:n])
     reference = images.holdout[index]

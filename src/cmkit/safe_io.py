@@ -46,8 +46,9 @@ def npy_header(fh) -> tuple[tuple, np.dtype]:
     return tuple(shape), dtype
 
 
-def _check_npy_header(fh, available: int, name: str) -> None:
-    """Read an .npy header from ``fh`` and refuse object arrays and shapes the bytes cannot hold."""
+def check_npy_header(fh, available: int, name: str, in_memory: bool = True) -> tuple[tuple, np.dtype]:
+    """Read an .npy header from ``fh`` and refuse object arrays, shapes the bytes cannot hold and
+    (``in_memory``: the array is to be loaded) more than this machine's memory; (shape, dtype)."""
     shape, dtype = npy_header(fh)
     if dtype.hasobject:
         raise CmkitError(f"{name} holds Python objects (a pickle); cmkit reads numeric arrays only")
@@ -56,8 +57,9 @@ def _check_npy_header(fh, available: int, name: str) -> None:
     if declared != body:
         raise CmkitError(f"{name} declares shape {tuple(shape)} ({declared} bytes) but holds {body} bytes: "
                          "truncated or corrupt")
-    if declared > memory_bytes():
+    if in_memory and declared > memory_bytes():
         raise CmkitError(f"{name} holds {declared / 2**30:.1f} GiB, more than this machine's memory")
+    return shape, dtype
 
 
 def load_npy(path: str | Path) -> np.ndarray:
@@ -65,7 +67,7 @@ def load_npy(path: str | Path) -> np.ndarray:
     path = Path(path)
     try:
         with open(path, "rb") as fh:
-            _check_npy_header(fh, path.stat().st_size, path.name)
+            check_npy_header(fh, path.stat().st_size, path.name)
         return np.load(path, allow_pickle=False)
     except CmkitError:
         raise
@@ -91,7 +93,7 @@ class NpzArchive:
         try:
             info = self._zip.getinfo(member)
             with self._zip.open(info) as fh:
-                _check_npy_header(fh, info.file_size, f"{self.path.name}[{key}]")
+                check_npy_header(fh, info.file_size, f"{self.path.name}[{key}]")
             with self._zip.open(info) as fh:
                 return np.lib.format.read_array(fh, allow_pickle=False)
         except CmkitError:

@@ -181,6 +181,7 @@ def resolve_run_config(config: dict, *, resumed: bool = False, quiet: bool = Fal
     if not resumed and not quiet:
         _warn_about_time_input(config, spec)
     if images:
+        _check_fingerprint(config, data, resumed)
         if config["model"]["backbone"] != "unet":
             raise CmkitError(f"image data needs the unet backbone, not {config['model']['backbone']!r}")
         config.setdefault("standardizer", ImageScaler(shape).state())
@@ -191,6 +192,19 @@ def resolve_run_config(config: dict, *, resumed: bool = False, quiet: bool = Fal
         config["model"]["dim"] = data.dim
     config = spec.resolve(config)
     return config, Sources(data, teacher, init)
+
+
+def _check_fingerprint(config: dict, data: ImageData, resumed: bool) -> None:
+    """Record the source's fingerprint in ``config``; a resumed run's must still match."""
+    now = data.fingerprint()
+    if now is None:
+        return
+    before = config.get("data_fingerprint")
+    if resumed and before is not None and before != now:
+        raise CmkitError(f"{data.name} changed since this run started ({before['images']} images then, {now['images']} "
+                         "now, or other held-out images): its held-out split would leak into training; restore "
+                         "the data or start a new run")
+    config["data_fingerprint"] = now
 
 
 def build_optimizer(params, train_cfg: dict) -> torch.optim.Optimizer:

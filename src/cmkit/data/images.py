@@ -6,6 +6,7 @@ become floats in [-1, 1] only when drawn, so 60,000 images cost 60 MB, not 240.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import math
 import os
 import zlib
@@ -39,6 +40,16 @@ class ImageData:
     holdout_labels: torch.Tensor | None = None
     native_size: int | None = None  # side before padding, when fit = pad grew the images
     class_names: list[str] | None = None
+    holdout_keys: list[str] | None = None  # file/member names of the held-out images (user sources)
+    total: int | None = None  # images in the source (user sources)
+
+    def fingerprint(self) -> dict | None:
+        """What a run records of its source so that a resume or an eval can tell the data changed
+        (new or removed images would move the held-out split into the training set)."""
+        if self.holdout_keys is None:
+            return None
+        digest = hashlib.sha256("\n".join(self.holdout_keys).encode()).hexdigest()
+        return {"images": self.total, "holdout_sha256": digest}
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -270,6 +281,7 @@ def load_images(name: str, *, resolution: int | None = None, fit: str = "pad", r
         streamed = _load_streamed(name, resolution, fit, holdout_fraction, seed, stream, stream_above_mb)
         if streamed is not None:
             return streamed
+    holdout_keys = total = None
     if name == "fashion-mnist":
         train, train_labels = load_fashion_mnist(root, "train")
         test, test_labels = load_fashion_mnist(root, "test")
@@ -287,12 +299,17 @@ def load_images(name: str, *, resolution: int | None = None, fit: str = "pad", r
             images, labels = load_image_array(name)
         split = holdout_split(len(images), holdout_fraction, seed, name, "images")
         parts = [(images[i], None if labels is None else labels[i]) for i in split]
+        if Path(name).is_dir():  # the keys a streamed read of the folder has too
+            from .streams import FolderSource
+            keys = FolderSource(name).keys
+            holdout_keys, total = [keys[i] for i in split[1]], len(keys)
     native = parts[0][0].shape[2]
     (train, train_labels), (holdout, holdout_labels) = [
         (fit_resolution(torch.from_numpy(np.ascontiguousarray(x)), resolution, fit),
          None if y is None else torch.from_numpy(y)) for x, y in parts]
     padded = fit == "pad" and train.shape[2] != native
-    return ImageData(name, train, holdout, train_labels, holdout_labels, native if padded else None, names)
+    return ImageData(name, train, holdout, train_labels, holdout_labels, native if padded else None, names,
+                     holdout_keys, total)
 
 
 def _load_streamed(name: str, resolution, fit: str, holdout_fraction: float, seed: int, stream,
@@ -318,4 +335,4 @@ def _load_streamed(name: str, resolution, fit: str, holdout_fraction: float, see
     native = train.size[0]
     padded = fit == "pad" and train.item_shape[1] != native
     return ImageData(name, train_x, holdout_x, train.labels(), holdout.labels(), native if padded else None,
-                     source.class_names)
+                     source.class_names, [str(source.keys[r]) for r in holdout_rows], len(source))

@@ -28,12 +28,13 @@ import numpy as np
 import torch
 
 from ..errors import CmkitError
-from ..safe_io import READ_ERRORS, npy_header, open_image
+from ..safe_io import READ_ERRORS, check_npy_header, open_image, read_json
 from .geometry import fit_resolution, to_nchw
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 GREY_MODES = ("1", "L", "I", "I;16", "F")
 INDEX_NAME = ".cmkit-index.json"  # next to tar shards
+CLASSES_NAME = "classes.json"  # next to tar shards, optional: {"classes": [name of label 0, ...]}
 MAX_MEMBER_BYTES = 64 * 2**20  # an encoded training image is far smaller; larger is refused unread
 MAX_LABEL_BYTES = 4096
 
@@ -184,6 +185,17 @@ class TarSource(ImageSource):
             if any(label is None for label in labels):
                 raise CmkitError(f"{name}: some images have a .cls/.json label and some do not")
             self.labels = np.array(labels, dtype=np.int64)
+            self.class_names = self._class_names()
+
+    def _class_names(self) -> list[str] | None:
+        path = self.shards[0].parent / CLASSES_NAME
+        if not path.is_file():
+            return None
+        data = read_json(path, "class names file")
+        names = data.get("classes") if isinstance(data, dict) else None
+        if not (isinstance(names, list) and all(isinstance(n, str) for n in names) and len(names) > self.labels.max()):
+            raise CmkitError(f"{path} must hold {{\"classes\": [...]}} with a name for every label")
+        return names
 
     def _index_path(self) -> Path:
         return self.shards[0].parent / INDEX_NAME
@@ -271,13 +283,14 @@ class NpySource(ImageSource):
         self.path, self.name = Path(path), str(path)
         try:
             with open(self.path, "rb") as fh:
-                shape, dtype = npy_header(fh)
+                shape, dtype = check_npy_header(fh, self.path.stat().st_size, self.path.name, in_memory=False)
+        except CmkitError:
+            raise
         except READ_ERRORS as e:
             raise CmkitError(f"cannot read {self.path.name}: {str(e).splitlines()[0]}") from None
-        if dtype != np.uint8 or len(shape) not in (3, 4):
-            raise CmkitError(f"{self.path.name}: streamed images must be uint8 of shape (N, H, W), (N, H, W, C) "
-                             f"or (N, C, H, W), got {dtype} {shape}")
-        self.keys = [str(i) for i in range(shape[0])]
+        if len(shape) >= 2:
+            to_nchw(np.zeros((1, *shape[1:]), dtype), self.path.name)  # the in-memory reader's checks and errors
+        self.keys = range(shape[0])  # row numbers are the keys (str(key) where a name is needed)
         self._handles = {}
 
     def _array(self) -> np.ndarray:
