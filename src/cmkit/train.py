@@ -365,6 +365,7 @@ class Trainer:
 
     def _streamed_batch(self, step: int, rows: torch.Tensor) -> torch.Tensor:
         if self.loader is None or self.loader_step != step:  # the first step, or steps taken out of order
+            self.close()
             workers = self.config["data"].get("workers")
             local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # torchrun's processes on this machine
             workers = default_workers(local) if workers is None else workers
@@ -381,6 +382,12 @@ class Trainer:
                              f"data.max_bad_fraction = {limit}); cmkit data check {self.config['data']['name']} "
                              "lists them")
         return batch
+
+    def close(self) -> None:
+        """Stop the streamed loader's worker processes (a later step starts new ones)."""
+        if self.loader is not None:
+            self.loader.close()
+            self.loader = None
 
     def _draw(self, rng: BatchRNG, size: int, step: int = 0):
         """This shard's ``size`` training samples (in model units) and labels."""
@@ -639,6 +646,7 @@ def _train(config: dict, out: Path, world: World, *, resume: bool, force: bool, 
         trainer.save(out, total)
         world.barrier()
     finally:
+        trainer.close()
         logs.close()
     return out
 
