@@ -129,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one of:\n" + "\n".join(f"  {name:9s} {spec.summary}" for name, spec in specs.items()))
     p.add_argument("--data", help="a built-in 2-D set (moons, 8gaussians, checkerboard, swissroll, gaussian, "
                    "gmm), an (N, D) .npy/.npz/.csv file, an image set (fashion-mnist, digits), a folder of "
-                   "PNG/JPEG images or a uint8 image .npy/.npz")
+                   "PNG/JPEG images, an EDM-style .zip, .tar shards (train-{000000..000099}.tar or a folder of "
+                   "them) or a uint8 image .npy/.npz; large sets stream from disk (docs/data.md)")
     p.add_argument("--steps", type=int, help="train until this step")
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--teacher", help=f"diffusion run to distill from (methods {by_role(lambda s: s.teacher)})")

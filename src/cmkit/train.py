@@ -393,7 +393,8 @@ class Trainer:
         """This shard's ``size`` training samples (in model units) and labels."""
         train_cfg = self.train_cfg
         index = rng.randint(len(self.x_train), size)
-        batch = self._streamed_batch(step, index).to(self.device) if self.streamed else self.x_train[index.to(self.device)]
+        batch = (self._streamed_batch(step, index).to(self.device, non_blocking=True) if self.streamed
+                 else self.x_train[index.to(self.device)])
         index = index.to(self.device)
         if self.images:
             if self.config["data"]["hflip"]:

@@ -408,8 +408,12 @@ class StreamedImages:
                 if self.resolution is None and tuple(arr.shape[1:]) != self.size:
                     raise BadSample(f"{self.source.keys[row]} is {arr.shape[2]}x{arr.shape[1]}, not "
                                     f"{self.size[1]}x{self.size[0]}")
+                try:
+                    image = fit_resolution(torch.from_numpy(np.ascontiguousarray(arr))[None], self.resolution, self.fit)[0]
+                except CmkitError as e:  # larger than data.resolution with data.fit=pad
+                    raise BadSample(f"{self.source.keys[row]}: {e}") from None
                 self.reads += 1
-                return fit_resolution(torch.from_numpy(np.ascontiguousarray(arr))[None], self.resolution, self.fit)[0]
+                return image
             except BadSample:
                 self.bad += 1
         raise CmkitError(f"{self.source.name}: no image decodes")
