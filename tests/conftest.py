@@ -1,3 +1,6 @@
+import shutil
+import subprocess
+
 import pytest
 import torch
 
@@ -38,3 +41,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("fashion_mnist"):
             item.add_marker(skip)
+
+
+@pytest.fixture
+def no_external_programs(monkeypatch):
+    """A decoder that tries to run a program (Pillow's EPS reader runs Ghostscript) fails the test."""
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"an image decoder tried to run a program: {args[:1]}")
+    for name in ("Popen", "run", "call", "check_call", "check_output"):
+        monkeypatch.setattr(subprocess, name, refuse)
+    monkeypatch.setattr(shutil, "which", refuse)

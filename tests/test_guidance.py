@@ -197,9 +197,9 @@ def test_label_dropout_replaces_that_fraction_of_labels(blobs, monkeypatch):
                                        "train.batch_size=4000"])
     trainer = Trainer(config)
     seen = []
-    objective = trainer.objective
-    monkeypatch.setattr(trainer, "objective", lambda *a, class_labels, **k: (seen.append(class_labels),
-                                                                             objective(*a, class_labels=class_labels, **k))[1])
+    draw = trainer.objective.draw  # every step's draws see the step's labels
+    monkeypatch.setattr(trainer.objective, "draw", lambda x0, *, class_labels=None, **k: (
+        seen.append(class_labels), draw(x0, class_labels=class_labels, **k))[1])
     trainer.step(0)
     null = float((seen[0] == 4).float().mean())
     assert abs(null - 0.3) < 0.03

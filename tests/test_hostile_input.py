@@ -232,3 +232,61 @@ def test_disk_full_during_a_checkpoint_keeps_the_earlier_ones(tmp_path, monkeypa
     assert cli("train", "--method", "edm", "--steps", 6, "--resume", "--quiet", "--out", run) == 0
     assert cli(*args[:-1], tmp_path / "straight", "--steps", 6) == 0
     assert tree_digest(checkpoint_dir(run)) == tree_digest(checkpoint_dir(tmp_path / "straight"))
+
+
+# ---------------------------------------------------------------------------------------------
+# One image reader: PNG and JPEG only, told by content
+
+
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n{ } loop\nshowpage\n"  # would never end in gs
+
+
+def image_bytes(fmt: str) -> bytes:
+    import io
+    out = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(out, format=fmt)
+    return out.getvalue()
+
+
+# Each saved under a .png name: Pillow sniffs content, so the name must not matter.
+OTHER_FORMATS = {"eps": lambda: EPS, "tiff": lambda: image_bytes("TIFF"), "webp": lambda: image_bytes("WEBP"),
+                 "gif": lambda: image_bytes("GIF")}
+
+
+@pytest.mark.parametrize("fmt", list(OTHER_FORMATS))
+def test_only_png_and_jpeg_are_decoded_in_folders(tmp_path, capsys, fmt, no_external_programs):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.new("RGB", (8, 8)).save(folder / "good.png")
+    (folder / "evil.png").write_bytes(OTHER_FORMATS[fmt]())
+    assert cli("train", "--method", "edm", "--data", folder, "--out", tmp_path / "run", "--quiet") == 2
+    line = one_error_line(capsys)
+    assert "evil.png" in line and "cannot read image" in line, line
+    # The streamed reader (what `data check` decodes with) lists it as unreadable.
+    assert cli("data", "check", folder, "--strict") == 2
+    out, err = capsys.readouterr()
+    assert "unreadable: 1" in out and "evil.png: cannot read image" in out and "--strict" in err
+
+
+def test_edit_input_decodes_only_png_and_jpeg(tmp_path, capsys, no_external_programs):
+    assert cli("train", "--method", "edm", "--data", "digits", "--steps", 2, "--out", tmp_path / "run", "--quiet",
+               "--set", "model.preset=tiny", "--set", "train.batch_size=8", "--set", "train.sample_every=0") == 0
+    capsys.readouterr()
+    for fmt, make in OTHER_FORMATS.items():
+        (tmp_path / f"{fmt}.png").write_bytes(make())
+        assert cli("edit", "denoise", "--checkpoint", tmp_path / "run", "--input", tmp_path / f"{fmt}.png",
+                   "--sigma", 0.2, "--out", tmp_path / f"{fmt}-out.png") == 2, fmt
+        line = one_error_line(capsys)
+        assert "cannot read image" in line and f"{fmt}.png" in line, line
+    Image.new("L", (8, 8), 128).save(tmp_path / "fine.png")
+    assert cli("edit", "denoise", "--checkpoint", tmp_path / "run", "--input", tmp_path / "fine.png",
+               "--sigma", 0.2, "--class", 3, "--out", tmp_path / "fine-out.png") == 0
+
+
+def test_an_image_larger_than_the_byte_cap_is_refused_unread(tmp_path, monkeypatch):
+    from cmkit import safe_io
+    monkeypatch.setattr(safe_io, "MAX_IMAGE_BYTES", 100)
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(tmp_path / "big.png")  # about 12 KB
+    with pytest.raises(CmkitError, match="more than cmkit reads for an image"):
+        safe_io.read_image(tmp_path / "big.png")

@@ -4,7 +4,6 @@ the page."""
 
 import asyncio
 import io
-import json
 import os
 import shutil
 import socket
@@ -295,3 +294,12 @@ def test_page_generates_and_inpaints_in_a_browser(live_server):
         assert differing == 0
     finally:
         browser.quit()
+
+
+@pytest.mark.parametrize("fmt", ["eps", "tiff", "webp", "gif"])
+def test_uploads_decode_only_png_and_jpeg(client, fmt, no_external_programs):
+    """By content: an EPS named i.png must not reach Pillow's EPS reader (which runs Ghostscript)."""
+    from test_hostile_input import OTHER_FORMATS
+    files = {"image": ("i.png", OTHER_FORMATS[fmt]()), "mask": ("m.png", png(np.zeros((8, 8), np.uint8)))}
+    out = client.post("/api/edit/inpaint", files=files, data={"class": "null"})
+    assert out.status_code == 400 and "cannot read image" in out.json()["error"], out.text

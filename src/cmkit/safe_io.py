@@ -108,15 +108,24 @@ class NpzArchive:
         self._zip.close()
 
 
-def open_image(source, name: str | None = None, formats: tuple[str, ...] | None = None):
+IMAGE_FORMATS = ("PNG", "JPEG")  # the only formats cmkit decodes, told by content, not by file name
+MAX_IMAGE_BYTES = 64 * 2**20  # an encoded training or edit image is far smaller
+GREY_MODES = ("1", "L", "I", "I;16", "F")
+
+
+def open_image(source, name: str | None = None):
     """A fully decoded PIL image from a path or a binary file object (``name`` labels the latter in
     errors), refusing one whose header declares more than MAX_IMAGE_PIXELS. The caller closes it
-    (``with open_image(p) as im``). ``formats``: PIL's allow-list of formats (None: any it reads)."""
+    (``with open_image(p) as im``). Only PNG and JPEG are decoded, whatever the name says: Pillow
+    sniffs content, and some of its readers run external programs (EPS runs Ghostscript)."""
     from PIL import Image
 
     label = str(source) if isinstance(source, (str, Path)) else (name or "upload")
     try:
-        im = Image.open(source, formats=formats)
+        size = Path(source).stat().st_size if isinstance(source, (str, Path)) else _remaining(source)
+        if size > MAX_IMAGE_BYTES:
+            raise CmkitError(f"{label} is {size} bytes, more than cmkit reads for an image ({MAX_IMAGE_BYTES})")
+        im = Image.open(source, formats=IMAGE_FORMATS)
         if im.width * im.height > MAX_IMAGE_PIXELS:
             im.close()
             raise CmkitError(f"{label} declares {im.width}x{im.height} pixels, more than cmkit reads "
@@ -127,6 +136,28 @@ def open_image(source, name: str | None = None, formats: tuple[str, ...] | None 
         raise
     except (Image.DecompressionBombError, *READ_ERRORS) as e:
         raise CmkitError(f"cannot read image {label}: {_first_line(e)}") from None
+
+
+def _remaining(fh) -> int:
+    """Bytes from a binary file object's position to its end (its position unchanged)."""
+    here = fh.tell()
+    end = fh.seek(0, 2)
+    fh.seek(here)
+    return end - here
+
+
+def read_image(source, name: str | None = None, mode: str | None = None) -> np.ndarray:
+    """(H, W) or (H, W, 3) uint8 from a PNG/JPEG path or binary file object (`open_image`), in
+    ``mode`` "L" or "RGB" (None: grey images stay grey, others become RGB). The one image reader
+    of folders, edit inputs and uploads; every failure is a CmkitError."""
+    label = str(source) if isinstance(source, (str, Path)) else (name or "upload")
+    with open_image(source, name) as im:
+        try:
+            if mode is None:
+                mode = "L" if im.mode in GREY_MODES else "RGB"
+            return np.asarray(im.convert(mode))
+        except READ_ERRORS as e:  # a decoded image whose mode does not convert
+            raise CmkitError(f"cannot read image {label}: {_first_line(e)}") from None
 
 
 def read_text(path: str | Path, what: str = "file", max_bytes: int = MAX_JSON_BYTES) -> str:

@@ -28,11 +28,10 @@ import numpy as np
 import torch
 
 from ..errors import CmkitError
-from ..safe_io import READ_ERRORS, check_npy_header, open_image, read_json
+from ..safe_io import READ_ERRORS, check_npy_header, read_image, read_json
 from .geometry import fit_resolution, to_nchw
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-GREY_MODES = ("1", "L", "I", "I;16", "F")
 INDEX_NAME = ".cmkit-index.json"  # next to tar shards
 CLASSES_NAME = "classes.json"  # next to tar shards, optional: {"classes": [name of label 0, ...]}
 MAX_MEMBER_BYTES = 64 * 2**20  # an encoded training image is far smaller; larger is refused unread
@@ -349,14 +348,9 @@ def decode(raw, mode: str | None, label: str = "image") -> np.ndarray:
     if isinstance(raw, np.ndarray):
         return to_nchw(raw[None], label)[0]
     try:
-        with open_image(io.BytesIO(raw), label, formats=("PNG", "JPEG")) as im:
-            if mode is None:
-                mode = "L" if im.mode in GREY_MODES else "RGB"
-            arr = np.asarray(im.convert(mode))
+        arr = read_image(io.BytesIO(raw), str(label), mode)
     except CmkitError as e:
         raise BadSample(str(e)) from None
-    except READ_ERRORS as e:  # converting a decoded image can still fail
-        raise BadSample(f"{label}: {str(e).splitlines()[0]}") from None
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
 

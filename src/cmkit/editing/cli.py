@@ -76,14 +76,9 @@ def read_inputs(path: str) -> np.ndarray:
 
 
 def _read_picture(p: Path, grey: bool | None) -> np.ndarray:
-    from ..safe_io import READ_ERRORS, open_image
+    from ..safe_io import read_image
 
-    with open_image(p) as im:
-        is_grey = im.mode in ("1", "L", "I", "I;16", "F") if grey is None else grey
-        try:
-            arr = np.asarray(im.convert("L" if is_grey else "RGB"))
-        except READ_ERRORS as e:
-            raise CmkitError(f"cannot read image {p}: {e}") from None
+    arr = read_image(p, mode=None if grey is None else "L" if grey else "RGB")
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
 

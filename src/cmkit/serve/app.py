@@ -182,15 +182,13 @@ def create_app(run, *, limits: Limits = Limits(), window: float = 0.005, max_que
         return _answer(data, req.format, run.is_image, start)
 
     async def read_upload(upload: UploadFile | None, what: str, grey: bool) -> np.ndarray:
-        from ..safe_io import open_image
+        from ..safe_io import read_image
         if upload is None:
             raise CmkitError(f"this task needs an {what} upload")
         raw = await upload.read(limits.max_upload_bytes + 1)
         if len(raw) > limits.max_upload_bytes:
             raise HTTPProblem(413, f"the {what} is over the upload limit of {limits.max_upload_bytes} bytes")
-        with open_image(io.BytesIO(raw), name=what) as im:
-            im = im.convert("L" if grey else "RGB")
-            return np.asarray(im)
+        return read_image(io.BytesIO(raw), name=what, mode="L" if grey else "RGB")
 
     def fit(arr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
         """(H, W[, C]) uint8 at ``size`` (resized if it differs), as (1, C, H, W)."""
