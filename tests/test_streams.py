@@ -119,8 +119,10 @@ def test_two_processes_and_a_resume_on_another_count_read_what_one_does(tmp_path
 
 
 def test_a_resume_continues_at_the_same_sample(tmp_path):
+    """With gradient accumulation too: the loader restarts at the step, micro-batch 0."""
     shards = make_sources(tmp_path)["shards"]
-    args = ["train", "--method", "edm", "--data", shards, *TRAIN, "--set", "data.stream=always"]
+    args = ["train", "--method", "edm", "--data", shards, *TRAIN, "--set", "data.stream=always",
+            "--set", "train.grad_accum=2"]
     assert cli(*args, "--steps", STEPS, "--out", tmp_path / "straight") == 0
     assert cli(*args, "--steps", STEPS // 2, "--out", tmp_path / "split") == 0
     assert cli("train", "--method", "edm", "--resume", "--steps", STEPS, "--out", tmp_path / "split", "--quiet") == 0
@@ -226,6 +228,12 @@ def test_the_tar_index_is_cached_and_rebuilt_when_a_shard_changes(tmp_path):
     assert (tmp_path / ".cmkit-index.json").is_file() and len(first) == 10
     _tar_of_pngs(tmp_path / "a.tar", 14)  # rewritten: another size
     assert len(open_source(str(tmp_path / "a.tar"))) == 14
+
+
+def test_the_streaming_threshold_has_one_default():
+    from cmkit.config import default_config
+    from cmkit.data import STREAM_ABOVE_MB
+    assert default_config("edm")["data"]["stream_above_mb"] == STREAM_ABOVE_MB
 
 
 def test_shard_patterns_expand_like_webdataset():

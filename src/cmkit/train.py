@@ -364,19 +364,18 @@ class Trainer:
             yield self._batch_rng(step, self.world.rank * accum + a, torch.Generator()).randint(len(self.x_train), micro)
 
     def _streamed_batch(self, step: int, rows: torch.Tensor) -> torch.Tensor:
-        if self.loader is None or self.loader_step != step:  # the first step, or steps taken out of order
+        if self.loader is None or self.loader.next_step != step:  # the first step, or steps out of order
             self.close()
-            workers = self.config["data"].get("workers")
+            workers = self.config["data"]["workers"]
             local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # torchrun's processes on this machine
-            workers = default_workers(local) if workers is None else workers
             self.loader = PlannedBatches(self.x_train, self._planned_rows, step, self.train_cfg["steps"],
-                                         workers=workers, pin_memory=self.device.startswith("cuda"))
-            self.loader_bad = self.bad_images
-        batch = self.loader.take(rows)
-        self.loader_step = step + (self._micro_left == 0)
-        self.bad_images = self.loader_bad + self.loader.bad
+                                         per_step=self.train_cfg["grad_accum"],
+                                         workers=default_workers(local) if workers is None else workers,
+                                         pin_memory=self.device.startswith("cuda"))
+        batch, bad = self.loader.take(rows)
+        self.bad_images += bad
         self.images_read += len(rows)
-        limit = self.config["data"].get("max_bad_fraction", 0.01)
+        limit = self.config["data"]["max_bad_fraction"]
         if self.images_read >= 1000 and self.bad_images > limit * self.images_read:
             raise CmkitError(f"{self.bad_images} of {self.images_read} images read did not decode (more than "
                              f"data.max_bad_fraction = {limit}); cmkit data check {self.config['data']['name']} "
@@ -421,7 +420,6 @@ class Trainer:
             m = world.rank * accum + a  # this micro-batch's place in the global batch
             rng = self._batch_rng(step, m, self.generator)
             self._seed_dropout(step_seed(train_cfg["seed"], step, 1 + m))
-            self._micro_left = accum - 1 - a
             batch, labels = self._draw(rng, micro, step)
             draws = self.objective.draw(batch, step=step, generator=rng, class_labels=labels)
             loss, logs = self.loss_fn(batch, labels, draws)

@@ -10,8 +10,8 @@ import torch
 
 from ..errors import CmkitError
 from .files import SUFFIXES, holdout_split, load_array, load_labelled_array, validate_array
-from .images import (FASHION_MNIST_CLASSES, IMAGE_SETS, ImageData, ImageScaler, check_stream_settings, count_classes,
-                     is_image_source, load_images, random_hflip, read_idx)
+from .images import (FASHION_MNIST_CLASSES, IMAGE_SETS, STREAM_ABOVE_MB, ImageData, ImageScaler, check_stream_settings,
+                     count_classes, is_image_source, load_images, random_hflip, read_idx)
 from .toys import TOY_SETS, TOY_TRUTH
 
 
@@ -44,7 +44,7 @@ def load_dataset(d: dict, name: str | None = None) -> VectorData | ImageData:
         # Runs from before streaming have no stream keys: "auto" with the default threshold.
         return load_images(name, resolution=d["resolution"], fit=d["fit"], root=d["root"],
                            holdout_fraction=d["holdout_fraction"], seed=d["seed"], stream=d.get("stream", "auto"),
-                           stream_above_mb=d.get("stream_above_mb", 1024.0))
+                           stream_above_mb=d.get("stream_above_mb", STREAM_ABOVE_MB))
     if d["resolution"] is not None or d["hflip"]:
         raise CmkitError(f"data.resolution and data.hflip apply to images; {name!r} is vector data")
     return load_vectors(name, n=d["n"], n_holdout=d["n_holdout"], holdout_fraction=d["holdout_fraction"],

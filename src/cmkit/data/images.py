@@ -254,12 +254,17 @@ def count_classes(train_labels, holdout_labels) -> int | None:
 
 
 STREAM_CHOICES = ("auto", "always", "never")
+STREAM_ABOVE_MB = 1024.0  # "auto" streams sets whose decoded size is larger (configs/base.json: the same)
+
+
+def _check_stream(stream) -> None:
+    if stream not in STREAM_CHOICES:
+        raise CmkitError(f"data.stream must be one of {', '.join(STREAM_CHOICES)}, got {stream!r}")
 
 
 def check_stream_settings(d: dict) -> None:
     """The data section's streaming keys (`load_images`, the trainer's loader)."""
-    if d["stream"] not in STREAM_CHOICES:
-        raise CmkitError(f"data.stream must be one of {', '.join(STREAM_CHOICES)}, got {d['stream']!r}")
+    _check_stream(d["stream"])
     if not d["stream_above_mb"] >= 0:
         raise CmkitError(f"data.stream_above_mb must be >= 0, got {d['stream_above_mb']!r}")
     if d["workers"] is not None and d["workers"] < 0:
@@ -269,16 +274,17 @@ def check_stream_settings(d: dict) -> None:
 
 
 def load_images(name: str, *, resolution: int | None = None, fit: str = "pad", root: str | None = None,
-                holdout_fraction: float = 0.1, seed: int = 0, stream="auto", stream_above_mb: float = 1024) -> ImageData:
+                holdout_fraction: float = 0.1, seed: int = 0, stream="auto",
+                stream_above_mb: float = STREAM_ABOVE_MB) -> ImageData:
     """Load an image source with its train/held-out split. Fashion-MNIST holds out its own 10k
     test set; other sources hold out a seeded ``holdout_fraction``. Folders, .zip, .tar shards and
     .npy are streamed (`cmkit.data.streams`) with ``stream`` "always", or with "auto" when the decoded
     set would take more than ``stream_above_mb``; .zip and .tar sources below it are decoded into
     memory by the same code."""
-    if stream not in STREAM_CHOICES:
-        raise CmkitError(f"data.stream must be one of {', '.join(STREAM_CHOICES)}, got {stream!r}")
+    _check_stream(stream)
+    source = None
     if name not in IMAGE_SETS and Path(name).suffix.lower() != ".npz":
-        streamed = _load_streamed(name, resolution, fit, holdout_fraction, seed, stream, stream_above_mb)
+        streamed, source = _load_streamed(name, resolution, fit, holdout_fraction, seed, stream, stream_above_mb)
         if streamed is not None:
             return streamed
     holdout_keys = total = None
@@ -300,9 +306,7 @@ def load_images(name: str, *, resolution: int | None = None, fit: str = "pad", r
         split = holdout_split(len(images), holdout_fraction, seed, name, "images")
         parts = [(images[i], None if labels is None else labels[i]) for i in split]
         if Path(name).is_dir():  # the keys a streamed read of the folder has too
-            from .streams import FolderSource
-            keys = FolderSource(name).keys
-            holdout_keys, total = [keys[i] for i in split[1]], len(keys)
+            holdout_keys, total = [source.keys[i] for i in split[1]], len(source)
     native = parts[0][0].shape[2]
     (train, train_labels), (holdout, holdout_labels) = [
         (fit_resolution(torch.from_numpy(np.ascontiguousarray(x)), resolution, fit),
@@ -313,9 +317,9 @@ def load_images(name: str, *, resolution: int | None = None, fit: str = "pad", r
 
 
 def _load_streamed(name: str, resolution, fit: str, holdout_fraction: float, seed: int, stream,
-                   stream_above_mb: float) -> ImageData | None:
-    """The source streamed (or, below the threshold, decoded into memory by the same code); None
-    for a folder or .npy small enough for the in-memory readers."""
+                   stream_above_mb: float) -> tuple[ImageData | None, object]:
+    """(the source streamed, or below the threshold decoded into memory by the same code; the
+    source). The data are None for a folder or .npy small enough for the in-memory readers."""
     from .streams import StreamedImages, is_stream_source, open_source
     if fit not in FITS:
         raise CmkitError(f"data.fit must be one of {', '.join(FITS)}, got {fit!r}")
@@ -326,7 +330,7 @@ def _load_streamed(name: str, resolution, fit: str, holdout_fraction: float, see
     decoded_mb = len(source) * math.prod(train.item_shape) / 2**20
     if stream == "never" or (stream == "auto" and decoded_mb <= stream_above_mb):
         if not is_stream_source(name):
-            return None  # a small folder or .npy: the in-memory readers, as before
+            return None, source  # a small folder or .npy: the in-memory readers, as before
         train_x, holdout_x = train.materialize(), holdout.materialize()
         if train.bad or holdout.bad:
             raise CmkitError(f"{name}: {train.bad + holdout.bad} image(s) do not decode (cmkit data check lists them)")
@@ -335,4 +339,4 @@ def _load_streamed(name: str, resolution, fit: str, holdout_fraction: float, see
     native = train.size[0]
     padded = fit == "pad" and train.item_shape[1] != native
     return ImageData(name, train_x, holdout_x, train.labels(), holdout.labels(), native if padded else None,
-                     source.class_names, [str(source.keys[r]) for r in holdout_rows], len(source))
+                     source.class_names, [str(source.keys[r]) for r in holdout_rows], len(source)), source

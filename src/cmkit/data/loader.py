@@ -61,12 +61,12 @@ def _collate(items):
 
 
 class PlannedBatches:
-    """The batches ``plan`` names from ``start`` to ``stop`` (exclusive), decoded ahead."""
+    """The batches ``plan`` names from ``start`` to ``stop`` (exclusive), decoded ahead;
+    ``per_step``: the batches (micro-batches) the plan names for each step."""
 
     def __init__(self, images: StreamedImages, plan: Callable[[int], Iterator[torch.Tensor]], start: int,
-                 stop: int, *, workers: int, pin_memory: bool = False, prefetch: int = 4):
-        self.images, self.plan, self.start = images, plan, start
-        self.bad = 0  # images replaced because they did not decode, over this loader's batches
+                 stop: int, *, per_step: int = 1, workers: int, pin_memory: bool = False, prefetch: int = 4):
+        self.start, self.per_step, self.taken = start, per_step, 0
         loader = DataLoader(_Rows(images), batch_sampler=_Plan(plan, start, stop), num_workers=workers,
                             collate_fn=_collate, pin_memory=pin_memory,
                             prefetch_factor=prefetch if workers else None, persistent_workers=False)
@@ -77,13 +77,19 @@ class PlannedBatches:
         slow this process down several times)."""
         self._batches = iter(())
 
-    def take(self, rows: torch.Tensor) -> torch.Tensor:
-        """The next planned batch; ``rows`` must be the ones it decoded."""
+    @property
+    def next_step(self) -> int:
+        """The step whose batch `take` returns next."""
+        return self.start + self.taken // self.per_step
+
+    def take(self, rows: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """(the next planned batch, how many of its images were replacements for ones that did not
+        decode); ``rows`` must be the ones it decoded."""
         try:
             planned, batch, bad = next(self._batches)
         except StopIteration:
             raise CmkitError("the data loader ran past its planned steps") from None
         if not torch.equal(planned, rows.cpu()):
             raise RuntimeError("the data loader's batch is not the one the step drew (a plan out of step)")
-        self.bad += bad
-        return batch
+        self.taken += 1
+        return batch, bad

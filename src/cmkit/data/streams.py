@@ -421,8 +421,6 @@ class StreamedImages:
         index = torch.as_tensor(index).cpu()
         if index.ndim == 0:
             return self.image(int(index))
-        if index.dtype == torch.bool:
-            index = index.nonzero()[:, 0]
         return torch.stack([self.image(int(i)) for i in index]) if len(index) else torch.empty(
             (0, *self.item_shape), dtype=torch.uint8)
 
