@@ -253,6 +253,7 @@ def test_page_generates_and_inpaints_in_a_browser(live_server):
         pytest.skip("needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)")
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
     from selenium.webdriver.support.ui import WebDriverWait
 
     browser, reason = _browser()
@@ -265,8 +266,12 @@ def test_page_generates_and_inpaints_in_a_browser(live_server):
         wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#grid img")) == 8)
         browser.find_element(By.ID, "seed").clear()
         browser.find_element(By.ID, "seed").send_keys("3")
+        first = browser.find_elements(By.CSS_SELECTOR, "#grid img")[0]
         browser.find_element(By.ID, "generate").click()
-        wait.until(lambda b: b.execute_script("return document.querySelector('#grid img') !== null"))
+        # The new grid replaces the old one: wait for that, not for any image (clicking one of the
+        # old grid's images as it goes was a flaky StaleElementReferenceException).
+        wait.until(expected_conditions.staleness_of(first))
+        wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#grid img")) == 8)
         assert "ms" in browser.find_element(By.ID, "latency").text
         browser.find_elements(By.CSS_SELECTOR, "#grid img")[0].click()
         wait.until(lambda b: b.execute_script("return window.cmkitState.source !== null"))
