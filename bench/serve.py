@@ -1,12 +1,13 @@
-"""One-step generation through `cmkit serve` against calling the model directly, at 1, 8 and 32
-concurrent clients (small image preset by default; CPU).
+"""`cmkit serve` against calling the model directly, side by side in one run (CPU by default).
 
-    python bench/serve.py [--clients 1,8,32] [--seconds 10] [--preset small]
+    python bench/serve.py [--n 8] [--clients 16] [--seconds 10] [--preset small] [--format png]
 
-Each client asks for one image (a new seed each time) as fast as it gets answers, for --seconds:
-through HTTP to a uvicorn server on 127.0.0.1 (micro-batching window 5 ms), or by calling
-`Run.sample` from a thread pool of the same size (what a program without the server does).
-Reported: requests/s, p50 and p99 latency, and for the server the network batches it ran.
+Two measurements, each a server row next to a direct row:
+- latency: one client asks for n images at a time (a new seed each request), through HTTP to a
+  uvicorn server on 127.0.0.1, against `Run.sample(n)` called in a loop. p50 and p99.
+- throughput: --clients concurrent clients ask for n images each; the server's micro-batcher
+  forms batches of some mean size B (read from its /metrics). The direct row calls
+  `Run.sample(B)` in a loop: what the model gives at the batch the server actually runs.
 The weights come from a 1-step run: timing does not depend on them.
 """
 
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import httpx
 import uvicorn
+from prometheus_client.parser import text_string_to_metric_families
 
 import cmkit
 from cmkit.cli import main as cmkit_main
@@ -35,8 +37,10 @@ def percentile(values, q):
 
 
 def hammer(call, clients: int, seconds: float):
+    """Latencies of successful calls and the number of failed ones, ``clients`` threads calling
+    ``call(seed)`` back to back for ``seconds``."""
     stop = time.monotonic() + seconds
-    lock, latencies, errors = threading.Lock(), [], []
+    lock, latencies, failed = threading.Lock(), [], [0]
 
     def client(i):
         seed = i * 1_000_000
@@ -45,12 +49,25 @@ def hammer(call, clients: int, seconds: float):
             ok = call(seed)
             took = time.perf_counter() - start
             with lock:
-                (latencies if ok else errors).append(took)
+                if ok:
+                    latencies.append(took)
+                else:
+                    failed[0] += 1
             seed += 1
 
     with ThreadPoolExecutor(clients) as pool:
         list(pool.map(client, range(clients)))
-    return latencies, errors
+    return latencies, failed[0]
+
+
+def batch_totals(url: str) -> tuple[float, float]:
+    """(batches run, samples in them) of the generation lane, from /metrics."""
+    text = httpx.get(f"{url}/metrics").text
+    for family in text_string_to_metric_families(text):
+        if family.name == "cmkit_batch_size":
+            values = {(s.name, s.labels.get("lane")): s.value for s in family.samples}
+            return values[("cmkit_batch_size_count", "generate")], values[("cmkit_batch_size_sum", "generate")]
+    raise SystemExit("the server's /metrics has no cmkit_batch_size")
 
 
 def main() -> None:
@@ -58,56 +75,69 @@ def main() -> None:
     p.add_argument("--data", default="fashion-mnist")
     p.add_argument("--resolution", type=int, default=32)
     p.add_argument("--preset", default="small")
-    p.add_argument("--clients", default="1,8,32")
+    p.add_argument("--n", type=int, default=8, help="images per request")
+    p.add_argument("--clients", type=int, default=16)
     p.add_argument("--seconds", type=float, default=10)
+    p.add_argument("--format", default="png", choices=["png", "json"])
+    p.add_argument("--device", default="cpu")
     args = p.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         common = ["--data", args.data, "--steps", "1", "--batch-size", "2", "--quiet", "--set", "train.sample_every=0",
-                  "--set", f"data.resolution={args.resolution}"]
+                  "--set", f"data.resolution={args.resolution}", "--device", "cpu"]
         assert cmkit_main(["train", "--method", "edm", *common, "--set", f"model.preset={args.preset}",
                            "--set", "model.num_classes=0", "--out", str(tmp / "edm")]) == 0
         assert cmkit_main(["train", "--method", "cd", *common, "--teacher", str(tmp / "edm"), "--out", str(tmp / "cd")]) == 0
-        run = cmkit.load_run(tmp / "cd")
+        run = cmkit.load_run(tmp / "cd", device=args.device)
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    app = create_app(run, max_queue=256)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(create_app(run, max_queue=256), host="127.0.0.1", port=port,
+                                           log_level="warning"))
     threading.Thread(target=server.run, daemon=True).start()
     while not server.started:
         time.sleep(0.05)
-    url = f"http://127.0.0.1:{port}/api/generate"
+    url = f"http://127.0.0.1:{port}"
     local = threading.local()
 
     def via_server(seed):
         if not hasattr(local, "client"):
             local.client = httpx.Client(timeout=120)
-        return local.client.post(url, json={"n": 1, "seed": seed, "format": "json"}).status_code == 200
-
-    def direct(seed):
-        run.sample(1, seed=seed)
-        return True
+        r = local.client.post(f"{url}/api/generate", json={"n": args.n, "seed": seed, "format": args.format})
+        return r.status_code == 200
 
     rows = []
-    for clients in map(int, args.clients.split(",")):
-        for name, call in (("server", via_server), ("direct", direct)):
-            calls_before = app.state.batcher.calls
-            latencies, errors = hammer(call, clients, args.seconds)
-            batches = app.state.batcher.calls - calls_before if name == "server" else len(latencies)
-            rows.append((clients, name, len(latencies) / args.seconds, statistics.median(latencies),
-                         percentile(latencies, 0.99), len(errors), batches))
+
+    def measure(what, path, call, clients, n):
+        latencies, failed = hammer(call, clients, args.seconds)
+        rows.append((what, path, clients, n, len(latencies) * n / args.seconds, statistics.median(latencies),
+                     percentile(latencies, 0.99), failed))
+
+    run.sample(args.n, seed=0)  # warm
+    measure("latency", "server", via_server, 1, args.n)
+    measure("latency", "direct", lambda seed: run.sample(args.n, seed=seed) is not None, 1, args.n)
+    batches, samples = batch_totals(url)
+    measure("throughput", "server", via_server, args.clients, args.n)
+    batches2, samples2 = batch_totals(url)
+    mean_batch = (samples2 - samples) / max(batches2 - batches, 1)
+    formed = max(1, round(mean_batch))
+    measure("throughput", "direct", lambda seed: run.sample(formed, seed=seed) is not None, 1, formed)
     server.should_exit = True
 
     params = sum(p.numel() for p in run.model.parameters()) / 1e6
-    print(f"{args.data} {args.resolution} px, preset {args.preset} ({params:.1f}M parameters), 1 image per request, "
-          f"{args.seconds:g} s per row")
-    print("| clients | path | requests/s | p50 ms | p99 ms | failed | network batches |")
-    print("|---|---|---|---|---|---|---|")
-    for clients, name, rate, p50, p99, failed, batches in rows:
-        print(f"| {clients} | {name} | {rate:.1f} | {1000 * p50:.1f} | {1000 * p99:.1f} | {failed} | {batches} |")
+    print(f"{args.data} {args.resolution} px, preset {args.preset} ({params:.1f}M parameters), {run.device}, "
+          f"n={args.n} per request, format {args.format}, {args.seconds:g} s per row; "
+          f"the server formed batches of {mean_batch:.1f} samples on average")
+    print("| measure | path | clients | images per call | images/s | p50 ms | p99 ms | failed |")
+    print("|---|---|---|---|---|---|---|---|")
+    for what, path, clients, n, rate, p50, p99, failed in rows:
+        print(f"| {what} | {path} | {clients} | {n} | {rate:.0f} | {1000 * p50:.1f} | {1000 * p99:.1f} | {failed} |")
+    lat_ratio = rows[0][5] / rows[1][5]
+    thr_ratio = rows[2][4] / rows[3][4]
+    print(f"\nsingle-client p50 latency, server / direct: {lat_ratio:.2f} (target <= 1.5)")
+    print(f"throughput at {args.clients} clients, server / direct at batch {formed}: {thr_ratio:.2f} (target >= 0.75)")
 
 
 if __name__ == "__main__":

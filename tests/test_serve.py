@@ -37,9 +37,15 @@ def image_run(tmp_path_factory):
     return tmp / "cd"
 
 
+def local_client(app, **kwargs) -> TestClient:
+    """An in-process client as a script on this machine calls: Host localhost, and the header that
+    marks a request as not coming from a web form."""
+    return TestClient(app, base_url="http://localhost", headers={"X-Cmkit-Client": "test"}, **kwargs)
+
+
 @pytest.fixture(scope="module")
 def client(image_run):
-    with TestClient(create_app(cmkit.load_run(image_run), limits=Limits(max_n=16, max_upload_bytes=20000))) as c:
+    with local_client(create_app(cmkit.load_run(image_run), limits=Limits(max_n=16, max_upload_bytes=20000))) as c:
         yield c
 
 
@@ -148,7 +154,7 @@ def test_bad_edit_requests(client, case, status, words):
 
 def test_internal_errors_are_generic_json_and_the_server_stays_up(image_run, monkeypatch):
     run = cmkit.load_run(image_run)
-    with TestClient(create_app(run), raise_server_exceptions=False) as c:
+    with local_client(create_app(run), raise_server_exceptions=False) as c:
         monkeypatch.setattr(type(run.model), "forward", lambda *a, **k: 1 / 0)
         out = c.post("/api/generate", json={"n": 1})
         assert out.status_code == 500 and out.json() == {"error": "internal error; the server log has the details"}

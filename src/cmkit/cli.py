@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -62,13 +63,13 @@ def _int_list(text: str) -> list[int]:
 
 
 def _seed(text: str) -> int:
+    from .validate import check_seed
     try:
-        value = int(text)
+        return check_seed(int(text))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if not 0 <= value < 2**63:
-        raise argparse.ArgumentTypeError(f"seeds are integers in [0, 2^63), got {value}")
-    return value
+    except CmkitError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _name_list(text: str) -> list[str]:
@@ -104,6 +105,7 @@ GUIDANCE_HELP = ("classifier-free guidance scale w (D_uncond + w (D_cond - D_unc
                  "trained with --label-dropout, and students distilled with --guidance")
 
 INCEPTION_ENV = "CMKIT_INCEPTION_WEIGHTS"
+TOKEN_ENV = "CMKIT_SERVE_TOKEN"  # cmkit serve's API token
 
 
 def _sigma_list(text: str) -> list[float]:
@@ -223,14 +225,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the levels; do not store them")
     p.add_argument("--quiet", action="store_true")
 
-    p = sub.add_parser("serve", help="a local web page and HTTP API for real-time sampling and editing")
+    p = sub.add_parser("serve", help="a web page and HTTP API for real-time sampling and editing")
     p.add_argument("--checkpoint", required=True, help="run directory (or a diffusers folder)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only; any other "
+                   "needs a token or --insecure)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", default="auto")
+    p.add_argument("--token-file", help="file holding the API token (or set $" + TOKEN_ENV + "); clients send "
+                   "'Authorization: Bearer TOKEN', the page takes it as #token=TOKEN")
+    p.add_argument("--token", help="the API token itself (visible to other users of this machine in the "
+                   "process list: prefer --token-file or $" + TOKEN_ENV + ")")
+    p.add_argument("--insecure", action="store_true", help="serve a non-loopback address without a token")
+    p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   help="a host name clients reach the server by (repeatable; '*': any); loopback names and "
+                   "the --host address are always allowed")
     p.add_argument("--max-n", type=int, default=64, help="largest n per request (default 64)")
     p.add_argument("--window-ms", type=float, default=5.0, help="micro-batching window (default 5 ms)")
-    p.add_argument("--queue", type=int, default=64, help="requests that may wait; more get 503 (default 64)")
+    p.add_argument("--queue", type=int, default=64, help="requests that may wait per lane; more get 503 (default 64)")
+    p.add_argument("--max-connections", type=int, default=256, help="concurrent connections (default 256)")
+    p.add_argument("--read-timeout", type=float, default=30.0, help="seconds a request body may stall (default 30)")
+    p.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="on SIGTERM, seconds to let requests in flight finish (default 30)")
+    p.add_argument("--docs", action="store_true", help="serve interactive API docs at /docs (Swagger UI, "
+                   "which the browser loads from a CDN); /openapi.json is always there")
 
     p = sub.add_parser("eval", help="compare a run's samples with held-out data")
     p.add_argument("--checkpoint", required=True, help="run directory")
@@ -390,30 +407,60 @@ def cmd_export(args) -> None:
             print(f"onnxruntime matches torch at batch 1, 3 and 16 (max relative difference {error:.1e})")
 
 
+def _serve_token(args) -> str | None:
+    """The API token from --token, --token-file or the environment (one of them at most)."""
+    from .safe_io import read_text
+    given = [name for name, value in (("--token", args.token), ("--token-file", args.token_file),
+                                      (f"${TOKEN_ENV}", os.environ.get(TOKEN_ENV))) if value]
+    if len(given) > 1:
+        raise CmkitError(f"give the token one way, not {' and '.join(given)}")
+    token = args.token or (read_text(args.token_file, "token file", 4096).strip() if args.token_file else
+                           os.environ.get(TOKEN_ENV))
+    if token is not None and (len(token) < 16 or not token.isascii() or not token.isprintable() or " " in token):
+        raise CmkitError("the token must be at least 16 printable ASCII characters without spaces "
+                         "(python -c 'import secrets; print(secrets.token_urlsafe())' makes one)")
+    return token
+
+
 def cmd_serve(args) -> None:
     import ipaddress
     try:
-        import uvicorn
-
         from .serve.app import create_app
         from .serve.engine import Limits
+        from .serve.guard import Access
+        from .serve.server import serve
     except ImportError as e:
         raise CmkitError(f"cmkit serve needs its extra: pip install 'cmkit[serve]' ({e.name} is missing)") from None
     from .run import load_run
+    from .validate import check_float, check_int
 
-    if not 0 < args.port < 65536 or args.max_n < 1 or args.queue < 1 or args.window_ms < 0:
-        raise CmkitError("--port must be in 1..65535, --max-n and --queue positive, --window-ms >= 0")
+    check_int("--port", args.port, 1, 65535)
+    check_int("--max-n", args.max_n, 1)
+    check_int("--queue", args.queue, 1)
+    check_int("--max-connections", args.max_connections, 1)
+    check_float("--window-ms", args.window_ms, 0, 1000)
+    check_float("--read-timeout", args.read_timeout, 0.1)
+    check_float("--drain-timeout", args.drain_timeout, 0)
+    token = _serve_token(args)
     try:
-        loopback = ipaddress.ip_address(args.host).is_loopback
+        address = ipaddress.ip_address(args.host)
+        loopback, wildcard = address.is_loopback, address.is_unspecified
     except ValueError:
-        loopback = args.host == "localhost"
-    if not loopback:
-        print(f"cmkit: warning: serving on {args.host}, reachable from other machines; the API has no "
-              "authentication", file=sys.stderr)
+        loopback, wildcard = args.host == "localhost", False
+    if not loopback and token is None and not args.insecure:
+        raise CmkitError(f"serving {args.host} reaches other machines: give a token (--token-file, ${TOKEN_ENV}) "
+                         "or, on a network you trust, --insecure")
+    allowed = tuple(args.allowed_host) + (() if loopback or wildcard else (args.host.strip("[]").lower(),))
+    if wildcard and not args.allowed_host:
+        print(f"cmkit: note: bound to {args.host}; clients must use a loopback name unless you add "
+              "--allowed-host NAME for the names they reach this machine by", file=sys.stderr)
     run = load_run(args.checkpoint, device=_device(args.device))
-    app = create_app(run, limits=Limits(max_n=args.max_n), window=args.window_ms / 1000, max_queue=args.queue)
-    print(f"cmkit: serving {args.checkpoint} on http://{args.host}:{args.port} (API docs at /docs)", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    app = create_app(run, limits=Limits(max_n=args.max_n), access=Access(token, allowed), window=args.window_ms / 1000,
+                     max_queue=args.queue, read_timeout=args.read_timeout, docs=args.docs)
+    where = f"http://{args.host}:{args.port}"
+    print(f"cmkit: serving {args.checkpoint} on {where}" + (f" (open {where}/#token=YOUR_TOKEN)" if token else ""),
+          file=sys.stderr)
+    serve(app, host=args.host, port=args.port, drain_timeout=args.drain_timeout, max_connections=args.max_connections)
 
 
 def cmd_tune_sigmas(args) -> None:

@@ -22,6 +22,7 @@ from .devices import check_compile_mode, check_device_name
 from .errors import CmkitError
 from .objectives import MethodSpec, get_method
 from .safe_io import read_json
+from .validate import check_seed
 
 # The defaults' sections, in the order config.json lists them.
 SECTIONS = ("data", "noise", "model", "objective", "train")
@@ -231,8 +232,7 @@ def check_config(config: dict) -> None:
     if train["grad_clip"] is not None and train["grad_clip"] < 0:
         raise CmkitError(f"train.grad_clip must be >= 0 (0 or null: no clipping), got {train['grad_clip']!r}")
     for key, value in (("train.seed", train["seed"]), ("data.seed", data["seed"])):
-        if not 0 <= value < 2**63:
-            raise CmkitError(f"{key} must be a non-negative integer, got {value!r}")
+        check_seed(value, key)
     check_stream_settings(data)
     check_device_name(train["device"], "train.device")
     check_compile_mode(train["compile_mode"])

@@ -113,9 +113,9 @@ MAX_IMAGE_BYTES = 64 * 2**20  # an encoded training or edit image is far smaller
 GREY_MODES = ("1", "L", "I", "I;16", "F")
 
 
-def open_image(source, name: str | None = None):
+def open_image(source, name: str | None = None, max_pixels: int = MAX_IMAGE_PIXELS):
     """A fully decoded PIL image from a path or a binary file object (``name`` labels the latter in
-    errors), refusing one whose header declares more than MAX_IMAGE_PIXELS. The caller closes it
+    errors), refusing one whose header declares more than ``max_pixels``. The caller closes it
     (``with open_image(p) as im``). Only PNG and JPEG are decoded, whatever the name says: Pillow
     sniffs content, and some of its readers run external programs (EPS runs Ghostscript)."""
     from PIL import Image
@@ -126,10 +126,10 @@ def open_image(source, name: str | None = None):
         if size > MAX_IMAGE_BYTES:
             raise CmkitError(f"{label} is {size} bytes, more than cmkit reads for an image ({MAX_IMAGE_BYTES})")
         im = Image.open(source, formats=IMAGE_FORMATS)
-        if im.width * im.height > MAX_IMAGE_PIXELS:
+        if im.width * im.height > max_pixels:
             im.close()
             raise CmkitError(f"{label} declares {im.width}x{im.height} pixels, more than cmkit reads "
-                             f"({MAX_IMAGE_PIXELS} pixels)")
+                             f"({max_pixels} pixels)")
         im.load()
         return im
     except CmkitError:
@@ -146,12 +146,13 @@ def _remaining(fh) -> int:
     return end - here
 
 
-def read_image(source, name: str | None = None, mode: str | None = None) -> np.ndarray:
+def read_image(source, name: str | None = None, mode: str | None = None,
+               max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
     """(H, W) or (H, W, 3) uint8 from a PNG/JPEG path or binary file object (`open_image`), in
     ``mode`` "L" or "RGB" (None: grey images stay grey, others become RGB). The one image reader
     of folders, edit inputs and uploads; every failure is a CmkitError."""
     label = str(source) if isinstance(source, (str, Path)) else (name or "upload")
-    with open_image(source, name) as im:
+    with open_image(source, name, max_pixels) as im:
         try:
             if mode is None:
                 mode = "L" if im.mode in GREY_MODES else "RGB"

@@ -1,9 +1,11 @@
-"""`cmkit serve`: a local web page and HTTP API for one-step generation and zero-shot editing.
+"""`cmkit serve`: a web page and HTTP API for one-step generation and zero-shot editing.
 
-    cmkit serve --checkpoint runs/fm-cd            # http://127.0.0.1:8000, API docs at /docs
+    cmkit serve --checkpoint runs/fm-cd            # http://127.0.0.1:8000
 
-Endpoints (OpenAPI description at /openapi.json):
+Endpoints (OpenAPI description at /openapi.json; interactive docs at /docs with --docs):
     GET  /                   the page
+    GET  /healthz            {"status": "ok"}: the server is up (no token needed)
+    GET  /metrics            Prometheus metrics (`metrics.py`)
     GET  /api/info           the model: shape, classes, guidance range, limits
     POST /api/generate       JSON {n, seed, steps | sigmas, class, guidance, format: png | json}
     POST /api/edit/{task}    multipart: image [+ mask] files and form fields; task: inpaint,
@@ -11,42 +13,52 @@ Endpoints (OpenAPI description at /openapi.json):
     POST /api/interpolate    JSON {seed_a, seed_b, frames, class, guidance, format}
 
 PNG answers are image grids; JSON answers carry each image as a PNG data URL (vectors: numbers),
-with the server-side latency in ``latency_ms`` and the ``X-Latency-Ms`` header. Errors are JSON
-{"error": message}: 400 for a bad request, 413 for an upload over the limit, 503 when the queue
-is full; a failure inside the server is a 500 with a generic message (the traceback goes to the
-server's log, never to the client). Requests never name files: the server reads only the run it
-was started with.
+with the server-side latency in ``latency_ms`` and the ``X-Latency-Ms`` header. Every error, of
+any status, is JSON {"error": message}; a failure inside the server is a 500 with a generic
+message (the traceback goes to the server's log, never to the client). Requests never name
+files: the server reads only the run it was started with. `guard.py` checks every request
+(host, token, origin, body size and pace) before a route sees it.
+
+Generations go to one lane, micro-batched (`batcher.py`); edits and interpolations to another,
+one at a time, so a long edit never holds up generations. Uploads are decoded and answers encoded
+in worker threads, never on the event loop.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import logging
 import math
+import re
 import time
 from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Literal
 
 import numpy as np
-from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
 
-from ..editing.tasks import TASKS
 from ..errors import CmkitError
 from .batcher import Busy, MicroBatcher
-from .engine import Engine, Limits
+from .engine import EDIT_TASKS, Engine, Limits
+from .guard import Access, Guard
+from .metrics import ServeMetrics
 
 log = logging.getLogger("cmkit.serve")
-EDIT_TASKS = tuple(name for name, task in TASKS.items() if task.image)  # interpolation has its own endpoint
+EDIT_FILES = ("image", "mask")
 
 
 class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
     n: int = Field(4, description="number of samples")
-    seed: int = Field(0, ge=0, lt=2**63)
+    seed: int = 0
     steps: int | None = Field(None, description="sampling steps (default 1; a teacher's Heun steps)")
     sigmas: list[float] | None = Field(None, description="explicit decreasing noise levels (instead of steps)")
     class_: str | int | list[str | int] | None = Field(None, alias="class",
@@ -56,18 +68,27 @@ class GenerateRequest(BaseModel):
 
 
 class InterpolateRequest(BaseModel):
-    seed_a: int = Field(0, ge=0, lt=2**63)
-    seed_b: int = Field(1, ge=0, lt=2**63)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    seed_a: int = 0
+    seed_b: int = 1
     frames: int = 8
     class_: str | int | None = Field(None, alias="class")
     guidance: float | None = None
     format: Literal["png", "json"] = "json"
 
 
-class HTTPProblem(Exception):
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
+class EditFields(BaseModel):
+    """The form fields of /api/edit/{task} (besides the image and mask files)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    seed: int = 0
+    steps: int | None = None
+    n: int = 1
+    class_: str | None = Field(None, alias="class")
+    guidance: float | None = None
+    factor: int = Field(2, description="superres: the upscaling factor")
+    sigma: float = Field(0.2, description="denoise: the noise level of the input")
+    format: Literal["png", "json"] = "png"
 
 
 def png_bytes(images: np.ndarray, cols: int | None = None) -> bytes:
@@ -82,7 +103,8 @@ def png_bytes(images: np.ndarray, cols: int | None = None) -> bytes:
         r, k = divmod(i, cols)
         grid[r * h:(r + 1) * h, k * w:(k + 1) * w] = img.transpose(1, 2, 0)
     buf = io.BytesIO()
-    Image.fromarray(grid[..., 0] if c == 1 else grid).save(buf, format="PNG")
+    # Level 1: answers are small and fresh; zlib's default level costs several times the time.
+    Image.fromarray(grid[..., 0] if c == 1 else grid).save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
 
 
@@ -90,15 +112,24 @@ def data_urls(images: np.ndarray) -> list[str]:
     return ["data:image/png;base64," + base64.b64encode(png_bytes(img[None], 1)).decode() for img in images]
 
 
-def _answer(data: np.ndarray, fmt: str, image: bool, start: float) -> Response:
-    latency = round(1000 * (time.perf_counter() - start), 2)
-    headers = {"X-Latency-Ms": str(latency)}
+def encode(data: np.ndarray, fmt: str, image: bool) -> tuple[bytes, str]:
+    """(body, media type) of an answer (a worker thread runs this)."""
+    import json
     if fmt == "png":
         if not image:
-            raise HTTPProblem(400, "PNG output needs an image model; ask for format=json")
-        return Response(png_bytes(data), media_type="image/png", headers=headers)
+            raise CmkitError("PNG output needs an image model; ask for format=json")
+        return png_bytes(data), "image/png"
     body = {"images": data_urls(data)} if image else {"samples": np.asarray(data).tolist()}
-    return JSONResponse({**body, "latency_ms": latency, "n": len(data)}, headers=headers)
+    return json.dumps({**body, "n": len(data)}).encode(), "application/json"
+
+
+async def answer(data: np.ndarray, fmt: str, image: bool, start: float, metrics: ServeMetrics) -> Response:
+    body, media = await asyncio.to_thread(encode, data, fmt, image)
+    latency = round(1000 * (time.perf_counter() - start), 2)
+    if media == "application/json":  # the latency goes in last, once it is known
+        body = body[:-1] + f', "latency_ms": {latency}}}'.encode()
+    metrics.images.inc(len(data))
+    return Response(body, media_type=media, headers={"X-Latency-Ms": str(latency)})
 
 
 def _class_spec(value):
@@ -109,50 +140,85 @@ def _class_spec(value):
     return parse_class_spec(text)
 
 
-def create_app(run, *, limits: Limits = Limits(), window: float = 0.005, max_queue: int = 64,
-               warmup: bool = True) -> FastAPI:
-    engine = Engine(run, limits)
-    batcher = MicroBatcher(engine.run_group, window=window, max_batch=limits.max_n, max_queue=max_queue)
+def client_message(text: str) -> str:
+    """An error message safe to send: one line, no object addresses."""
+    text = re.sub(r" at 0x[0-9a-fA-F]+", "", str(text)).strip()
+    return (text.splitlines() or ["invalid request"])[0][:500]
+
+
+def _validation_message(errors: list) -> str:
+    first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
+    where = ".".join(str(p) for p in first.get("loc", []) if p != "body")
+    return f"{where}: {first.get('msg')}" if where else first.get("msg", "invalid request")
+
+
+def create_app(run, *, limits: Limits = Limits(), access: Access = Access(), window: float = 0.005,
+               max_queue: int = 64, read_timeout: float = 30.0, docs: bool = False, warmup: bool = True) -> FastAPI:
+    """The ASGI app serving ``run`` (see the module docstring)."""
+    engine, metrics = Engine(run, limits), ServeMetrics()
+    generations = MicroBatcher(engine.run_group, window=window, max_batch=limits.max_n, max_queue=max_queue,
+                               on_batch=metrics.batch_size.labels("generate").observe)
+    edits = MicroBatcher(engine.run_group, window=0, max_batch=1, max_queue=max_queue,
+                         on_batch=metrics.batch_size.labels("edit").observe)
+    metrics.queue_depth.labels("generate").set_function(generations.depth)
+    metrics.queue_depth.labels("edit").set_function(edits.depth)
 
     @asynccontextmanager
     async def lifespan(app):
         if warmup:  # the first call pays for lazy initialisation; no user should
             key, work = engine.generation(n=1, seed=0, steps=None, sigmas=None, class_spec=None, guidance=None)
             engine.run_group([work])
-        await batcher.start()
+        await generations.start()
+        await edits.start()
         yield
-        await batcher.stop()
+        await generations.stop()
+        await edits.stop()
 
     app = FastAPI(title="cmkit", description="One-step generation and zero-shot editing with a consistency model.",
-                  lifespan=lifespan)
-    app.state.batcher, app.state.engine = batcher, engine
+                  lifespan=lifespan, docs_url="/docs" if docs else None, redoc_url=None)
+    app.state.batcher, app.state.edits, app.state.engine, app.state.metrics = generations, edits, engine, metrics
+    app.add_middleware(Guard, access=access, read_timeout=read_timeout, metrics=metrics,
+                       body_limit=lambda path: limits.body_bytes(multipart=path.startswith("/api/edit/")))
+
+    def error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+        return JSONResponse({"error": client_message(message)}, status_code=status, headers=headers)
 
     @app.exception_handler(CmkitError)
     async def user_error(request: Request, e: CmkitError):
-        return JSONResponse({"error": str(e)}, status_code=400)
+        return error(400, str(e))
 
-    @app.exception_handler(HTTPProblem)
-    async def problem(request: Request, e: HTTPProblem):
-        return JSONResponse({"error": str(e)}, status_code=e.status)
+    @app.exception_handler(HTTPException)  # 404, 405, and the guard's refusals while a body streams
+    async def http_error(request: Request, e: HTTPException):
+        return error(e.status_code, str(e.detail), getattr(e, "headers", None))
 
     @app.exception_handler(Busy)
     async def busy(request: Request, e: Busy):
-        return JSONResponse({"error": str(e)}, status_code=503, headers={"Retry-After": "1"})
+        return error(503, str(e), {"Retry-After": "1"})
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, e: RequestValidationError):
-        first = e.errors()[0] if e.errors() else {"loc": [], "msg": "invalid request"}
-        where = ".".join(str(p) for p in first.get("loc", []) if p != "body")
-        return JSONResponse({"error": f"{where}: {first.get('msg')}" if where else first.get("msg")}, status_code=400)
+        return error(400, _validation_message(e.errors()))
+
+    @app.exception_handler(ValidationError)
+    async def invalid_fields(request: Request, e: ValidationError):
+        return error(400, _validation_message(e.errors()))
 
     @app.exception_handler(Exception)
     async def crash(request: Request, e: Exception):
         log.exception("request failed")
-        return JSONResponse({"error": "internal error; the server log has the details"}, status_code=500)
+        return error(500, "internal error; the server log has the details")
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page():
         return resources.files("cmkit.serve").joinpath("page.html").read_text()
+
+    @app.get("/healthz")
+    async def healthz():
+        return {"status": "ok"}
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus():
+        return Response(metrics.render(), media_type=metrics.content_type)
 
     @app.get("/api/info")
     async def info():
@@ -166,68 +232,59 @@ def create_app(run, *, limits: Limits = Limits(), window: float = 0.005, max_que
         start = time.perf_counter()
         key, work = engine.generation(n=req.n, seed=req.seed, steps=req.steps, sigmas=req.sigmas,
                                       class_spec=_class_spec(req.class_), guidance=req.guidance)
-        data = await batcher.submit(key, req.n, work)
-        return _answer(data, req.format, run.is_image, start)
+        data = await generations.submit(key, work.n, work)
+        return await answer(data, req.format, run.is_image, start, metrics)
 
     @app.post("/api/interpolate")
     async def interpolate(req: InterpolateRequest):
-        from ..editing.tasks import interpolate as interpolate_task
         start = time.perf_counter()
-        if not 2 <= req.frames <= limits.max_frames:
-            raise CmkitError(f"frames must be in [2, {limits.max_frames}], got {req.frames}")
-        spec = _class_spec(req.class_)
-        job = lambda: interpolate_task(run, req.seed_a, req.seed_b, req.frames, class_labels=spec,
-                                       guidance=req.guidance)
-        data = await batcher.submit(None, req.frames, job)
-        return _answer(data, req.format, run.is_image, start)
+        job = engine.interpolation(seed_a=req.seed_a, seed_b=req.seed_b, frames=req.frames,
+                                   class_spec=_class_spec(req.class_), guidance=req.guidance)
+        data = await edits.submit(None, req.frames, job)
+        return await answer(data, req.format, run.is_image, start, metrics)
 
-    async def read_upload(upload: UploadFile | None, what: str, grey: bool) -> np.ndarray:
+    def decode_upload(upload: UploadFile | None, what: str, size: tuple[int, int], grey: bool) -> np.ndarray:
+        """(1, C, H, W) uint8 at ``size`` from an uploaded PNG/JPEG (a worker thread runs this)."""
+        from PIL import Image
+
         from ..safe_io import read_image
         if upload is None:
             raise CmkitError(f"this task needs an {what} upload")
-        raw = await upload.read(limits.max_upload_bytes + 1)
-        if len(raw) > limits.max_upload_bytes:
-            raise HTTPProblem(413, f"the {what} is over the upload limit of {limits.max_upload_bytes} bytes")
-        return read_image(io.BytesIO(raw), name=what, mode="L" if grey else "RGB")
-
-    def fit(arr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-        """(H, W[, C]) uint8 at ``size`` (resized if it differs), as (1, C, H, W)."""
-        from PIL import Image
+        if upload.size is not None and upload.size > limits.max_upload_bytes:
+            raise HTTPException(413, f"the {what} is over the upload limit of {limits.max_upload_bytes} bytes")
+        upload.file.seek(0)
+        arr = read_image(upload.file, name=what, mode="L" if grey else "RGB", max_pixels=limits.max_upload_pixels)
         if arr.shape[:2] != size:
             arr = np.asarray(Image.fromarray(arr).resize((size[1], size[0]), Image.BILINEAR))
         return (arr[None, None] if arr.ndim == 2 else arr.transpose(2, 0, 1)[None]).copy()
 
-    @app.post("/api/edit/{task}")
-    async def edit(task: str, image: UploadFile | None = File(None), mask: UploadFile | None = File(None),
-                   seed: int = Form(0), steps: int | None = Form(None), n: int = Form(1),
-                   class_: str | None = Form(None, alias="class"), guidance: float | None = Form(None),
-                   factor: int = Form(2), sigma: float = Form(0.2), format: Literal["png", "json"] = Form("png")):
-        from ..editing import tasks
+    @app.post("/api/edit/{task}", openapi_extra={"requestBody": {"content": {"multipart/form-data": {"schema": {
+        "type": "object", "properties": {"image": {"type": "string", "format": "binary"},
+                                         "mask": {"type": "string", "format": "binary"},
+                                         **EditFields.model_json_schema(by_alias=True)["properties"]}}}}}})
+    async def edit(task: str, request: Request):
         start = time.perf_counter()
         if task not in EDIT_TASKS:
-            raise HTTPProblem(404, f"unknown task {task!r}; tasks: {', '.join(EDIT_TASKS)}")
-        if not run.is_image:
-            raise CmkitError("editing needs an image model")
-        if not 1 <= n <= limits.max_n:
-            raise CmkitError(f"n must be in [1, {limits.max_n}], got {n}")
-        if steps is not None and not 1 <= steps <= limits.max_edit_steps:
-            raise CmkitError(f"steps must be in [1, {limits.max_edit_steps}], got {steps}")
-        if not 0 <= seed < 2**63:
-            raise CmkitError("seed must be in [0, 2^63)")
-        c, h, w = run.shape
-        spec = TASKS[task]
-        if spec.factor:
-            if factor < 2 or h % factor:
-                raise CmkitError(f"factor must be at least 2 and divide {h}")
-            size = (h // factor, w // factor)  # the upload is the low-resolution image
-        else:
-            size = (h, w)
-        picture = fit(await read_upload(image, "image", c == 1 and not spec.grey_input), size)
-        holes = fit(await read_upload(mask, "mask", True), (h, w))[0, 0] > 127 if spec.mask else None
-        labels = _class_spec(class_)  # checked now: a bad request never reaches the worker
-        job = lambda: tasks.run_task(run, task, picture, mask=holes, factor=factor, sigma=sigma, n=n, seed=seed,  # noqa: E731
-                                     steps=steps, class_labels=labels, guidance=guidance)
-        data = await batcher.submit(None, n, job)
-        return _answer(data, format, True, start)
+            raise HTTPException(404, f"unknown task {task!r}; tasks: {', '.join(EDIT_TASKS)}")
+        if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+            raise CmkitError("send the image (and mask) as multipart/form-data")
+        async with request.form(max_files=len(EDIT_FILES), max_fields=len(EditFields.model_fields),
+                                max_part_size=limits.max_json_bytes) as form:
+            files = {k: v for k, v in form.multi_items() if isinstance(v, UploadFile)}
+            fields = {k: v for k, v in form.multi_items() if not isinstance(v, UploadFile)}
+            if set(files) - set(EDIT_FILES):
+                raise CmkitError(f"unexpected file field(s) {sorted(set(files) - set(EDIT_FILES))}; "
+                                 f"send {' and '.join(EDIT_FILES)}")
+            values = EditFields.model_validate(fields)
+            checked = engine.edit(task, seed=values.seed, steps=values.steps, n=values.n,
+                                  class_spec=_class_spec(values.class_), guidance=values.guidance,
+                                  factor=values.factor, sigma=values.sigma)
+            picture = await asyncio.to_thread(decode_upload, files.get("image"), "image", checked.size, checked.grey)
+            holes = None
+            if checked.needs_mask:
+                mask = await asyncio.to_thread(decode_upload, files.get("mask"), "mask", run.shape[1:], True)
+                holes = mask[0, 0] > 127
+        data = await edits.submit(None, values.n, engine.edit_call(checked, picture, holes))
+        return await answer(data, values.format, True, start, metrics)
 
     return app

@@ -1,10 +1,10 @@
-"""Micro-batching: requests that arrive within a few milliseconds of each other share one network
-call, and at most one model computation runs at a time.
+"""Micro-batching: requests that arrive within a few milliseconds of each other share one model
+call, and one lane runs at most one model computation at a time.
 
 Jobs wait in a bounded queue (full: `Busy`, which the API turns into 503). A single worker takes
-the first waiting job, collects more for ``window`` seconds (or until ``max_batch`` samples),
-groups those that can share a call (same levels, same guidance) and runs each group in a thread,
-so the event loop keeps answering while torch computes.
+every job already waiting (up to ``max_batch`` samples), and if that is not a full batch waits up
+to ``window`` seconds for more; it groups those that can share a call (same levels, same guidance)
+and runs each group in a thread, so the event loop keeps answering while torch computes.
 """
 
 from __future__ import annotations
@@ -34,8 +34,9 @@ class MicroBatcher:
     """``run_group(payloads) -> results`` computes a list of compatible jobs in one go (a thread)."""
 
     def __init__(self, run_group: Callable[[list], list], *, window: float = 0.005, max_batch: int = 64,
-                 max_queue: int = 64):
+                 max_queue: int = 64, on_batch: Callable[[int], None] | None = None):
         self.run_group, self.window, self.max_batch = run_group, window, max_batch
+        self.on_batch = on_batch  # called with the samples of each model call (metrics)
         self.queue: asyncio.Queue | None = None
         self.max_queue = max_queue
         self.task: asyncio.Task | None = None
@@ -52,6 +53,10 @@ class MicroBatcher:
             # wait on the worker forever (the event loop is closing anyway).
             await asyncio.wait({self.task}, timeout=2)
 
+    def depth(self) -> int:
+        """Jobs waiting."""
+        return 0 if self.queue is None else self.queue.qsize()
+
     async def submit(self, key, size: int, payload) -> Any:
         job = Job(key, size, payload, asyncio.get_running_loop().create_future())
         try:
@@ -62,8 +67,12 @@ class MicroBatcher:
 
     async def _collect(self) -> list[Job]:
         jobs = [await self.queue.get()]
+        size = jobs[0].size
+        while size < self.max_batch and not self.queue.empty():  # what waited while the last batch ran
+            jobs.append(self.queue.get_nowait())
+            size += jobs[-1].size
         deadline = time.monotonic() + self.window
-        while sum(j.size for j in jobs) < self.max_batch:
+        while size < self.max_batch:
             left = deadline - time.monotonic()
             if left <= 0:
                 break
@@ -71,6 +80,7 @@ class MicroBatcher:
                 jobs.append(await asyncio.wait_for(self.queue.get(), left))
             except asyncio.TimeoutError:
                 break
+            size += jobs[-1].size
         return jobs
 
     async def _worker(self) -> None:
@@ -84,6 +94,8 @@ class MicroBatcher:
 
     async def _run(self, group: list[Job]) -> None:
         self.calls += 1
+        if self.on_batch is not None:
+            self.on_batch(sum(j.size for j in group))
         try:
             results = await asyncio.to_thread(self.run_group, [j.payload for j in group])
         except Exception as e:  # every job of the group gets the error; the worker goes on

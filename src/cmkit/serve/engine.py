@@ -1,81 +1,151 @@
-"""What the server computes, without HTTP: generation requests turned into batchable work, and
-editing requests turned into calls of `cmkit.editing.tasks`.
+"""What the server computes, without HTTP: requests checked against the limits and turned into
+work (generations that can share a network call, editing and interpolation calls that run alone).
 
-A generation request draws its noise from its own seed exactly as `cmkit sample --seed S` does
-(starting noise, then one re-noising draw per later level), so a request's images do not depend
-on which other requests shared its network call, and equal the command line's.
+Work holds only the request: a generation draws its noise when its batch runs, from its own seed,
+exactly as `cmkit sample --seed S` does (starting noise, then one re-noising draw per later level).
+So a waiting request costs a few bytes, not a batch of noise, and its images do not depend on
+which other requests shared its network call.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
 
+from ..editing import tasks
 from ..errors import CmkitError
 from ..sampling import sample_levels
+from ..validate import check_float, check_int, check_seed
+
+EDIT_TASKS = tuple(name for name, task in tasks.TASKS.items() if task.image)  # interpolation has its own endpoint
 
 
 @dataclass(frozen=True)
 class Limits:
+    """What one request may ask for (exposed at /api/info)."""
+
     max_n: int = 64
     max_steps: int = 8  # consistency steps per sample
     max_teacher_steps: int = 40  # Heun steps of an EDM teacher
     max_edit_steps: int = 40
-    max_upload_bytes: int = 4 * 2**20
     max_frames: int = 32
+    max_upload_bytes: int = 4 * 2**20  # per uploaded file
+    max_upload_pixels: int = 2**22  # 2048 x 2048: decoding is refused above this, before it starts
+    max_json_bytes: int = 64 * 2**10  # a generation request is a few hundred bytes
+
+    def body_bytes(self, multipart: bool) -> int:
+        """The largest request body: two uploads and their fields for editing, else JSON."""
+        return 2 * self.max_upload_bytes + self.max_json_bytes if multipart else self.max_json_bytes
 
 
-@dataclass
+@dataclass(frozen=True)
 class Generation:
     levels: torch.Tensor
-    noise: torch.Tensor
-    renoise: list
+    seed: int
+    n: int
     labels: torch.Tensor | None
     guidance: float | None
+
+
+@dataclass(frozen=True)
+class Edit:
+    """A checked editing request, waiting for its uploads (``size``: what they are resized to)."""
+
+    task: str
+    size: tuple[int, int]
+    grey: bool
+    needs_mask: bool
+    options: dict
 
 
 class Engine:
     def __init__(self, run, limits: Limits = Limits()):
         self.run, self.limits = run, limits
 
-    def generation(self, *, n: int, seed: int, steps: int | None, sigmas: list[float] | None, class_spec,
-                   guidance: float | None) -> tuple[tuple, Generation]:
-        """(batching key, work) for one request, checked against the limits."""
+    def _labels_and_guidance(self, class_spec, n: int, seed: int, guidance):
+        guidance = None if guidance is None else check_float("guidance", guidance, 0)
+        labels = self.run.labels(class_spec, n, seed)
+        self.run.network(guidance, labels)  # checks the guidance request now, not in the worker
+        return labels, guidance
+
+    def generation(self, *, n, seed, steps, sigmas, class_spec, guidance) -> tuple[tuple, Generation]:
+        """(batching key, work) for one generation request."""
         run, limits = self.run, self.limits
-        if not 1 <= n <= limits.max_n:
-            raise CmkitError(f"n must be in [1, {limits.max_n}], got {n}")
+        n = check_int("n", n, 1, limits.max_n)
+        seed = check_seed(seed)
         cap = limits.max_teacher_steps if run.is_diffusion else limits.max_steps
-        if steps is not None and not 1 <= steps <= cap:
-            raise CmkitError(f"steps must be in [1, {cap}], got {steps}")
-        if sigmas is not None and not 1 <= len(sigmas) <= cap:
-            raise CmkitError(f"give 1 to {cap} sigmas, got {len(sigmas)}")
-        levels = run.sigmas_for(steps, sigmas)  # checks explicit sigmas
-        labels = run.labels(class_spec, n, seed)
-        run.network(guidance, labels)  # checks the guidance request now, not in the worker
-        gen = torch.Generator().manual_seed(seed)
-        noise = torch.randn(n, *run.shape, generator=gen)
-        renoise = [] if run.is_diffusion else [torch.randn(n, *run.shape, generator=gen) for _ in levels[1:]]
+        if steps is not None:
+            steps = check_int("steps", steps, 1, cap)
+        if sigmas is not None:
+            if not 1 <= len(sigmas) <= cap:
+                raise CmkitError(f"give 1 to {cap} sigmas, got {len(sigmas)}")
+            sigmas = [check_float("sigmas", s, 0) for s in sigmas]
+        levels = run.sigmas_for(steps, sigmas)  # checks order and range
+        labels, guidance = self._labels_and_guidance(class_spec, n, seed, guidance)
         key = ("generate", tuple(levels.tolist()), guidance)
-        return key, Generation(levels, noise, renoise, labels, guidance)
+        return key, Generation(levels, seed, n, labels, guidance)
+
+    def interpolation(self, *, seed_a, seed_b, frames, class_spec, guidance):
+        """A call computing ``frames`` images between two seeds' samples."""
+        seed_a, seed_b = check_seed(seed_a, "seed_a"), check_seed(seed_b, "seed_b")
+        frames = check_int("frames", frames, 2, self.limits.max_frames)
+        guidance = None if guidance is None else check_float("guidance", guidance, 0)
+        return partial(tasks.interpolate, self.run, seed_a, seed_b, frames, class_labels=class_spec,
+                       guidance=guidance)
+
+    def edit(self, task: str, *, seed, steps, n, class_spec, guidance, factor, sigma) -> Edit:
+        """Check an editing request before its uploads are decoded."""
+        run, limits = self.run, self.limits
+        if task not in EDIT_TASKS:
+            raise CmkitError(f"unknown task {task!r}; tasks: {', '.join(EDIT_TASKS)}")
+        if not run.is_image:
+            raise CmkitError("editing needs an image model")
+        spec = tasks.TASKS[task]
+        n = check_int("n", n, 1, limits.max_n)
+        seed = check_seed(seed)
+        steps = None if steps is None else check_int("steps", steps, 1, limits.max_edit_steps)
+        c, h, w = run.shape
+        size = (h, w)
+        if spec.factor:
+            factor = check_int("factor", factor, 2, h)
+            if h % factor or w % factor:
+                raise CmkitError(f"factor must divide the model's size {h}x{w}, got {factor}")
+            size = (h // factor, w // factor)  # the upload is the low-resolution image
+        if spec.sigma:
+            lo, hi = run.noise_range.sigma_min, run.noise_range.sigma_max
+            sigma = check_float("sigma", sigma, lo, hi)
+        labels, guidance = self._labels_and_guidance(class_spec, n, seed, guidance)
+        return Edit(task, size, grey=c == 1 and not spec.grey_input, needs_mask=spec.mask,
+                    options=dict(factor=factor, sigma=sigma, n=n, seed=seed, steps=steps, class_labels=class_spec,
+                                 guidance=guidance))
+
+    def edit_call(self, edit: Edit, picture: np.ndarray, mask: np.ndarray | None):
+        """The call running a checked edit on its decoded uploads ((1, C, H, W) uint8 and (H, W) bool)."""
+        return partial(tasks.run_task, self.run, edit.task, picture, mask=mask, **edit.options)
 
     @torch.inference_mode()
     def run_group(self, work: list) -> list:
-        """Compute a group of compatible jobs: generations in one batch, anything else (callables)
-        one by one."""
+        """Compute a group of compatible jobs: generations in one batch (each drawing its own noise
+        from its seed), anything else (calls) one by one."""
         if not isinstance(work[0], Generation):
             return [job() for job in work]
         run, first = self.run, work[0]
-        sizes = [len(w.noise) for w in work]
-        noise = torch.cat([w.noise for w in work]).to(run.device)
+        levels = first.levels
+        noise, renoise = [], [[] for _ in levels[1:]] if not run.is_diffusion else []
+        for w in work:
+            gen = torch.Generator().manual_seed(w.seed)
+            noise.append(torch.randn(w.n, *run.shape, generator=gen))
+            for draws in renoise:
+                draws.append(torch.randn(w.n, *run.shape, generator=gen))
+        noise = torch.cat(noise).to(run.device)
+        renoise = [torch.cat(draws).to(run.device) for draws in renoise] or None
         labels = None if first.labels is None else torch.cat([w.labels for w in work]).to(run.device)
         model = run.network(first.guidance, labels)
-        levels = first.levels.to(run.device)
-        renoise = None
-        if not run.is_diffusion:
-            renoise = [torch.cat([w.renoise[i] for w in work]).to(run.device) for i in range(len(levels) - 1)]
+        levels = levels.to(run.device)
         x = sample_levels(model, noise * levels[0], levels, labels, diffusion=run.is_diffusion,
                           sigma_min=run.noise_range.sigma_min, noises=renoise)
         data = run.scaler.to_data(x.float().cpu())
-        return list(np.split(data, np.cumsum(sizes)[:-1]))
+        return list(np.split(data, np.cumsum([w.n for w in work])[:-1]))
