@@ -23,6 +23,19 @@ def tiny_teacher(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def image_run(tmp_path_factory):
+    """A class-conditional CD model of 8x8 digits, trained with label dropout (a few steps; shared:
+    tests must not modify it)."""
+    tmp = tmp_path_factory.mktemp("serve")
+    digits = ["--data", "digits", "--batch-size", "8", "--quiet", "--set", "train.sample_every=0"]
+    assert cli("train", "--method", "edm", *digits, "--set", "model.preset=tiny", "--label-dropout", 0.1,
+               "--steps", 3, "--out", tmp / "edm") == 0
+    assert cli("train", "--method", "cd", *digits, "--label-dropout", 0.1, "--teacher", tmp / "edm", "--steps", 3,
+               "--out", tmp / "cd") == 0
+    return tmp / "cd"
+
+
 def _fashion_mnist_installed() -> bool:
     from cmkit.data.images import FASHION_MNIST_DIR, FASHION_MNIST_ENV
     import os

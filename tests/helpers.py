@@ -28,3 +28,10 @@ def tree_digest(path: Path) -> dict:
     """{relative path: sha256} of every file under ``path``."""
     return {str(p.relative_to(path)): hashlib.sha256(_content(p)).hexdigest()
             for p in sorted(Path(path).rglob("*")) if p.is_file()}
+
+
+def local_client(app, **kwargs):
+    """An in-process client of a `cmkit serve` app as a script on this machine calls it: Host
+    localhost, and the header that marks a request as not coming from a web form."""
+    from fastapi.testclient import TestClient
+    return TestClient(app, base_url="http://localhost", headers={"X-Cmkit-Client": "test"}, **kwargs)

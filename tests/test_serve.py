@@ -14,34 +14,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from fastapi.testclient import TestClient
 from PIL import Image
 
 import cmkit
 from cmkit.serve.app import create_app
 from cmkit.serve.batcher import MicroBatcher
 from cmkit.serve.engine import Limits
-from helpers import cli
-
-DIGITS = ["--data", "digits", "--batch-size", "8", "--quiet", "--set", "train.sample_every=0"]
-
-
-@pytest.fixture(scope="module")
-def image_run(tmp_path_factory):
-    """A class-conditional CD model of 8x8 digits, trained with label dropout (a few steps)."""
-    tmp = tmp_path_factory.mktemp("serve")
-    assert cli("train", "--method", "edm", *DIGITS, "--set", "model.preset=tiny", "--label-dropout", 0.1,
-               "--steps", 3, "--out", tmp / "edm") == 0
-    assert cli("train", "--method", "cd", *DIGITS, "--label-dropout", 0.1, "--teacher", tmp / "edm", "--steps", 3,
-               "--out", tmp / "cd") == 0
-    return tmp / "cd"
-
-
-def local_client(app, **kwargs) -> TestClient:
-    """An in-process client as a script on this machine calls: Host localhost, and the header that
-    marks a request as not coming from a web form."""
-    return TestClient(app, base_url="http://localhost", headers={"X-Cmkit-Client": "test"}, **kwargs)
-
+from helpers import cli, local_client
 
 @pytest.fixture(scope="module")
 def client(image_run):
