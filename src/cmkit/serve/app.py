@@ -55,8 +55,12 @@ log = logging.getLogger("cmkit.serve")
 EDIT_FILES = ("image", "mask")
 
 
+# JSON bodies are strict: true is not 1, "7" is not 7 and 2.5 is not an integer (floats take integers).
+JSON_MODEL = ConfigDict(extra="forbid", populate_by_name=True, strict=True)
+
+
 class GenerateRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = JSON_MODEL
     n: int = Field(4, description="number of samples")
     seed: int = 0
     steps: int | None = Field(None, description="sampling steps (default 1; a teacher's Heun steps)")
@@ -68,7 +72,7 @@ class GenerateRequest(BaseModel):
 
 
 class InterpolateRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = JSON_MODEL
     seed_a: int = 0
     seed_b: int = 1
     frames: int = 8
