@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from cmkit.config import build_config
-from cmkit.train import Trainer
+from cmkit.training import Trainer
 
 
 def train_args(args, out: Path) -> list[str]:

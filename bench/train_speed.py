@@ -25,7 +25,7 @@ import torch
 
 import cmkit
 from cmkit.config import build_config
-from cmkit.train import Trainer
+from cmkit.training import Trainer
 
 # A variant is flags joined by "+": eager (nothing), or the settings each flag stands for.
 FLAGS = {"bf16": {"train.bf16": True}, "compile": {"train.compile": True},

@@ -95,6 +95,8 @@ def main() -> None:
     image = meta["standardizer"].get("kind") == "image"
     if image:
         x = np.rint(x).clip(0, 255).astype(np.uint8).transpose(0, 2, 3, 1)  # NHWC
+    if args.out.suffix not in (".npy", ".png"):
+        fail(f"--out must end in .npy or .png, got {args.out.name!r}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if args.out.suffix == ".png" and image:
         from PIL import Image
@@ -105,6 +107,18 @@ def main() -> None:
         for i, img in enumerate(x):
             grid[(i // cols) * h:(i // cols + 1) * h, (i % cols) * w:(i % cols + 1) * w] = img
         Image.fromarray(grid[..., 0] if c == 1 else grid).save(args.out)
+    elif args.out.suffix == ".png":  # vectors: a scatter plot of 2-D data
+        if x.shape[1] != 2:
+            fail(f"a .png of vector samples is a 2-D scatter plot; this model makes {x.shape[1]}-D vectors: use .npy")
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(5, 5), dpi=120)
+        ax.scatter(x[:, 0], x[:, 1], s=2, alpha=0.5)
+        ax.set_title(f"{args.model.name}, {args.steps} step(s)")
+        ax.set_aspect("equal")
+        fig.savefig(args.out)
+        plt.close(fig)
     else:
         np.save(args.out, x)
     print(f"wrote {args.n} samples to {args.out}")

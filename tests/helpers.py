@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 
 from cmkit.cli import main
-from cmkit.train import VOLATILE_METRICS
+from cmkit.training import VOLATILE_METRICS
 
 TINY_TRAIN = ["--set", "data.n=400", "--set", "data.n_holdout=200", "--set", "train.log_every=1",
               "--batch-size", "32", "--quiet"]

@@ -1,5 +1,6 @@
 """Bad input ends in one line on stderr, exit status 2, no traceback, and nothing overwritten."""
 
+import json
 import subprocess
 import sys
 
@@ -7,7 +8,10 @@ import numpy as np
 import pytest
 
 from cmkit.checkpoint import checkpoint_dir
+from cmkit.cli import build_parser, main
 from helpers import TINY, TINY_TRAIN, cli, tree_digest
+
+TRAIN_EDM = ["train", "--method", "edm", "--data", "moons", *TINY]
 
 
 def _error_line(capsys) -> str:
@@ -179,6 +183,9 @@ def test_bad_sample_input(tmp_path, teacher, capsys, args, message):
 
 def test_sample_from_missing_run(tmp_path, capsys):
     assert cli("sample", "--checkpoint", tmp_path / "none", "--n", 3, "--out", tmp_path / "x.npy") == 2
+    assert "none does not exist" in _error_line(capsys)
+    (tmp_path / "empty").mkdir()
+    assert cli("sample", "--checkpoint", tmp_path / "empty", "--n", 3, "--out", tmp_path / "x.npy") == 2
     assert "not a cmkit run directory" in _error_line(capsys)
 
 
@@ -204,3 +211,52 @@ def test_real_process_exit_code_and_single_line(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"cmkit: error: data file not found: {tmp_path / 'nothing.csv'}"]
+
+
+def test_top_level_help_does_not_import_torch():
+    code = ("import sys\nfrom cmkit.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print('TORCH' if 'torch' in sys.modules else 'NO TORCH')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "train" in out and "demo" in out and out.strip().endswith("NO TORCH"), out
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["train", "--method", "cdd", "--data", "moons", "--out", "x"], "did you mean cd?"),
+    (["tarin"], "did you mean train?"),
+    (["train", "--method", "edm", "--data", "mons", "--out", "x"], "did you mean moons?"),
+    (["train", "--method", "edm", "--data", "mons", "--out", "x"], "digits"),
+    (["train", "--data", "moons", "--out", "x"], "--method is required"),
+    (["train", "--method", "edm", "--data", "moons"], "--out is required"),
+    (["sample", "--checkpoint", "no/such/run", "--n", "1", "--out", "x.npy"], "no/such/run does not exist"),
+])
+def test_mistakes_get_helpful_one_line_errors(argv, words, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert words in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_every_option_has_help():
+    import argparse
+    parser = build_parser()
+    stack = [parser]
+    while stack:
+        p = stack.pop()
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                stack.extend(action.choices.values())
+            elif not isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
+                assert action.help, f"{p.prog} {'/'.join(action.option_strings) or action.dest} has no help"
+
+
+def test_print_config_and_resume_with_only_out(tmp_path, capsys):
+    assert main(["train", "--method", "cd", "--data", "moons", "--teacher", "t", "--print-config"]) == 0
+    config = json.loads(capsys.readouterr().out)
+    assert config["method"] == "cd" and config["train"]["batch_size"] == 512 and "lr" in config["train"]
+    run = tmp_path / "run"
+    assert cli(*TRAIN_EDM, "--steps", 2, "--out", run) == 0
+    saved = json.loads((run / "config.json").read_text())
+    saved["train"]["steps"] = 4  # as if it had been stopped at step 2 of 4
+    (run / "config.json").write_text(json.dumps(saved))
+    assert main(["train", "--resume", "--out", str(run), "--quiet"]) == 0
+    assert json.loads((run / "config.json").read_text())["train"]["steps"] == 4
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()][-1] == 4

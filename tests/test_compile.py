@@ -17,7 +17,7 @@ from cmkit.checkpoint import read_run_config
 from cmkit.config import build_config
 from cmkit.objectives import get_method
 from cmkit.objectives.rng import SharedRNG
-from cmkit.train import Trainer
+from cmkit.training import Trainer
 
 from helpers import TINY, cli
 

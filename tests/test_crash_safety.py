@@ -155,3 +155,39 @@ def test_checkpoints_rotate_and_latest_points_at_the_newest(tmp_path):
     with pytest.raises(cmkit.CmkitError, match="no complete checkpoint"):
         checkpoint_dir(run)
     shutil.rmtree(run)
+
+
+LIBRARY_TEST = '''
+import cmkit
+
+def test_trains_for_a_long_time():
+    config = cmkit.build_config("edm", **{{"data.name": "moons", "data.n": 400, "data.n_holdout": 200,
+        "model.width": 32, "model.depth": 1, "model.emb_dim": 16, "train.batch_size": 32,
+        "train.steps": 10**6, "train.save_every": 50}})
+    cmkit.train(config, {out!r}, progress=False)
+
+def test_after():
+    pass
+'''
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_stops_pytest_running_cmkit_train(tmp_path, sig):
+    """Called as a library, training saves a checkpoint and hands the signal on: Ctrl-C interrupts
+    pytest (status 2, the next test never runs) and SIGTERM ends it, within seconds."""
+    run = tmp_path / "run"
+    script = tmp_path / "test_long.py"
+    script.write_text(LIBRARY_TEST.format(out=str(run)))
+    proc = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(script)],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for_checkpoint(proc, run)
+    start = time.monotonic()
+    proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=30)
+    assert time.monotonic() - start < 10, out
+    if sig == signal.SIGINT:
+        assert proc.returncode == 2 and "KeyboardInterrupt" in out and "test_after" not in out, out
+    else:
+        assert proc.returncode == -signal.SIGTERM, (proc.returncode, out)
+    assert newest_step(run) > 50  # saved where it stopped, after the regular save that we waited for
+    assert cmkit.load_run(run).sample(2, seed=0).shape == (2, 2)

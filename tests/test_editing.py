@@ -14,6 +14,7 @@ from PIL import Image
 import cmkit
 from cmkit.cli import main
 from cmkit.data import TOY_TRUTH
+from cmkit.errors import CmkitError
 from cmkit.editing import (LUMA, ChannelMix, Identity, LinearOperator, PatchOrthogonal, check_invertible, colorize,
                            denoise, edit, inpaint, interpolate, stroke, superres)
 from cmkit.editing.algorithm import slerp
@@ -244,3 +245,22 @@ def test_cli_bad_input_is_one_line_and_exit_2(runs, capsys):
         assert main(["edit", *args, "--out", str(tmp / "x.png")]) == 2, args
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and message in err, (args, err)
+
+
+def test_superres_from_a_full_size_png_with_downscale(runs):
+    """--downscale makes the low-resolution input by patch means, and the result averages back to
+    it; the batch-shape error names the count and size; no warning (read-only PNG arrays)."""
+    from cmkit.editing.tasks import downscale
+    tmp, grey = runs["tmp"], str(runs["grey"].path)
+    full = np.arange(64, dtype=np.uint8).reshape(8, 8) * 3
+    low = downscale(full[None, None], 2)
+    np.testing.assert_array_equal(low[0, 0], np.round(full.reshape(4, 2, 4, 2).astype(float).mean((1, 3))))
+    r = subprocess.run([sys.executable, "-W", "error::UserWarning", "-m", "cmkit", "edit", "superres", "--checkpoint",
+                        grey, "--input", _png(tmp / "full.png", full), "--factor", "2", "--downscale", "--steps", "2",
+                        "--out", str(tmp / "sr.npz"), "--quiet"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    with np.load(tmp / "sr.npz") as z:
+        out = z["images"][..., 0].astype(np.float64)
+    assert np.abs(out.reshape(-1, 4, 2, 4, 2).mean((2, 4)) - low[:, 0]).max() <= 0.51
+    with pytest.raises(CmkitError, match=r"got 3 image\(s\) of 8x8 with 1 channel\(s\); pass --downscale"):
+        superres(runs["grey"], np.zeros((3, 1, 8, 8), np.uint8), 2)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 import torch
 
 import cmkit
@@ -161,6 +162,12 @@ def test_onnx_matches_torch_at_several_batch_sizes(which, tmp_path, image_runs, 
     assert cli("export", "onnx", "--checkpoint", source, "--out", tmp_path / "m.onnx", "--with-f", "--quiet") == 0
     run = cmkit.load_run(source)
     assert onnx_parity(run, tmp_path / "m.onnx", batch_sizes=(1, 3, 16)) < 1e-4
+    if which == "vectors":  # the example script plots 2-D samples to a real PNG (not grid.png.npy)
+        done = onnx_example(tmp_path / "m.onnx", "--n", 50, "--out", tmp_path / "grid.png")
+        assert done.returncode == 0 and "grid.png" in done.stdout, done.stderr
+        with Image.open(tmp_path / "grid.png") as im:
+            assert im.format == "PNG" and im.width >= 400
+        assert not (tmp_path / "grid.png.npy").exists()
 
     # f(x, sigma) for multistep: onnxruntime against torch.
     import onnxruntime as ort
@@ -178,18 +185,21 @@ def test_onnx_matches_torch_at_several_batch_sizes(which, tmp_path, image_runs, 
         assert np.abs(f.run(None, feeds)[0] - ref).max() / np.abs(ref).max() < 1e-4
 
 
+def onnx_example(*args):
+    """examples/onnx_sample.py in a Python where torch cannot be imported."""
+    script = ("import sys, runpy; sys.modules['torch'] = None; sys.argv = sys.argv[1:]; "
+              "runpy.run_path(sys.argv[0], run_name='__main__')")
+    return subprocess.run([sys.executable, "-c", script, str(REPO / "examples" / "onnx_sample.py"), *map(str, args)],
+                          capture_output=True, text=True, timeout=300)
+
+
 def test_onnx_example_script_needs_no_torch_and_matches_cmkit(image_runs, tmp_path):
     run_dir = image_runs["uncond"]
     assert cli("export", "onnx", "--checkpoint", run_dir, "--out", tmp_path / "m.onnx", "--with-f",
                "--no-check", "--quiet") == 0
     noise = np.random.default_rng(0).standard_normal((6, *cmkit.load_run(run_dir).shape)).astype(np.float32)
     np.save(tmp_path / "noise.npy", noise)
-    script = ("import sys, runpy; sys.modules['torch'] = None; sys.argv = sys.argv[1:]; "
-              "runpy.run_path(sys.argv[0], run_name='__main__')")
-
-    def example(*args):
-        return subprocess.run([sys.executable, "-c", script, str(REPO / "examples" / "onnx_sample.py"), *map(str, args)],
-                              capture_output=True, text=True, timeout=300)
+    example = onnx_example
 
     done = example(tmp_path / "m.onnx", "--n", 6, "--noise", tmp_path / "noise.npy", "--out", tmp_path / "onnx.npy")
     assert done.returncode == 0, done.stderr

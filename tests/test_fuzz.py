@@ -23,7 +23,7 @@ from cmkit.data.images import load_image_array, load_image_folder, read_idx
 from cmkit.errors import CmkitError
 from cmkit.distributed import World
 from cmkit.objectives import method_names
-from cmkit.train import _check_machine
+from cmkit.training import _check_machine
 
 # CI runs a fixed set of examples (derandomized), so a run cannot fail by luck; a deeper, random
 # search: CMKIT_FUZZ_EXAMPLES=5000 python -m pytest tests/test_fuzz.py

@@ -191,7 +191,7 @@ def test_guided_student_follows_the_scale(blobs):
 
 def test_label_dropout_replaces_that_fraction_of_labels(blobs, monkeypatch):
     from cmkit.config import build_config
-    from cmkit.train import Trainer
+    from cmkit.training import Trainer
 
     config = build_config("edm", sets=["data.name=" + str(blobs / "blobs.npz"), "train.label_dropout=0.3",
                                        "train.batch_size=4000"])

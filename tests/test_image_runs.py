@@ -11,9 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
+import cmkit
 from cmkit.config import build_config
 from cmkit.evaluate import ImageScorer
-from cmkit.train import Trainer
+from cmkit.training import Trainer
 from cmkit.checkpoint import checkpoint_dir
 from helpers import cli, tree_digest
 
@@ -46,7 +47,9 @@ def test_sample_grid_and_npz(digits_runs, tmp_path):
     assert images.shape == (10, 8, 8, 1) and images.dtype == np.uint8
     assert cli("sample", "--checkpoint", digits_runs / "cd", "--n", 16, "--out", tmp_path / "g.png", "--quiet") == 0
     grid = np.asarray(Image.open(tmp_path / "g.png"))
-    assert grid.ndim == 2 and grid.shape[0] == grid.shape[1] >= 4 * 8  # 4 x 4 tiles, enlarged
+    caption = grid.shape[0] - grid.shape[1]  # 4 x 4 tiles enlarged to >= 512 px, under a caption strip
+    assert grid.ndim == 2 and grid.shape[1] >= 512 and 14 < caption < 60
+    assert (grid[:caption] == 255).mean() > 0.8 and (grid[:caption] < 128).any()  # black text on white
     # The same seed gives the same images; .npy holds the same NHWC array.
     assert cli("sample", "--checkpoint", digits_runs / "cd", "--n", 10, "--steps", 2, "--out", tmp_path / "s.npy",
                "--quiet") == 0
@@ -116,3 +119,30 @@ def test_image_comparison_script_runs_tiny_on_cpu(tmp_path):
     assert (tmp_path / "out" / "cd-1step.png").is_file() and (tmp_path / "out" / "quality_vs_nfe.png").is_file()
     half = json.loads((tmp_path / "out" / "ect-half" / "config.json").read_text())
     assert half["method"] == "ect" and half["train"]["steps"] == 10  # half of CD's 20
+
+
+def test_npz_samples_of_a_conditional_run_carry_their_labels(image_run, tmp_path):
+    """The labels in the .npz are the ones the images were drawn with: class 3 for all, and for
+    a random spec the same labels as `Run.labels` draws for that seed."""
+    assert cli("sample", "--checkpoint", image_run, "--n", 6, "--class", "3", "--out", tmp_path / "a.npz",
+               "--quiet") == 0
+    with np.load(tmp_path / "a.npz") as f:
+        assert f["labels"].tolist() == [3] * 6 and f["images"].shape == (6, 8, 8, 1)
+    assert cli("sample", "--checkpoint", image_run, "--n", 6, "--class", "random", "--seed", 4,
+               "--out", tmp_path / "b.npz", "--quiet") == 0
+    with np.load(tmp_path / "b.npz") as f:
+        expected = cmkit.load_run(image_run).labels("random", 6, 4).tolist()
+        assert f["labels"].tolist() == expected and len(set(expected)) > 1
+
+
+def test_sample_figures_say_what_they_show(image_run):
+    from argparse import Namespace
+
+    from cmkit.cli import _samples_title
+    run = cmkit.load_run(image_run)
+    args = Namespace(steps=2, sigmas=None, guidance=None, seed=5)
+    title = _samples_title(run, args, run.labels("3", 4, 5))
+    levels = run.sigmas_for(2, None).tolist()
+    assert title == f"cd, 2 steps (sigma {levels[0]:.3g}, {levels[1]:.3g}), class 3, seed 5", title
+    args = Namespace(steps=None, sigmas=[80.0, 2.0, 0.5], guidance=None, seed=0)
+    assert "3 steps (sigma 80, 2, 0.5)" in _samples_title(run, args, run.labels("random", 8, 0))

@@ -21,7 +21,7 @@ LAYERS = [
     ("objectives and data", ["objectives", "data", "metrics.classifier", "metrics.inception"]),
     ("configs", ["config"]),
     ("runs", ["diffusers_runs", "run", "outputs"]),
-    ("training, evaluation, export, editing", ["compiled_step", "train", "evaluate", "tune", "export", "editing"]),
+    ("training, evaluation, export, editing", ["compiled_step", "training", "evaluate", "tune", "export", "editing"]),
     ("front ends", ["serve", "editing.cli", "demo", "cli", "__main__", ""]),
 ]
 
@@ -122,11 +122,11 @@ def test_the_layer_check_catches_a_back_arrow(tmp_path, monkeypatch):
     fake = tmp_path / "cmkit"
     (fake / "objectives").mkdir(parents=True)
     (fake / "objectives" / "__init__.py").write_text("")
-    (fake / "objectives" / "bad.py").write_text("def f():\n    from ..train import Trainer\n")
-    (fake / "train.py").write_text("")
+    (fake / "objectives" / "bad.py").write_text("def f():\n    from ..training import Trainer\n")
+    (fake / "training.py").write_text("")
     monkeypatch.setattr(sys.modules[__name__], "SRC", fake)
-    assert ("train", False) in _imports(fake / "objectives" / "bad.py")
-    assert layer_of("train") > layer_of("objectives.bad")
+    assert ("training", False) in _imports(fake / "objectives" / "bad.py")
+    assert layer_of("training") > layer_of("objectives.bad")
 
 
 def test_import_cmkit_loads_no_heavy_optional_dependency():

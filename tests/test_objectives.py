@@ -9,7 +9,7 @@ from cmkit.objectives import (ConsistencyDistillationLoss, ConsistencyTrainingLo
                               ct_num_levels, ct_target_rate, l1, l2, teacher_step)
 from cmkit.analytic import Gaussian
 from cmkit.sampling import sample_heun
-from cmkit.train import ema_update
+from cmkit.training import ema_update
 
 
 def test_edm_loss_of_ideal_denoiser_is_one_per_dimension():

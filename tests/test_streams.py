@@ -19,7 +19,7 @@ from cmkit.config import build_config
 from cmkit.data.images import load_images
 from cmkit.data.streams import StreamedImages, TarSource, expand_braces, open_source
 from cmkit.distributed import World
-from cmkit.train import Trainer
+from cmkit.training import Trainer
 
 from helpers import cli, tree_digest
 

@@ -12,7 +12,7 @@ from cmkit.nets import UNet, build_backbone
 from cmkit.noise import NoiseConfig
 from cmkit.precond import ConsistencyFunction
 from cmkit.run import Run
-from cmkit.train import Trainer
+from cmkit.training import Trainer
 
 
 def tiny_unet(channels=1, res=8):

@@ -107,6 +107,8 @@ def prepare_run_dir(path: str | Path, *, resume: bool, force: bool, protect: tup
 def read_run_config(path: str | Path) -> dict:
     path = Path(path)
     config_file = path / "config.json"
+    if not path.exists():
+        raise CmkitError(f"{path} does not exist")
     if not config_file.is_file():
         raise CmkitError(f"{path} is not a cmkit run directory (no config.json)")
     config = read_json(config_file, "run config")

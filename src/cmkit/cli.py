@@ -36,6 +36,14 @@ class _Parser(argparse.ArgumentParser):
         message = message.replace("\r", "\\r").replace("\n", "\\n")  # user text stays on one line
         if message.startswith("unrecognized arguments:"):
             message += _suggest_options(self, message.split(":", 1)[1].split())
+        if "invalid choice:" in message:  # --method cdd, cmkit tarin: did you mean ...?
+            import difflib
+            import re
+            match = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+            if match:
+                choices = [c.strip().strip("'") for c in match.group(2).split(",")]
+                close = difflib.get_close_matches(match.group(1), choices, n=1, cutoff=0.6)
+                message += f" (did you mean {close[0]}?)" if close else ""
         raise CmkitError(message)
 
 
@@ -106,6 +114,8 @@ GUIDANCE_HELP = ("classifier-free guidance scale w (D_uncond + w (D_cond - D_unc
 
 INCEPTION_ENV = "CMKIT_INCEPTION_WEIGHTS"
 TOKEN_ENV = "CMKIT_SERVE_TOKEN"  # cmkit serve's API token
+QUIET_HELP = "print nothing but errors (no progress bars)"
+DEVICE_HELP = "cpu, cuda, cuda:N, mps or auto (default auto: a GPU when there is one)"
 
 
 def _sigma_list(text: str) -> list[float]:
@@ -116,29 +126,59 @@ def _sigma_list(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="cmkit", description="Consistency models: train, distill, sample, evaluate.")
+# Each command's one-line summary (the `cmkit --help` list, built without importing torch).
+COMMAND_HELP = {
+    "demo": "train a teacher and a CD model on a 2-D set or 8x8 digits, evaluate, plot (start here)",
+    "train": "train a diffusion teacher or a consistency model (the methods: cmkit train --help)",
+    "sample": "generate samples from a run",
+    "edit": "zero-shot editing: inpainting, colorization, super-resolution, strokes, denoising, interpolation",
+    "eval": "compare a run's samples with held-out data",
+    "tune-sigmas": "search a consistency run's multistep noise levels by the eval metric",
+    "export": "write a run as a diffusers ConsistencyModelPipeline folder or as ONNX",
+    "serve": "a web page and HTTP API for real-time sampling and editing",
+    "data": "inspect an image source, or pack a folder into tar shards",
+    "train-classifier": "train the Fashion-MNIST feature classifier of the fd/pr metrics",
+}
+
+
+def _root_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
+    parser = _Parser(prog="cmkit", description="Consistency models: train, distill, sample, edit, evaluate, serve.")
     parser.add_argument("--version", action="version", version=f"cmkit {_version()}")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    return parser, parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+
+def summary_parser() -> argparse.ArgumentParser:
+    """The commands and their summaries only: `cmkit --help` and `cmkit --version` need no more,
+    and building the full parser imports torch (the method registry)."""
+    parser, sub = _root_parser()
+    for name, text in COMMAND_HELP.items():
+        sub.add_parser(name, help=text)
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser, sub = _root_parser()
 
     from .devices import COMPILE_MODES
     from .objectives import methods
     specs = methods()
     by_role = lambda test: ", ".join(name for name, spec in specs.items() if test(spec))  # noqa: E731
-    p = sub.add_parser("train", help=f"train a diffusion teacher ({by_role(lambda s: s.diffusion)}) or a consistency "
-                       f"model ({by_role(lambda s: not s.diffusion)})", formatter_class=_HelpFormatter)
-    p.add_argument("--method", required=True, choices=tuple(specs), metavar="METHOD",
+    p = sub.add_parser("train", help=COMMAND_HELP["train"], formatter_class=_HelpFormatter)
+    p.add_argument("--method", choices=tuple(specs), metavar="METHOD",
                    help="one of:\n" + "\n".join(f"  {name:9s} {spec.summary}" for name, spec in specs.items()))
     p.add_argument("--data", help="a built-in 2-D set (moons, 8gaussians, checkerboard, swissroll, gaussian, "
                    "gmm), an (N, D) .npy/.npz/.csv file, an image set (fashion-mnist, digits), a folder of "
                    "PNG/JPEG images, an EDM-style .zip, .tar shards (train-{000000..000099}.tar or a folder of "
                    "them) or a uint8 image .npy/.npz; large sets stream from disk (docs/data.md)")
-    p.add_argument("--steps", type=int, help="train until this step")
-    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--steps", type=int, help="train until this step (default: the method's config, 4000 for most; "
+                   "with --resume: the run's own)")
+    p.add_argument("--out", help="run directory (required, except with --print-config)")
     p.add_argument("--teacher", help=f"diffusion run to distill from (methods {by_role(lambda s: s.teacher)})")
     p.add_argument("--init", help=f"diffusion run whose weights to start from (methods {by_role(lambda s: s.init)})")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float)
+    p.add_argument("--batch-size", type=int, help="samples per optimizer step (default: 512 for vectors, 128 for "
+                   "images; see --print-config)")
+    p.add_argument("--lr", type=float, help="Adam learning rate (default: the method's, e.g. 4e-4 for CD, 1e-3 for "
+                   "EDM on vectors; see --print-config)")
     p.add_argument("--label-dropout", type=float, help="class-conditional runs: replace this fraction of labels "
                    "with the null label, for classifier-free guidance (e.g. 0.1)")
     p.add_argument("--guidance", type=_scale_range, metavar="LO,HI", help=f"methods {by_role(lambda s: s.guided)}: "
@@ -156,11 +196,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="JSON file of config overrides")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config value, e.g. --set model.width=256 (repeatable)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--print-config", action="store_true", help="print the complete config these options give "
+                   "(every default filled in) and exit")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out with its saved config (until "
+                   "--steps, default the run's own)")
     p.add_argument("--force", action="store_true", help="overwrite the run in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    p = sub.add_parser("sample", help="generate samples from a run")
+    p = sub.add_parser("sample", help=COMMAND_HELP["sample"])
     p.add_argument("--checkpoint", required=True, help="run directory")
     p.add_argument("--n", type=int, required=True, help="number of samples")
     group = p.add_mutually_exclusive_group()
@@ -182,10 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="torch.compile the network (CUDA graphs on a GPU)")
     p.add_argument("--out", required=True, help=".npy (data units; images uint8 NHWC; written batch by batch), "
                    ".npz (images: uint8 NHWC under 'images') or .png (image grid, or a scatter plot of 2-D data)")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help=QUIET_HELP)
 
-    p = sub.add_parser("export", help="write a run as a diffusers ConsistencyModelPipeline folder or as ONNX")
-    p.add_argument("format", choices=("diffusers", "onnx"))
+    p = sub.add_parser("export", help=COMMAND_HELP["export"])
+    p.add_argument("format", choices=("diffusers", "onnx"), help="diffusers (a ConsistencyModelPipeline folder) or onnx")
     p.add_argument("--checkpoint", required=True, help="run directory")
     p.add_argument("--out", required=True, help="diffusers: a new folder; onnx: a .onnx file")
     p.add_argument("--levels", type=int, help="diffusers: the scheduler's num_train_timesteps, the Karras grid its "
@@ -195,9 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--with-f", action="store_true", help="onnx: also export f(x, sigma) for multistep sampling")
     p.add_argument("--guidance", type=float, help="onnx: the scale a guided student is exported at")
     p.add_argument("--no-check", action="store_true", help="onnx: skip the onnxruntime parity check")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help=QUIET_HELP)
 
-    p = sub.add_parser("data", help="inspect an image source, or pack a folder into tar shards")
+    p = sub.add_parser("data", help=COMMAND_HELP["data"])
     data_sub = p.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
     q = data_sub.add_parser("check", help="count images, sizes, colour, classes; list the ones that do not decode")
     q.add_argument("source", help="a folder, .zip (EDM layout), .tar, shard pattern (train-{000000..000009}.tar), "
@@ -212,8 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--shard-size", type=int, default=10000, help="images per shard (default 10000)")
     q.add_argument("--prefix", default="train", help="shard names: PREFIX-000000.tar, ... (default train)")
 
-    p = sub.add_parser("tune-sigmas", help="search a consistency run's multistep noise levels by the eval metric "
-                       "and store them for `sample --steps K`")
+    p = sub.add_parser("tune-sigmas", help=COMMAND_HELP["tune-sigmas"])
     p.add_argument("--checkpoint", required=True, help="run directory")
     p.add_argument("--steps", type=int, required=True, help="number of sampling steps K (>= 2)")
     p.add_argument("--data", help="reference data (default: the run's own held-out split)")
@@ -221,16 +263,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", help="sw1 or energy (vectors; default sw1), fd (images)")
     p.add_argument("--iterations", type=int, default=6, help="ternary-search iterations per level (default 6)")
     p.add_argument("--seed", type=_seed, default=0, help="samples and reference subset (default 0)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--dry-run", action="store_true", help="print the levels; do not store them")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help=QUIET_HELP)
 
-    p = sub.add_parser("serve", help="a web page and HTTP API for real-time sampling and editing")
+    p = sub.add_parser("serve", help=COMMAND_HELP["serve"])
     p.add_argument("--checkpoint", required=True, help="run directory (or a diffusers folder)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only; any other "
                    "needs a token or --insecure)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--token-file", help="file holding the API token (or set $" + TOKEN_ENV + "); clients send "
                    "'Authorization: Bearer TOKEN', the page takes it as #token=TOKEN")
     p.add_argument("--token", help="the API token itself (visible to other users of this machine in the "
@@ -249,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--docs", action="store_true", help="serve interactive API docs at /docs (Swagger UI, "
                    "which the browser loads from a CDN); /openapi.json is always there")
 
-    p = sub.add_parser("eval", help="compare a run's samples with held-out data")
+    p = sub.add_parser("eval", help=COMMAND_HELP["eval"])
     p.add_argument("--checkpoint", required=True, help="run directory")
     p.add_argument("--data", help="reference data (default: the run's own held-out split)")
     p.add_argument("--steps", type=_int_list, help="comma list of step counts (default: 1,2 or 18 for a teacher)")
@@ -260,25 +302,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda if available)")
     p.add_argument("--inception-weights", help=f"pt_inception-2015-12-05 weights for fid (or ${INCEPTION_ENV})")
     p.add_argument("--seed", type=_seed, default=0, help="sampling and subsampling seed")
-    p.add_argument("--out", help="write the results as JSON")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--out", help="also write the results as JSON to this file")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table (no progress bar)")
+    p.add_argument("--quiet", action="store_true", help=QUIET_HELP)
 
-    p = sub.add_parser("train-classifier", help="train the Fashion-MNIST feature classifier of the fd/pr metrics")
+    p = sub.add_parser("train-classifier", help=COMMAND_HELP["train-classifier"])
     p.add_argument("--out", required=True, help="output .safetensors file")
     p.add_argument("--root", help="folder of the Fashion-MNIST IDX files (default: the Debian package's)")
-    p.add_argument("--epochs", type=int, default=4)
-    p.add_argument("--seed", type=_seed, default=0)
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--epochs", type=int, default=4, help="passes over the training images (default 4)")
+    p.add_argument("--seed", type=_seed, default=0, help="initialisation and batch order (default 0)")
+    p.add_argument("--quiet", action="store_true", help=QUIET_HELP)
 
     from .editing.cli import add_parser as add_edit_parser
-    add_edit_parser(sub, _seed, _sigma_list, _class_spec)
+    add_edit_parser(sub, _seed, _sigma_list, _class_spec, COMMAND_HELP["edit"])
 
-    p = sub.add_parser("demo", help="train a teacher and a CD model on a 2-D set, evaluate, plot")
+    p = sub.add_parser("demo", help=COMMAND_HELP["demo"])
     p.add_argument("--out", default="cmkit-demo", help="output directory (default cmkit-demo)")
-    p.add_argument("--data", default="moons", help="a built-in 2-D set (default moons)")
+    p.add_argument("--data", default="moons", help="a built-in 2-D set (default moons) or digits (8x8 images, "
+                   "a tiny UNet; about 5 minutes on 2 CPU cores)")
     p.add_argument("--seed", type=_seed, default=0, help="training and sampling seed")
     p.add_argument("--force", action="store_true", help="overwrite an existing --out")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help=QUIET_HELP)
     return parser
 
 
@@ -289,29 +333,33 @@ def _version() -> str:
 
 def cmd_train(args) -> None:
     from .config import build_config
-    from .train import train
+    from .training import train
 
     from .objectives import get_method, methods
 
+    if not args.resume and args.method is None:
+        raise CmkitError(f"--method is required: one of {', '.join(methods())}")
+    if args.out is None and not args.print_config:
+        raise CmkitError("--out is required: the run directory to write")
     options = {"data.name": args.data, "train.steps": args.steps, "train.batch_size": args.batch_size,
                "train.lr": args.lr, "train.seed": args.seed, "train.label_dropout": args.label_dropout,
                "train.device": args.device,
                "train.bf16": None if args.precision is None else args.precision == "bf16",
                "train.compile": None if args.compile is None else True, "train.compile_mode": args.compile}
-    spec = get_method(args.method)
+    spec = get_method(args.method) if args.method is not None else None
     for flag, value, role, key, what in (
             ("--guidance", args.guidance, "guided", "objective.guidance", "--guidance (guided distillation)"),
             ("--teacher", args.teacher, "teacher", "teacher", "--teacher"),
             ("--init", args.init, "init", "init", "--init")):
-        if value is None:
+        if value is None or spec is None:  # --resume without --method: the resume check refuses them
             continue
         if not getattr(spec, role):
             takers = [name for name, other in methods().items() if getattr(other, role)]
             raise CmkitError(f"{what} is only for --method {', '.join(takers)}")
         options[key] = value
     if args.resume:
-        if args.steps is None:
-            raise CmkitError("--resume needs --steps (the step to train until)")
+        if args.print_config:
+            raise CmkitError("--print-config shows a new run's config; a resumed run's is in its config.json")
         changed = [flag for flag, value in (("--data", args.data), ("--teacher", args.teacher), ("--init", args.init),
                                             ("--batch-size", args.batch_size), ("--lr", args.lr),
                                             ("--label-dropout", args.label_dropout), ("--guidance", args.guidance),
@@ -321,14 +369,18 @@ def cmd_train(args) -> None:
         if changed:
             raise CmkitError(f"--resume continues a run with its saved config; only --steps may be given, not "
                              f"{', '.join(changed)} (and --device or --compile, to move the run to another machine)")
-        config = {"method": args.method, "train": {"steps": args.steps}}
+        config = {"method": args.method, "train": {} if args.steps is None else {"steps": args.steps}}
         # A machine's properties, not the run's: a run may move.
         for key in ("device", "compile", "compile_mode"):
             if options[f"train.{key}"] is not None:
                 config["train"][key] = options[f"train.{key}"]
     else:
         config = build_config(args.method, config_file=args.config, sets=args.set, **options)
-    out = train(config, args.out, resume=args.resume, force=args.force, progress=not args.quiet)
+        if args.print_config:
+            print(json.dumps(config, indent=2))
+            return
+    out = train(config, args.out, resume=args.resume, force=args.force, progress=not args.quiet,
+                own_signals=args.own_signals)
     if not args.quiet and not _rank_tag():
         print(f"run saved to {out}")
 
@@ -361,10 +413,30 @@ def cmd_sample(args) -> None:
         if out.suffix == ".npy":
             stream_samples(progress(chunks), args.n, run.shape, out, image=run.is_image)
         else:
+            labels = run.labels(args.class_spec, args.n, args.seed)  # as sample_chunks draws them
             write_samples(np.concatenate(list(progress(chunks))), out, image=run.is_image,
-                          title=f"{run.method} samples")
+                          title=_samples_title(run, args, labels),
+                          labels=None if labels is None else labels.numpy())
     if not args.quiet:
         print(f"wrote {args.n} samples to {out}")
+
+
+def _samples_title(run, args, labels) -> str:
+    """"cd, 2 steps (sigma 80, 0.821), class 3, seed 0": what a figure of samples shows."""
+    levels = [v for v in run.sigmas_for(args.steps, args.sigmas).tolist() if v > 0]
+    if run.is_diffusion:
+        title = f"{run.method}, Heun, {len(levels)} steps ({2 * len(levels) - 1} NFE)"
+    else:
+        count = f"{len(levels)} step" + ("s" if len(levels) > 1 else "")
+        title = f"{run.method}, {count} (sigma {', '.join(f'{v:.3g}' for v in levels)})"
+    if labels is not None:
+        distinct = sorted(set(labels.tolist()))
+        names = run.class_names or []
+        name = lambda k: names[k] if k < len(names) else ("null" if k == run.num_classes else str(k))  # noqa: E731
+        title += f", class {name(distinct[0])}" if len(distinct) == 1 else f", {len(distinct)} classes"
+    if args.guidance is not None:
+        title += f", guidance {args.guidance:g}"
+    return f"{title}, seed {args.seed}"
 
 
 def _device(name: str) -> str:
@@ -480,22 +552,25 @@ def cmd_tune_sigmas(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from .evaluate import evaluate_run
+    from .evaluate import evaluate_run, format_results
     from .outputs import refuse_to_clobber
 
     if args.out:
         refuse_to_clobber(Path(args.out), args.checkpoint)
     import os
     result = evaluate_run(args.checkpoint, data=args.data, steps=args.steps, n=args.n, seed=args.seed,
-                          guidance=args.guidance,
-                          metrics=args.metric, device=_device(args.device),
-                          inception_weights=args.inception_weights or os.environ.get(INCEPTION_ENV))
+                          guidance=args.guidance, metrics=args.metric, device=_device(args.device),
+                          inception_weights=args.inception_weights or os.environ.get(INCEPTION_ENV),
+                          progress=not args.quiet and not args.json)
     text = json.dumps(result, indent=2)
     if args.out:
+        from .checkpoint import atomic_write_text
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
-    if not args.quiet or not args.out:
+        atomic_write_text(Path(args.out), text + "\n")
+    if args.json:
         print(text)
+    elif not args.quiet:
+        print(format_results(result))
 
 
 def cmd_train_classifier(args) -> None:
@@ -535,7 +610,8 @@ def cmd_edit(args) -> None:
 def cmd_demo(args) -> None:
     from .demo import run_demo
 
-    run_demo(args.out, data=args.data, seed=args.seed, force=args.force, progress=not args.quiet)
+    run_demo(args.out, data=args.data, seed=args.seed, force=args.force, progress=not args.quiet,
+             own_signals=args.own_signals)
 
 
 COMMANDS = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "export": cmd_export, "tune-sigmas": cmd_tune_sigmas, "serve": cmd_serve, "train-classifier": cmd_train_classifier,
@@ -549,9 +625,15 @@ def _rank_tag() -> str:
     return f" (rank {rank})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 and rank != "0" else ""
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, own_signals: bool = False) -> int:
+    """Run a command; the exit status. ``own_signals`` (the `cmkit` program itself, `entry`): a
+    stopped training run returns 128 + the signal, and Ctrl-C returns 130. Called from Python
+    (a script, a test), SIGINT and SIGTERM reach the caller as they would without cmkit."""
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     try:
-        args = build_parser().parse_args(argv)
+        command = next((a for a in argv if not a.startswith("-")), None)
+        args = (build_parser() if command in COMMAND_HELP else summary_parser()).parse_args(argv)
+        args.own_signals = own_signals
         COMMANDS[args.command](args)
     except CmkitError as e:
         one_line = str(e).replace("\r", "\\r").replace("\n", "\\n")
@@ -561,11 +643,21 @@ def main(argv: list[str] | None = None) -> int:
         if not _rank_tag():  # every rank stops at the same step: rank 0 says so
             print(f"cmkit: {e}; a checkpoint was saved there: continue with --resume", file=sys.stderr)
         return 128 + e.signum
+    except BrokenPipeError:  # `cmkit ... | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except OSError as e:  # unwritable --out, a full disk, a path that is a directory
         print(f"cmkit: error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        if not own_signals:
+            raise
         print("cmkit: interrupted; a training run continues from its last checkpoint with --resume",
               file=sys.stderr)
         return 130
     return 0
+
+
+def entry() -> None:
+    """The `cmkit` program."""
+    raise SystemExit(main(own_signals=True))

@@ -6,7 +6,7 @@ then a user's ``--config FILE`` (JSON), then the command-line options, then ``--
 overrides. Every key a user sets must exist in the defaults, so a typo is an error, not a silent
 no-op. `build_config` returns a complete, checked config and never changes it afterwards; what a
 run derives from it (the teacher's sections, the data's statistics, a curriculum's horizon) goes
-into a new dict when the run starts (`cmkit.train.resolve_run_config`), written once to config.json.
+into a new dict when the run starts (`cmkit.training.resolve_run_config`), written once to config.json.
 """
 
 from __future__ import annotations

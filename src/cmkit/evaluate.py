@@ -1,12 +1,22 @@
-"""Evaluate a run's samples against held-out data, beside the data-vs-data floor."""
+"""Evaluate a run's samples against held-out data, beside the data-vs-data floor.
+
+The floor (training data scored against the same held-out reference) depends only on the data,
+the reference size, the seed and the metrics, not on the model, and it is often most of the
+time an evaluation takes. It is cached in the run directory (FLOOR_CACHE), keyed by all of those
+and by a fingerprint of the data's content.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
+from contextlib import contextmanager
 
 import numpy as np
 import torch
 
+from .checkpoint import atomic_write_text
 from .data import TOY_TRUTH, ImageData, load_dataset, load_vectors
 from .errors import CmkitError
 from .metrics import energy_distance, sliced_wasserstein
@@ -47,6 +57,68 @@ def floor_metrics(vectors, reference: np.ndarray, truth, seed: int) -> dict:
     return floor
 
 
+FLOOR_CACHE = "eval_floor.json"
+
+
+def cached_floor(run: Run, key: dict, compute) -> dict:
+    """``compute()``, or the value cached for ``key`` in the run directory (unreadable or
+    unwritable caches are ignored: the floor is recomputed)."""
+    from .safe_io import read_json
+    path, text = run.path / FLOOR_CACHE, json.dumps(key, sort_keys=True)
+    try:
+        cache = read_json(path, "floor cache") if path.is_file() else {}
+    except CmkitError:
+        cache = {}
+    if isinstance(cache, dict) and isinstance(cache.get(text), dict):
+        return cache[text]
+    value = compute()
+    cache = {**(cache if isinstance(cache, dict) else {}), text: value}
+    try:
+        atomic_write_text(path, json.dumps(cache, indent=1) + "\n")
+    except OSError:  # a read-only run (an imported folder): no cache
+        pass
+    return value
+
+
+def _digest(*arrays) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()[:16]
+
+
+class _Stages:
+    """A progress bar over an evaluation's stages (the floor, then each step count), with tqdm's
+    estimate of the time left; silent when ``progress`` is off."""
+
+    def __init__(self, total: int, progress: bool):
+        from tqdm.auto import tqdm
+        self.bar = tqdm(total=total, disable=not progress, desc="eval", unit="stage", dynamic_ncols=True)
+
+    @contextmanager
+    def stage(self, name: str):
+        self.bar.set_postfix_str(name)
+        yield
+        self.bar.update(1)
+
+    def close(self):
+        self.bar.close()
+
+
+def format_results(result: dict) -> str:
+    """An evaluation as a table: the floor, then one row per step count."""
+    skip = {"steps", "nfe", "seconds", "class_accuracy_per_class", "sw1_range"}
+    keys = [k for k in result["results"][0] if k not in skip] if result["results"] else []
+    head = f"{'':<16}{'NFE':>5}{'seconds':>9}" + "".join(f"{k:>14}" for k in keys)
+    fmt = lambda v: f"{v:>14.4g}" if isinstance(v, (int, float)) else f"{'-':>14}"  # noqa: E731
+    rows = [f"{'data (floor)':<16}{'-':>5}{'-':>9}" + "".join(fmt(result["floor"].get(k)) for k in keys)]
+    for r in result["results"]:
+        rows.append(f"{str(r['steps']) + ' step' + ('s' if r['steps'] > 1 else ''):<16}{r['nfe']:>5}"
+                    f"{r['seconds']:>9.2f}" + "".join(fmt(r.get(k)) for k in keys))
+    title = f"{result['method']} on {result['data']}, {result['n']} samples against as many held-out ones"
+    return "\n".join([title, head, *rows])
+
+
 def reference_labels(run: Run, labels, index) -> torch.Tensor | None:
     """The labels to sample a conditional run with: those of the reference points, so that the
     samples' class mix is the reference's (random classes when the reference has none)."""
@@ -57,7 +129,8 @@ def reference_labels(run: Run, labels, index) -> torch.Tensor | None:
 
 def evaluate_run(checkpoint: str, *, data: str | None = None, steps: list[int] | None = None,
                  n: int = 10000, seed: int = 0, metrics: list[str] | None = None,
-                 inception_weights: str | None = None, device: str = "cpu", guidance: float | None = None) -> dict:
+                 inception_weights: str | None = None, device: str = "cpu", guidance: float | None = None,
+                 progress: bool = False) -> dict:
     """Sample the run at each step count and score the samples against held-out data, beside
     the score of real training data (the floor). Vector runs: SW1, energy distance (and the exact
     NLL on toys). Image runs: ``metrics`` out of fd, pr, fid (default fd); conditional Fashion-MNIST
@@ -68,7 +141,7 @@ def evaluate_run(checkpoint: str, *, data: str | None = None, steps: list[int] |
     run = load_run(checkpoint, device=device)
     if run.is_image:
         return evaluate_image_run(run, data=data, steps=steps, n=n, seed=seed, metrics=metrics or ["fd"],
-                                  inception_weights=inception_weights, guidance=guidance)
+                                  inception_weights=inception_weights, guidance=guidance, progress=progress)
     if metrics:
         raise CmkitError("--metric applies to image runs; vector runs report sw1, energy (and true_nll on toys)")
     vectors = reference_data(run, data)
@@ -78,17 +151,24 @@ def evaluate_run(checkpoint: str, *, data: str | None = None, steps: list[int] |
     index = np.random.default_rng([seed, 4]).permutation(len(vectors.holdout))[:n]
     reference = vectors.holdout[index]
     labels = reference_labels(run, vectors.holdout_labels, index)
+    steps = steps or ([18] if run.is_diffusion else [1, 2])
+    stages = _Stages(len(steps) + 1, progress)
+    key = {"data": vectors.name, "n": len(reference), "seed": seed, "content": _digest(vectors.train, reference)}
+    with stages.stage("floor"):
+        floor = cached_floor(run, key, lambda: floor_metrics(vectors, reference, truth, seed))
     result = {"checkpoint": str(checkpoint), "method": run.method, "data": vectors.name,
-              "n": len(reference), "floor": floor_metrics(vectors, reference, truth, seed), "results": []}
+              "n": len(reference), "floor": floor, "results": []}
     if guidance is not None:
         result["guidance"] = guidance
-    for s in steps or ([18] if run.is_diffusion else [1, 2]):
-        start = time.perf_counter()
-        samples = run.sample(len(reference), steps=s, seed=seed, class_labels=labels, guidance=guidance)
-        seconds = time.perf_counter() - start
-        nfe = 2 * s - 1 if run.is_diffusion else s
-        result["results"].append({"steps": s, "nfe": nfe, "seconds": round(seconds, 4),
-                                  **sample_metrics(samples, reference, truth, seed)})
+    for s in steps:
+        with stages.stage(f"{s} step(s)"):
+            start = time.perf_counter()
+            samples = run.sample(len(reference), steps=s, seed=seed, class_labels=labels, guidance=guidance)
+            seconds = time.perf_counter() - start
+            nfe = 2 * s - 1 if run.is_diffusion else s
+            result["results"].append({"steps": s, "nfe": nfe, "seconds": round(seconds, 4),
+                                      **sample_metrics(samples, reference, truth, seed)})
+    stages.close()
     return result
 
 
@@ -137,7 +217,8 @@ class ImageScorer:
 
 
 def evaluate_image_run(run: Run, *, data: str | None, steps: list[int] | None, n: int, seed: int,
-                       metrics: list[str], inception_weights: str | None = None, guidance: float | None = None) -> dict:
+                       metrics: list[str], inception_weights: str | None = None, guidance: float | None = None,
+                       progress: bool = False) -> dict:
     d = run.config["data"]
     images = load_dataset(d, name=data)
     if not isinstance(images, ImageData) or images.shape != run.shape:
@@ -154,25 +235,33 @@ def evaluate_image_run(run: Run, *, data: str | None, steps: list[int] | None, n
     n = len(reference)
     if n < 4:
         raise CmkitError(f"{images.name} holds out only {n} images; image metrics need more")
-    scorer = ImageScorer(reference, metrics, images.native_size, inception_weights, run.device)
-    train = images.train[torch.from_numpy(rng.permutation(len(images.train))[:n])]
+    steps = steps or ([18] if run.is_diffusion else [1, 2])
+    stages = _Stages(len(steps) + 1, progress)
+    with stages.stage("reference features and floor"):
+        scorer = ImageScorer(reference, metrics, images.native_size, inception_weights, run.device)
+        train = images.train[torch.from_numpy(rng.permutation(len(images.train))[:n])]
+        key = {"data": images.name, "n": n, "seed": seed, "metrics": sorted(metrics),
+               "content": _digest(np.asarray(train), np.asarray(reference))}
+        floor = cached_floor(run, key, lambda: scorer.score(train))
     result = {"checkpoint": str(run.path), "method": run.method, "data": images.name, "n": n,
-              "floor": scorer.score(train), "results": []}
+              "floor": floor, "results": []}
     if len(train) < n:
         result["floor_note"] = f"floor from {len(train)} training images, fewer than n"
     if guidance is not None:
         result["guidance"] = guidance
     # The feature classifier knows Fashion-MNIST's classes only.
     judge_classes = labels is not None and images.name == "fashion-mnist" and scorer.classifier is not None
-    for s in steps or ([18] if run.is_diffusion else [1, 2]):
-        start = time.perf_counter()
-        samples = run.sample(n, steps=s, seed=seed, class_labels=labels, guidance=guidance)
-        seconds = time.perf_counter() - start
-        nfe = 2 * s - 1 if run.is_diffusion else s
-        row = {"steps": s, "nfe": nfe, "seconds": round(seconds, 4), **scorer.score(samples)}
-        if judge_classes:
-            row.update(class_accuracy(scorer.classifier, samples, labels, images.native_size, run.num_classes))
-        result["results"].append(row)
+    for s in steps:
+        with stages.stage(f"{s} step(s)"):
+            start = time.perf_counter()
+            samples = run.sample(n, steps=s, seed=seed, class_labels=labels, guidance=guidance)
+            seconds = time.perf_counter() - start
+            nfe = 2 * s - 1 if run.is_diffusion else s
+            row = {"steps": s, "nfe": nfe, "seconds": round(seconds, 4), **scorer.score(samples)}
+            if judge_classes:
+                row.update(class_accuracy(scorer.classifier, samples, labels, images.native_size, run.num_classes))
+            result["results"].append(row)
+    stages.close()
     return result
 
 

@@ -40,14 +40,16 @@ def stream_samples(chunks, n: int, shape: tuple, out: Path, *, image: bool) -> N
         tmp.unlink(missing_ok=True)
 
 
-def write_samples(x: np.ndarray, out: Path, *, image: bool, title: str = "samples") -> None:
+def write_samples(x: np.ndarray, out: Path, *, image: bool, title: str = "samples",
+                  labels: np.ndarray | None = None) -> None:
     """Images (uint8 NCHW) go to a .png grid or uint8 NHWC .npy/.npz; vectors to .npy/.npz or a
-    2-D scatter .png. Written to a temporary name, then renamed."""
+    2-D scatter .png. An .npz also holds the class ``labels`` of a conditional run. Written to a
+    temporary name, then renamed."""
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".png":
         if image:
             from .plotting import save_image_grid
-            save_image_grid(x, out)
+            save_image_grid(x, out, title=title)
             return
         if x.shape[1] != 2:
             raise CmkitError(f"a .png scatter plot needs 2-D data; this run has {x.shape[1]} dimensions")
@@ -59,5 +61,8 @@ def write_samples(x: np.ndarray, out: Path, *, image: bool, title: str = "sample
     if out.suffix == ".npy":
         np.save(tmp, data)
     else:
-        np.savez(tmp, **{"images" if image else "samples": data})
+        arrays = {"images" if image else "samples": data}
+        if labels is not None:
+            arrays["labels"] = np.asarray(labels, dtype=np.int64)
+        np.savez(tmp, **arrays)
     tmp.replace(out)

@@ -53,16 +53,46 @@ def image_grid(images: np.ndarray, nrow: int | None = None, padding: int = 2) ->
     return grid.transpose(1, 2, 0)
 
 
-def save_image_grid(images: np.ndarray, path: str | Path, nrow: int | None = None, scale: int | None = None) -> None:
-    """Write a PNG grid of uint8 images (N, C, H, W); small images are enlarged (nearest) so
-    that a grid is at least about 256 pixels wide. Written atomically."""
+MIN_GRID_WIDTH = 512  # pixels: small images (8x8 digits) are enlarged, nearest-neighbour, to be seen
+CAPTION_FONT_SIZE = 14
+
+
+def _with_caption(picture, title: str):
+    """``picture`` below a white strip holding ``title`` (Pillow's bundled font, wrapped)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default(size=CAPTION_FONT_SIZE)
+    words, lines = title.split(), [""]
+    for word in words:
+        trial = f"{lines[-1]} {word}".strip()
+        if font.getlength(trial) > picture.width - 8 and lines[-1]:
+            lines.append(word)
+        else:
+            lines[-1] = trial
+    line_height = CAPTION_FONT_SIZE + 4
+    strip = 6 + line_height * len(lines)
+    canvas = Image.new(picture.mode, (picture.width, picture.height + strip), "white")
+    canvas.paste(picture, (0, strip))
+    draw = ImageDraw.Draw(canvas)
+    for i, line in enumerate(lines):
+        draw.text((4, 3 + i * line_height), line, fill="black", font=font)
+    return canvas
+
+
+def save_image_grid(images: np.ndarray, path: str | Path, nrow: int | None = None, scale: int | None = None,
+                    title: str | None = None) -> None:
+    """Write a PNG grid of uint8 images (N, C, H, W), under a caption ``title`` if given. Small
+    images are enlarged (nearest) so that the grid is at least MIN_GRID_WIDTH pixels wide.
+    Written atomically."""
     from PIL import Image
 
     grid = image_grid(images, nrow)
-    scale = scale or max(1, 256 // grid.shape[1])
+    scale = scale or max(1, -(-MIN_GRID_WIDTH // grid.shape[1]))
     picture = Image.fromarray(grid[..., 0] if grid.shape[2] == 1 else grid)
     if scale > 1:
         picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
+    if title:
+        picture = _with_caption(picture, title)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp.png")
@@ -70,12 +100,34 @@ def save_image_grid(images: np.ndarray, path: str | Path, nrow: int | None = Non
     tmp.replace(path)
 
 
-def save_edit_grid(inputs: np.ndarray, edits: np.ndarray, n: int, path: str | Path, scale: int | None = None) -> None:
+MASK_TINT = (255, 40, 40)  # the region an inpainting fills, drawn on its input
+
+
+def tint_masked(images: np.ndarray, masks: np.ndarray, weight: float = 0.5) -> np.ndarray:
+    """uint8 RGB (N, 3, H, W) copies of ``images`` with the pixels where ``masks`` (bool (H, W) or
+    (N, H, W)) is set blended towards MASK_TINT: an inpainting input with its hole shown."""
+    rgb = np.repeat(images, 3, axis=1) if images.shape[1] == 1 else images.copy()
+    masks = np.broadcast_to(np.asarray(masks, bool), (len(rgb), *rgb.shape[2:]))
+    tint = np.array(MASK_TINT, np.float64)[:, None]
+    out = rgb.astype(np.float64)
+    for i in range(len(out)):
+        out[i][:, masks[i]] = (1 - weight) * out[i][:, masks[i]] + weight * tint
+    return np.round(out).astype(np.uint8)
+
+
+def save_edit_grid(inputs: np.ndarray, edits: np.ndarray, n: int, path: str | Path, scale: int | None = None,
+                   title: str | None = None, masks: np.ndarray | None = None) -> None:
     """A PNG grid of edits: one row per input (uint8 NCHW), the input first, then its ``n`` edits
-    (``edits`` input-major). A grey input beside colour edits is shown as grey RGB."""
+    (``edits`` input-major). ``masks`` (inpainting): the filled region is tinted on the inputs. A
+    grey input beside colour edits is shown as grey RGB."""
+    if masks is not None:
+        inputs = tint_masked(inputs, masks)
     if inputs.shape[1] != edits.shape[1]:
-        inputs = np.repeat(inputs, edits.shape[1], axis=1)
+        if edits.shape[1] == 1:
+            edits = np.repeat(edits, 3, axis=1)
+        else:
+            inputs = np.repeat(inputs, edits.shape[1], axis=1)
     rows = []
     for i in range(len(inputs)):
         rows += [inputs[i:i + 1], edits[i * n:(i + 1) * n]]
-    save_image_grid(np.concatenate(rows), path, nrow=n + 1, scale=scale)
+    save_image_grid(np.concatenate(rows), path, nrow=n + 1, scale=scale, title=title)

@@ -68,8 +68,13 @@ def load_vectors(name_or_path: str, *, n: int = 20000, n_holdout: int = 10000,
         sample = TOY_SETS[name_or_path]
         return VectorData(name_or_path, sample(n, rng), sample(n_holdout, holdout_rng))
     if not any(name_or_path.lower().endswith(s) for s in SUFFIXES):
-        known = ", ".join(sorted(TOY_SETS))
-        raise CmkitError(f"unknown data {name_or_path!r}: use a built-in set ({known}) or a .npy/.npz/.csv file")
+        import difflib
+        names = [*sorted(TOY_SETS), *IMAGE_SETS]
+        close = difflib.get_close_matches(name_or_path, names, n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise CmkitError(f"unknown data {name_or_path!r}{hint}: use a 2-D set ({', '.join(sorted(TOY_SETS))}), an "
+                         f"image set ({', '.join(IMAGE_SETS)}), a .npy/.npz/.csv file, a folder of images, an "
+                         "image .zip or .tar shards; a path must exist")
     arr, labels = load_labelled_array(name_or_path)
     train, held = holdout_split(len(arr), holdout_fraction, seed, name_or_path)
     if labels is None:

@@ -16,10 +16,10 @@ import torch
 
 from ..errors import CmkitError
 
-def add_parser(sub, seed_type, sigma_list, class_spec) -> None:
+def add_parser(sub, seed_type, sigma_list, class_spec, help: str) -> None:
     from .tasks import TASKS
 
-    p = sub.add_parser("edit", help=f"zero-shot editing: {', '.join(TASKS)}")
+    p = sub.add_parser("edit", help=help, description=f"Zero-shot editing: {', '.join(TASKS)}.")
     tasks = p.add_subparsers(dest="task", required=True, parser_class=type(p))
     for task in TASKS.values():
         t = tasks.add_parser(task.name, help=task.help)
@@ -27,16 +27,16 @@ def add_parser(sub, seed_type, sigma_list, class_spec) -> None:
                        "its ODE flow map)")
         t.add_argument("--out", required=True, help=".png, .npz or a folder" if task.image else ".png strip or .gif")
         t.add_argument("--seed", type=seed_type, default=0, help="fixes the noise (default 0)")
-        t.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+        t.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default auto)")
         t.add_argument("--class", dest="class_spec", type=class_spec,
                        help="class-conditional runs: an index or name, or a comma list (one per input); default "
                        "'null' for runs trained with --label-dropout" + ("" if task.image else ", else seed A's class"))
         t.add_argument("--guidance", type=float, help="classifier-free guidance scale (see cmkit sample --help)")
-        t.add_argument("--quiet", action="store_true")
+        t.add_argument("--quiet", action="store_true", help="print nothing but errors")
         if not task.image:  # interpolation
-            t.add_argument("--seed-a", type=seed_type, required=True)
-            t.add_argument("--seed-b", type=seed_type, required=True)
-            t.add_argument("--frames", type=int, default=8)
+            t.add_argument("--seed-a", type=seed_type, required=True, help="the seed of the first frame's noise")
+            t.add_argument("--seed-b", type=seed_type, required=True, help="the seed of the last frame's noise")
+            t.add_argument("--frames", type=int, default=8, help="frames, both ends included (default 8)")
             continue
         t.add_argument("--input", required=True, help="image file, folder of images, or uint8 .npy/.npz")
         if task.sigma:
@@ -56,7 +56,10 @@ def add_parser(sub, seed_type, sigma_list, class_spec) -> None:
             where.add_argument("--mask", help="mask image (white = fill in), the input's size")
             where.add_argument("--box", help="x,y,w,h rectangle to fill in (pixels of the input)")
         if task.factor:
-            t.add_argument("--factor", type=int, required=True, help="upscaling factor p (2..8)")
+            t.add_argument("--factor", type=int, required=True, help="upscaling factor p (2..8); the input is "
+                           "the model's size divided by p")
+            t.add_argument("--downscale", action="store_true", help="the input is full size: average its p x p "
+                           "patches first (to try super-resolution on images you have)")
 
 
 def read_inputs(path: str) -> np.ndarray:
@@ -144,22 +147,26 @@ def cmd_edit(args, device: str) -> None:
     if interpolating:
         frames = tasks.interpolate(run, args.seed_a, args.seed_b, args.frames, class_labels=args.class_spec,
                                    guidance=args.guidance)
-        _write_strip(frames, out)
+        _write_strip(frames, out, title=f"interpolation from seed {args.seed_a} to seed {args.seed_b}, "
+                                        f"{args.frames} frames, {run.method}")
         _done(args, f"wrote {len(frames)} frames to {out}")
         return
     task = tasks.TASKS[args.task]
     raw = read_inputs(args.input)
-    if task.factor:  # the input is the low-resolution image: only its channels are fitted
+    if task.factor and args.downscale:  # a full-size input: make the low-resolution one
+        inputs = tasks.downscale(_fit(run, raw), args.factor)
+    elif task.factor:  # the input is the low-resolution image: only its channels are fitted
         inputs = _channels_only(run, raw)
     else:
         inputs = _fit(run, raw, allow_grey_for_rgb=task.grey_input)
-    result = tasks.run_task(run, task.name, inputs, mask=_mask(args, run, raw.shape[2:]) if task.mask else None,
+    mask = _mask(args, run, raw.shape[2:]) if task.mask else None
+    result = tasks.run_task(run, task.name, inputs, mask=mask,
                             factor=getattr(args, "factor", None), sigma=getattr(args, "sigma", None),
                             n=getattr(args, "n", 1), seed=args.seed, sigmas=getattr(args, "sigmas", None),
                             steps=getattr(args, "steps", None), class_labels=args.class_spec, guidance=args.guidance)
     if task.factor:
         inputs = np.repeat(np.repeat(inputs, args.factor, 2), args.factor, 3)  # shown beside, enlarged
-    _write_edits(inputs, result, getattr(args, "n", 1), out)
+    _write_edits(inputs, result, getattr(args, "n", 1), out, title=_edit_title(args, run, task), mask=mask)
     _done(args, f"wrote {len(result)} edited image(s) to {out}")
 
 
@@ -182,13 +189,32 @@ def _done(args, message: str) -> None:
         print(message)
 
 
-def _write_edits(inputs: np.ndarray, result: np.ndarray, n: int, out: Path) -> None:
+def _edit_title(args, run, task) -> str:
+    """What an edit figure shows: the task, the model, the levels and the class."""
+    what = {"inpaint": "inputs (fill region tinted), then inpaintings", "colorize": "grey inputs, then colourings",
+            "superres": f"low-resolution inputs (enlarged), then x{getattr(args, 'factor', 0)} super-resolutions",
+            "stroke": "stroke paintings, then images (SDEdit)",
+            "denoise": f"noisy inputs, then denoised (sigma {getattr(args, 'sigma', 0):g})"}.get(task.name, task.name)
+    parts = [what, f"{run.method}, seed {args.seed}"]
+    if getattr(args, "sigmas", None):
+        parts.append("sigmas " + ",".join(f"{v:g}" for v in args.sigmas))
+    elif task.steps:
+        parts.append(f"{args.steps} levels")
+    if args.class_spec is not None:
+        parts.append(f"class {args.class_spec}")
+    if args.guidance is not None:
+        parts.append(f"guidance {args.guidance:g}")
+    return "; ".join(parts)
+
+
+def _write_edits(inputs: np.ndarray, result: np.ndarray, n: int, out: Path, title: str | None = None,
+                 mask: np.ndarray | None = None) -> None:
     from ..plotting import save_edit_grid
 
     if inputs.shape[1] != result.shape[1]:  # a grey input beside its colourings
         inputs = np.repeat(inputs, result.shape[1], axis=1)
     if out.suffix.lower() == ".png":
-        save_edit_grid(inputs, result, n, out)
+        save_edit_grid(inputs, result, n, out, title=title, masks=mask)
     elif out.suffix.lower() == ".npz":
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(out.name + ".tmp.npz")
@@ -204,12 +230,12 @@ def _write_edits(inputs: np.ndarray, result: np.ndarray, n: int, out: Path) -> N
             Image.fromarray(picture).save(out / f"edit-{k // n:04d}-{k % n:02d}.png")
 
 
-def _write_strip(frames: np.ndarray, out: Path) -> None:
+def _write_strip(frames: np.ndarray, out: Path, title: str | None = None) -> None:
     from PIL import Image
 
     from ..plotting import save_image_grid
     if out.suffix.lower() == ".png":
-        save_image_grid(frames, out, nrow=len(frames))
+        save_image_grid(frames, out, nrow=len(frames), title=title)
         return
     scale = max(1, 128 // frames.shape[2])
     pictures = [Image.fromarray(f[0] if f.shape[0] == 1 else f.transpose(1, 2, 0)) for f in frames]

@@ -68,8 +68,8 @@ def _check_batch(run, images: np.ndarray, task: str, channels: int | None = None
     c, h, w = run.shape
     want = (channels or c, h, w)
     if tuple(images.shape[1:]) != want:
-        raise CmkitError(f"{task}: the input is {images.shape[2]}x{images.shape[3]} with {images.shape[1]} "
-                         f"channel(s); this model takes {h}x{w} with {want[0]}")
+        raise CmkitError(f"{task}: the input is {len(images)} image(s) of {images.shape[2]}x{images.shape[3]} "
+                         f"with {images.shape[1]} channel(s); this model takes {h}x{w} with {want[0]}")
     return torch.from_numpy(np.array(images))  # a copy: decoded images may be read-only
 
 
@@ -139,12 +139,26 @@ def superres(run, low: np.ndarray, factor: int, *, sigmas=None, steps: int = EDI
                          f"got {factor}")
     low = np.asarray(low)
     if low.dtype != np.uint8 or low.ndim != 4 or tuple(low.shape[1:]) != (c, h // factor, w // factor):
+        got = (f"{low.shape[0]} image(s) of {low.shape[2]}x{low.shape[3]} with {low.shape[1]} channel(s)"
+               if low.ndim == 4 else f"{low.dtype} {low.shape}")
         raise CmkitError(f"super-resolution: the input must be {h // factor}x{w // factor} with {c} channel(s) "
-                         f"for --factor {factor} (the model makes {h}x{w}), got shape {low.shape[1:]}")
-    y = run.scaler.to_model(torch.from_numpy(low)).repeat_interleave(factor, 2).repeat_interleave(factor, 3)
+                         f"for --factor {factor} (the model makes {h}x{w}), got {got}; pass --downscale to "
+                         "make it from full-size images")
+    y = run.scaler.to_model(torch.from_numpy(np.array(low)))  # a copy: decoded images may be read-only
+    y = y.repeat_interleave(factor, 2).repeat_interleave(factor, 3)
     op = PatchOrthogonal.superresolution(factor)
     return _run_edit(run, y, sigmas=sigmas or default_edit_sigmas(run, steps), operator=op,
                      mask=op.coefficient_mask(y.shape), n=n, seed=seed, **cond)
+
+
+def downscale(images: np.ndarray, factor: int) -> np.ndarray:
+    """uint8 (N, C, H, W) images whose pixels are the means of ``factor`` x ``factor`` patches
+    (rounded): the measurement super-resolution inverts, to make its input from full-size images."""
+    n, c, h, w = images.shape
+    if factor < 2 or h % factor or w % factor:
+        raise CmkitError(f"--downscale: --factor {factor} must be at least 2 and divide the input's {h}x{w}")
+    patches = images.reshape(n, c, h // factor, factor, w // factor, factor).astype(np.float64)
+    return np.clip(np.round(patches.mean(axis=(3, 5))), 0, 255).astype(np.uint8)
 
 
 def stroke(run, images: np.ndarray, *, sigmas=STROKE_SIGMAS, n: int = 1, seed: int = 0, **cond) -> np.ndarray:

@@ -475,7 +475,8 @@ class Trainer:
         x = generate(model, tuple(self.x_train.shape[1:]), default_levels(diffusion, noise_range),
                      is_diffusion=diffusion, n=GRID_SAMPLES, seed=GRID_SEED, sigma_min=noise_range.sigma_min,
                      class_labels=labels)
-        save_image_grid(ImageScaler.to_data(x), path)
+        what = "EMA, Heun 35 NFE" if diffusion else "EMA, 1 step"
+        save_image_grid(ImageScaler.to_data(x), path, title=f"{self.config['method']} {path.stem}: {what}")
 
     def save(self, out: Path, step: int) -> None:
         """A checkpoint from rank 0, once every rank has checked that their weights agree."""
@@ -559,28 +560,38 @@ class _Logs:
 
 
 def train(config: dict, out: str | Path, *, resume: bool = False, force: bool = False,
-          progress: bool = True) -> Path:
+          progress: bool = True, own_signals: bool = False) -> Path:
     """Train (or, with ``resume``, continue training) the run ``config`` describes into ``out``.
     ``config`` (from `build_config`) is not changed; the run's complete config is in out/config.json.
 
     On resume the run's saved config is used, with ``train.steps`` (the step to stop at) taken
     from ``config``. Under torchrun every process calls this; rank 0 writes the run directory.
-    SIGTERM or SIGINT (pre-emption, Ctrl-C) finish the step in progress, save a checkpoint and
-    raise `Stopped`.
+
+    SIGTERM or SIGINT (pre-emption, Ctrl-C) finish the step in progress and save a checkpoint; a
+    second SIGINT interrupts at once. Then, with ``own_signals`` (the `cmkit` command, which owns
+    its process), `Stopped` is raised. Otherwise (a script, a test runner) the signal goes on to
+    the handler that was there before: Ctrl-C raises KeyboardInterrupt, SIGTERM's default ends
+    the process, so pytest and user scripts stop as they would without cmkit.
     """
     out = Path(out)
     world = world_from_env(config["train"].get("device", "auto"))
     try:
         return _train(config, out, world, resume=resume, force=force, progress=progress and world.is_main)
+    except Stopped as e:
+        if own_signals:
+            raise
+        stopped = e
     finally:
         close(world)
+    signal.raise_signal(stopped.signum)  # the previous handlers are back in place
+    raise stopped  # they ignored it: still, training stopped
 
 
 def _train(config: dict, out: Path, world: World, *, resume: bool, force: bool, progress: bool) -> Path:
     if resume:
         checkpoint.prepare_run_dir(out, resume=True, force=force)
-        steps, method = config["train"]["steps"], config.get("method")
         saved = checkpoint.read_run_config(out)
+        steps, method = config["train"].get("steps", saved["train"]["steps"]), config.get("method")
         if method is not None and method != saved.get("method"):
             raise CmkitError(f"{out} is a run of method {saved.get('method')}, not {method}")
         # The step to stop at, and the machine's settings if given (a run may move between machines).
