@@ -1,6 +1,7 @@
 """bench/gpu.sh, the script a session with a GPU runs, works end to end: its --smoke mode runs every
-phase at tiny sizes on the CPU."""
+phase at tiny sizes on the CPU, bench/compare_images.sh (its quality phase) included."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 @pytest.mark.fashion_mnist
 def test_gpu_script_smoke_runs_every_phase_on_the_cpu(tmp_path):
     env = {"CMKIT": f"{sys.executable} -m cmkit", "PYTHON": sys.executable, "PATH": "/usr/bin:/bin"}
@@ -23,4 +25,10 @@ def test_gpu_script_smoke_runs_every_phase_on_the_cpu(tmp_path):
     table = log.split("== quality")[1]
     for model in ("teacher", "cd", "ect", "sct"):
         assert any(line.split()[:1] == [model] for line in table.splitlines()), model
-    assert (tmp_path / "out" / "quality" / "eval-sct.json").is_file()
+    quality = tmp_path / "out" / "quality"
+    assert (quality / "eval-sct.json").is_file() and "FD/teacher" in log and "floor" in table
+    cd = json.loads((quality / "eval-cd.json").read_text())
+    assert [r["nfe"] for r in cd["results"]] == [1, 2] and cd["n"] == 200
+    assert (quality / "cd-1step.png").is_file() and (quality / "quality_vs_nfe.png").is_file()
+    half = json.loads((quality / "ect-half" / "config.json").read_text())
+    assert half["method"] == "ect" and half["train"]["steps"] == 5  # half of CD's 10

@@ -21,6 +21,8 @@ from cmkit.training import Trainer
 
 from helpers import TINY, cli
 
+pytestmark = pytest.mark.slow  # the quick loop (pytest -m 'not slow') leaves these out
+
 METHODS = ["edm", "cd", "ct", "ict", "ect", "sct", "scd", "meanflow"]
 SMALL = {"data.name": "moons", "data.n": 400, "data.n_holdout": 200, "train.batch_size": 32, "train.log_every": 1}
 SMALL_MODEL = {"model.width": 32, "model.depth": 1, "model.emb_dim": 16}

@@ -17,6 +17,8 @@ import cmkit.checkpoint as ckpt
 from cmkit.checkpoint import checkpoint_dir, load_weights, save_checkpoint
 from helpers import TINY, cli, tree_digest
 
+pytestmark = pytest.mark.slow  # the quick loop (pytest -m 'not slow') leaves these out
+
 TRAIN = ["train", "--method", "edm", "--data", "moons", *TINY]
 
 
@@ -159,6 +161,7 @@ def test_checkpoints_rotate_and_latest_points_at_the_newest(tmp_path):
 
 LIBRARY_TEST = '''
 import cmkit
+
 
 def test_trains_for_a_long_time():
     config = cmkit.build_config("edm", **{{"data.name": "moons", "data.n": 400, "data.n_holdout": 200,

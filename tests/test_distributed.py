@@ -13,6 +13,8 @@ import torch
 from cmkit.checkpoint import checkpoint_dir, load_weights
 from helpers import TINY, TINY_TRAIN, cli, tree_digest
 
+pytestmark = pytest.mark.slow  # the quick loop (pytest -m 'not slow') leaves these out
+
 STEPS = 20
 
 

@@ -203,6 +203,7 @@ def _png(path, array):
     return str(path)
 
 
+@pytest.mark.slow
 def test_cli_edits_and_writes_grids_npz_and_gifs(runs):
     tmp, grey, rgb = runs["tmp"], str(runs["grey"].path), str(runs["rgb"].path)
     picture = _png(tmp / "in.png", _images(1, n=1)[0, 0])
@@ -224,6 +225,7 @@ def test_cli_edits_and_writes_grids_npz_and_gifs(runs):
         assert gif.n_frames == 4
 
 
+@pytest.mark.slow
 def test_cli_bad_input_is_one_line_and_exit_2(runs, capsys):
     tmp, grey, rgb = runs["tmp"], str(runs["grey"].path), str(runs["rgb"].path)
     picture = _png(tmp / "p.png", _images(1, n=1)[0, 0])
@@ -247,6 +249,7 @@ def test_cli_bad_input_is_one_line_and_exit_2(runs, capsys):
         assert err.count("\n") == 1 and message in err, (args, err)
 
 
+@pytest.mark.slow
 def test_superres_from_a_full_size_png_with_downscale(runs):
     """--downscale makes the low-resolution input by patch means, and the result averages back to
     it; the batch-shape error names the count and size; no warning (read-only PNG arrays)."""

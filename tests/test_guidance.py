@@ -145,6 +145,7 @@ def blobs(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_conditional_cd_puts_each_class_on_its_component(blobs):
     data = blobs / "blobs.npz"
     assert cli("train", "--method", "edm", "--data", data, "--steps", 600, "--out", blobs / "edm",
@@ -160,6 +161,7 @@ def test_conditional_cd_puts_each_class_on_its_component(blobs):
             assert float((nearest == c).float().mean()) >= 0.95, (steps, c)
 
 
+@pytest.mark.slow
 def test_guided_student_follows_the_scale(blobs):
     """Distilled once over w in [0, 4], the 1-step student's class accuracy (by the Bayes classifier
     sign(x)) rises with w, as the guided teacher's does (50% unconditional at w = 0, the data's 84%

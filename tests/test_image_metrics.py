@@ -76,12 +76,14 @@ def fashion():
     return torch.from_numpy(train)[:, None], torch.from_numpy(test)[:, None], torch.from_numpy(test_labels.astype(np.int64))
 
 
+@pytest.mark.slow
 @pytest.mark.fashion_mnist
 def test_classifier_is_at_least_90_percent_accurate(fashion):
     _, test, labels = fashion
     assert clf.accuracy(clf.load_classifier(), test, labels) >= 0.90
 
 
+@pytest.mark.slow
 @pytest.mark.fashion_mnist
 def test_fd_of_real_data_is_near_the_floor_and_noise_is_far(fashion):
     train, test, _ = fashion

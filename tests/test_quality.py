@@ -8,6 +8,8 @@ import torch
 import cmkit
 from cmkit.data import TOY_TRUTH
 
+pytestmark = pytest.mark.slow  # the quick loop (pytest -m 'not slow') leaves these out
+
 FAST = {"data.n": 20000, "train.batch_size": 256, "train.log_every": 1000}
 
 

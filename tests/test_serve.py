@@ -186,6 +186,7 @@ def live_server(image_run):
     thread.join(10)
 
 
+@pytest.mark.slow
 def test_load_no_request_lost(live_server):
     """16 concurrent clients for 3 seconds: every request answers 200 or the documented 503;
     batching makes fewer network calls than requests. p50/p99 are printed."""
@@ -233,6 +234,7 @@ def _browser():
     return webdriver.Chrome(service=Service(driver), options=options), None
 
 
+@pytest.mark.slow
 def test_page_generates_and_inpaints_in_a_browser(live_server):
     if os.environ.get("CMKIT_REQUIRE_BROWSER") != "1" and not shutil.which("chromium"):
         pytest.skip("needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)")

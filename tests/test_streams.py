@@ -69,6 +69,7 @@ def _train(data, out: Path, *extra) -> str:
     return tree_digest(checkpoint_dir(out))["model.safetensors"]
 
 
+@pytest.mark.slow
 def test_every_source_trains_to_the_same_weights_loaded_or_streamed(tmp_path):
     sources = make_sources(tmp_path)
     digests = {(name, mode): _train(path, tmp_path / f"{name}-{mode}", "--set", f"data.stream={mode}")
@@ -105,6 +106,7 @@ def test_each_process_reads_its_share_of_every_global_batch():
         assert shares[0] + shares[1] == whole and len(shares[0]) == 4
 
 
+@pytest.mark.slow
 def test_two_processes_and_a_resume_on_another_count_read_what_one_does(tmp_path):
     from test_distributed import assert_same_weights, torchrun
     shards = make_sources(tmp_path)["shards"]
