@@ -208,6 +208,7 @@ def test_label_dropout_replaces_that_fraction_of_labels(blobs, monkeypatch):
     assert sorted(seen[0].unique().tolist()) == [0, 1, 2, 3, 4]
 
 
+@pytest.mark.slow  # it reads blobs/cd and blobs/gcd, which the slow tests above train
 def test_bad_conditioning_input_is_one_line_and_exit_2(blobs, tmp_path, capsys):
     data = blobs / "blobs.npz"
     # an unconditional run of the same data, and a conditional teacher without label dropout
