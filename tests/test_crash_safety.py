@@ -181,7 +181,11 @@ def test_a_signal_stops_pytest_running_cmkit_train(tmp_path, sig):
     run = tmp_path / "run"
     script = tmp_path / "test_long.py"
     script.write_text(LIBRARY_TEST.format(out=str(run)))
-    proc = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(script)],
+    # Ctrl-C as in a terminal: a shell running this suite in the background may have set SIGINT to
+    # "ignore" for its children, and Python keeps that; restore Python's own handler first.
+    launcher = ("import signal, sys, pytest; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                f"sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', {str(script)!r}]))")
+    proc = subprocess.Popen([sys.executable, "-c", launcher],
                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     wait_for_checkpoint(proc, run)
     start = time.monotonic()
