@@ -79,11 +79,9 @@ class Engine:
         cap = limits.max_teacher_steps if run.is_diffusion else limits.max_steps
         if steps is not None:
             steps = check_int("steps", steps, 1, cap)
-        if sigmas is not None:
-            if not 1 <= len(sigmas) <= cap:
-                raise CmkitError(f"give 1 to {cap} sigmas, got {len(sigmas)}")
-            sigmas = [check_float("sigmas", s, 0) for s in sigmas]
-        levels = run.sigmas_for(steps, sigmas)  # checks order and range
+        if sigmas is not None and not 1 <= len(sigmas) <= cap:
+            raise CmkitError(f"give 1 to {cap} sigmas, got {len(sigmas)}")
+        levels = run.sigmas_for(steps, sigmas)  # noise.check_sigmas: finite, positive, decreasing, in range
         labels, guidance = self._labels_and_guidance(class_spec, n, seed, guidance)
         key = ("generate", tuple(levels.tolist()), guidance)
         return key, Generation(levels, seed, n, labels, guidance)

@@ -80,7 +80,7 @@ class Guard:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        start, status = time.perf_counter(), [500]
+        start, status = time.perf_counter(), [None]  # the answer's status, once it has started
 
         async def send_with_headers(message):
             if message["type"] == "http.response.start":
@@ -90,23 +90,17 @@ class Guard:
                                                   *(h for h in SECURITY_HEADERS if h[0] not in names)]}
             await send(message)
 
-        started = [False]
-
-        async def send_tracked(message):
-            started[0] = started[0] or message["type"] == "http.response.start"
-            await send_with_headers(message)
-
         try:
             headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
             self.check(scope, headers)
-            await self.app(scope, self.limited(scope, headers, receive), send_tracked)
+            await self.app(scope, self.limited(scope, headers, receive), send_with_headers)
         except Refused as e:
-            if started[0]:  # the answer is on its way: nothing better to do than stop
+            if status[0] is not None:  # the answer is on its way: nothing better to do than stop
                 raise
             await self.refuse(e, send_with_headers)
         finally:
             if self.metrics is not None:
-                self.metrics.observe_request(scope["path"], status[0], time.perf_counter() - start)
+                self.metrics.observe_request(scope["path"], status[0] or 500, time.perf_counter() - start)
 
     def check(self, scope, headers: dict) -> None:
         host = headers.get("host")
