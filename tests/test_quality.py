@@ -18,17 +18,22 @@ def _train(tmp_path, method, data, steps, **extra):
     return cmkit.load_run(cmkit.train(config, tmp_path / f"{method}-{data}", progress=False))
 
 
-def _pipeline(tmp_path_factory, data, teacher_steps, cd_steps, ct_steps):
+def _pipeline(tmp_path_factory, data, teacher_steps, cd_steps, ct_steps=None):
     tmp = tmp_path_factory.mktemp(data)
     teacher = _train(tmp, "edm", data, teacher_steps)
-    return {"teacher": teacher,
-            "cd": _train(tmp, "cd", data, cd_steps, teacher=str(teacher.path)),
-            "ct": _train(tmp, "ct", data, ct_steps)}
+    runs = {"teacher": teacher, "cd": _train(tmp, "cd", data, cd_steps, teacher=str(teacher.path))}
+    if ct_steps:
+        runs["ct"] = _train(tmp, "ct", data, ct_steps)
+    return runs
 
 
+# CT is tested on the mixture only: its component weights at 1 and 2 steps are a stronger check
+# of the law than the Gaussian's moments (which CT met with a 0.25 covariance tolerance), and
+# 3,000 CT steps cost half a minute. Budgets below these fail the tolerances (measured: CD at 700
+# steps has a covariance error of 0.33, CT at 2,000 steps a component-weight error of 0.09).
 @pytest.fixture(scope="module")
 def gaussian_runs(tmp_path_factory):
-    return _pipeline(tmp_path_factory, "gaussian", 1500, 1000, 3000)
+    return _pipeline(tmp_path_factory, "gaussian", 1500, 1000)
 
 
 @pytest.fixture(scope="module")
@@ -36,23 +41,25 @@ def gmm_runs(tmp_path_factory):
     return _pipeline(tmp_path_factory, "gmm", 2000, 2000, 3000)
 
 
-# Tolerances (data units; the Gaussian has variances 1.0 and 0.5, covariance 0.6). CT, the
-# weakest method, keeps the mean but under-disperses (measured cov error ~0.17 at 3000 steps).
-MEAN_TOL = {"teacher": 0.05, "cd": 0.08, "ct": 0.1}
-COV_TOL = {"teacher": 0.08, "cd": 0.12, "ct": 0.25}
+# Tolerances (data units; the Gaussian has variances 1.0 and 0.5, covariance 0.6).
+MEAN_TOL = {"teacher": 0.05, "cd": 0.08}
+COV_TOL = {"teacher": 0.08, "cd": 0.12}
 # Mean true NLL of the samples may exceed real data's (the law's entropy) by at most this much.
 # Measured on CPU: teacher (60 Heun steps) +0.02, CD +0.22 (1 step) / +0.29 (2), CT +3.1 / +2.1:
 # CT puts many samples between the modes at this budget; the bound still rejects a collapse or
 # noise (uniform noise over the plotting box scores about +5).
 NLL_TOL = {"teacher": 0.15, "cd": 0.45, "ct": 4.0}
+# The teacher's 120-NFE samples are the costly ones (10 s per 20,000 on 2 cores); 10,000 still put
+# the sampling error (about 0.01 in the moments, 0.005 in the weights) well inside the tolerances.
+TEACHER_N = 10000
 
 
-@pytest.mark.parametrize("method", ["teacher", "cd", "ct"])
+@pytest.mark.parametrize("method", ["teacher", "cd"])
 def test_gaussian_moments(gaussian_runs, method):
     run = gaussian_runs[method]
     truth = TOY_TRUTH["gaussian"]
     steps = 60 if method == "teacher" else 1  # 18 Heun steps alone leave ~9% covariance error here
-    x = run.sample(20000, steps=steps, seed=1)
+    x = run.sample(TEACHER_N if method == "teacher" else 20000, steps=steps, seed=1)
     np.testing.assert_allclose(x.mean(0), truth.mean().numpy(), atol=MEAN_TOL[method])
     np.testing.assert_allclose(np.cov(x.T), truth.cov().numpy(), atol=COV_TOL[method])
 
@@ -60,7 +67,7 @@ def test_gaussian_moments(gaussian_runs, method):
 @pytest.mark.parametrize("method, steps", [("teacher", 60), ("cd", 1), ("cd", 2), ("ct", 1), ("ct", 2)])
 def test_gaussian_mixture_weights_and_likelihood(gmm_runs, method, steps):
     truth = TOY_TRUTH["gmm"]
-    x = torch.from_numpy(gmm_runs[method].sample(20000, steps=steps, seed=2))
+    x = torch.from_numpy(gmm_runs[method].sample(TEACHER_N if method == "teacher" else 20000, steps=steps, seed=2))
     # Assign each sample to its most probable component under the true mixture.
     comp = torch.distributions.MultivariateNormal(truth.means, covariance_matrix=truth.covs)
     owner = (comp.log_prob(x[:, None, :]) + truth.weights.log()).argmax(1)
@@ -73,11 +80,12 @@ def test_gaussian_mixture_weights_and_likelihood(gmm_runs, method, steps):
 
 
 # The objectives of issue 4, on the same Gaussian: ECT, sCT and sCD start from the teacher above.
-# Budgets are what each needs here (measured cov[0,0] of 1.0 at 1 step: iCT 0.92 at 2,000 steps
-# and lr 1e-3 (0.59 at lr 4e-4: its doubling grid is built for 400k steps), ECT 0.94 at 3,000,
-# sCT 0.98 at 3,000, sCD 0.65 at 1,500).
-MODERN = {"ict": (2000, {"train.lr": 1e-3}), "ect": (3000, {"init": True}), "sct": (3000, {"init": True}),
-          "scd": (3000, {"teacher": True}), "meanflow": (2000, {"objective.adaptive_p": 0.0})}
+# Budgets are what each needs here. Measured largest covariance error at 1 step: iCT 0.26 at 1,500
+# steps (lr 1e-3; at lr 4e-4 it stalls: its doubling grid is built for 400k steps), ECT 0.27 at
+# 2,000 and 0.40 at 1,500, sCD 0.29 at 1,500; passing with margin: sCT 0.07 at 1,500 (its tangent
+# warm-up is a quarter of the run), MeanFlow 0.05 at 1,500.
+MODERN = {"ict": (2000, {"train.lr": 1e-3}), "ect": (3000, {"init": True}), "sct": (1500, {"init": True}),
+          "scd": (3000, {"teacher": True}), "meanflow": (1500, {"objective.adaptive_p": 0.0})}
 MODERN_TOL = {"ict": (0.1, 0.15), "ect": (0.08, 0.12), "sct": (0.08, 0.12), "scd": (0.08, 0.15),
               "meanflow": (0.08, 0.12)}
 
@@ -103,7 +111,7 @@ def test_modern_methods_reach_gaussian_moments_in_one_step(modern_runs, method):
 
 
 def test_meanflow_learns_the_flow(modern_runs):
-    """MeanFlow at 2,000 steps, beside its 1-step test: 16 short jumps of u(z_t, r, t) from t = 1 to 0
+    """MeanFlow at 1,500 steps, beside its 1-step test: 16 short jumps of u(z_t, r, t) from t = 1 to 0
     follow the flow to the right law too. The run uses p = 0: the adaptive weight biases
     low-dimensional data (per-sample errors do not concentrate in 2-D, so it acts as a robust loss)."""
     run = modern_runs["meanflow"]
