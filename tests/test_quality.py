@@ -82,10 +82,11 @@ def test_gaussian_mixture_weights_and_likelihood(gmm_runs, method, steps):
 # The objectives of issue 4, on the same Gaussian: ECT, sCT and sCD start from the teacher above.
 # Budgets are what each needs here. Measured largest covariance error at 1 step: iCT 0.26 at 1,500
 # steps (lr 1e-3; at lr 4e-4 it stalls: its doubling grid is built for 400k steps), ECT 0.27 at
-# 2,000 and 0.40 at 1,500, sCD 0.29 at 1,500; passing with margin: sCT 0.07 at 1,500 (its tangent
-# warm-up is a quarter of the run), MeanFlow 0.05 at 1,500.
+# 2,000 and 0.40 at 1,500 (0.31 at 2,000 with lr 2e-3), sCD 0.29 at 1,500 and 0.11 at 2,000 with
+# lr 1e-3, 0.16 at 1,500 with lr 2e-3; passing with margin: sCD 0.05 at 2,000 with lr 2e-3, sCT
+# 0.07 at 1,500 (its tangent warm-up is a quarter of the run), MeanFlow 0.05 at 1,500.
 MODERN = {"ict": (2000, {"train.lr": 1e-3}), "ect": (3000, {"init": True}), "sct": (1500, {"init": True}),
-          "scd": (3000, {"teacher": True}), "meanflow": (1500, {"objective.adaptive_p": 0.0})}
+          "scd": (2000, {"teacher": True, "train.lr": 2e-3}), "meanflow": (1500, {"objective.adaptive_p": 0.0})}
 MODERN_TOL = {"ict": (0.1, 0.15), "ect": (0.08, 0.12), "sct": (0.08, 0.12), "scd": (0.08, 0.15),
               "meanflow": (0.08, 0.12)}
 
