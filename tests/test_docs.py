@@ -1,0 +1,133 @@
+"""The docs stay true to the code: every `cmkit` command they show parses with the real command
+line, their Python compiles, and every link and repository path they name exists. (The README's
+commands also run: tests/test_readme.py.)"""
+
+import argparse
+import re
+import shlex
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from cmkit.cli import build_parser
+from cmkit.errors import CmkitError
+
+REPO = Path(__file__).resolve().parents[1]
+DOCS = sorted((REPO / "docs").glob("*.md")) + [REPO / "README.md"]
+COMMAND = re.compile(r"^(?:\.venv/bin/)?cmkit (.*)|^torchrun .*?-m cmkit (.*)|^python3? -m cmkit (.*)")
+# Paths in the repository that docs name in backticks or links.
+REPO_PATH = re.compile(r"(?<![\w./-])((?:bench|examples|tests|docs|src/cmkit)/[\w./-]*\w)")
+# Named but not meant to exist: design.md's worked example of adding a method, and outputs.
+NOT_FILES = ("src/cmkit/objectives/lcm.py", "src/cmkit/configs/lcm.json", "bench/out")
+
+
+def _blocks(text: str, languages: str) -> list[str]:
+    return re.findall(rf"```(?:{languages})\n(.*?)```", text, flags=re.S)
+
+
+def doc_commands(text: str) -> list[str]:
+    """The argument strings of the `cmkit` commands in a document's shell blocks."""
+    found = []
+    for block in _blocks(text, "bash|sh|console|"):
+        for raw in re.sub(r"\\\n\s*", " ", block).splitlines():
+            line = raw.split("  #")[0].strip().removeprefix("$ ")
+            match = COMMAND.match(line)
+            if match:
+                found.append(next(g for g in match.groups() if g is not None))
+    return found
+
+
+def parse_error(arguments: str) -> str | None:
+    """What the command line says about these arguments, or None if they parse."""
+    try:
+        build_parser().parse_args(shlex.split(arguments))
+    except CmkitError as e:  # cmkit's parser reports a mistake this way
+        return str(e)
+    except SystemExit as e:  # --help
+        return None if not e.code else f"exit {e.code}"
+    return None
+
+
+def test_the_checks_catch_a_stale_command():
+    assert doc_commands("```bash\ncmkit train --methd edm --out runs/x  # typo\n```") == ["train --methd edm --out runs/x"]
+    assert parse_error("train --methd edm --out runs/x") is not None
+    assert parse_error("sample --checkpoint runs/cd --n 8 --steps 2") is not None  # no --out
+    assert parse_error("sample --checkpoint runs/cd --n 8 --steps 2 --out runs/s.npy") is None
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+def test_every_command_in_the_docs_parses(doc, capsys):
+    bad = [arguments for arguments in doc_commands(doc.read_text()) if parse_error(arguments)]
+    capsys.readouterr()  # argparse's usage lines
+    assert not bad, f"{doc.name}: commands the command line refuses: {bad}"
+
+
+def test_the_docs_show_commands():
+    assert sum(len(doc_commands(doc.read_text())) for doc in DOCS) >= 40
+
+
+def known_options(words: list[str]) -> set[str]:
+    """The options of the (sub)command these words name; for a sub-command left open (`cmkit edit
+    inpaint|superres ...`, `cmkit edit --input`), those of all its sub-commands."""
+    parsers = [build_parser()]
+    for word in words:
+        subs = [a for p in parsers for a in p._actions if isinstance(a, argparse._SubParsersAction)]
+        if not subs:
+            break
+        choices = {name: sub for action in subs for name, sub in action.choices.items()}
+        parsers = [choices[word]] if word in choices else list(choices.values())
+    while any(isinstance(a, argparse._SubParsersAction) for p in parsers for a in p._actions):
+        parsers = [sub for p in parsers for a in p._actions if isinstance(a, argparse._SubParsersAction)
+                   for sub in a.choices.values()]
+    return {option for p in parsers for action in p._actions for option in action.option_strings}
+
+
+def inline_commands(text: str) -> list[str]:
+    """`cmkit ...` spans in running text: usually with placeholders (RUN, [--opt]), so not parsed
+    whole; their options are checked."""
+    return [span for span in re.findall(r"`cmkit ([^`]+)`", text)]
+
+
+def test_the_option_check_catches_a_renamed_option():
+    assert "--checkpoint" in known_options(["edit", "inpaint"]) and "--box" in known_options(["edit", "inpaint"])
+    assert "--box" in known_options(["edit", "inpaint|superres"])  # an open choice: any of them
+    assert "--teacher" in known_options(["train"]) and "--teachr" not in known_options(["train"])
+    assert "--input" in known_options(["edit"]) and "--input" not in known_options(["sample"])
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+def test_every_option_the_docs_name_exists(doc):
+    text = doc.read_text()
+    unknown = []
+    for span in inline_commands(text) + doc_commands(text):
+        words = [w for w in re.split(r"[\s=]+", span.replace("\\|", "|")) if w]
+        command = []
+        for word in words[:2]:
+            if not re.fullmatch(r"[a-z][a-z-]*(\|[a-z-]+)*", word):
+                break
+            command.append(word)
+        options = set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", span))
+        unknown += [f"cmkit {span}: {o}" for o in sorted(options - known_options(command))]
+    assert not unknown, f"{doc.name} names options the command line does not have: {unknown}"
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+def test_python_in_the_docs_compiles(doc):
+    for i, code in enumerate(_blocks(doc.read_text(), "python")):
+        compile(textwrap.dedent(code), f"{doc.name} python block {i + 1}", "exec")
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+def test_links_and_paths_in_the_docs_exist(doc):
+    text = doc.read_text()
+    missing = []
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if not re.match(r"[a-z]+:", target) and not target.startswith("#"):
+            if not (doc.parent / target.split("#")[0]).exists():
+                missing.append(target)
+    for path in REPO_PATH.findall(text):
+        if not (REPO / path).exists() and not path.startswith(NOT_FILES):
+            missing.append(path)
+    assert not missing, f"{doc.name} names what the repository does not have: {missing}"
+    assert "../shared" not in text and "/work/" not in text  # self-contained
