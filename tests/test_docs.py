@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 
 from cmkit.cli import build_parser
+from cmkit.config import default_config
 from cmkit.errors import CmkitError
+from cmkit.objectives.registry import method_names
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = sorted((REPO / "docs").glob("*.md")) + [REPO / "README.md"]
@@ -110,6 +112,28 @@ def test_every_option_the_docs_name_exists(doc):
         options = set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", span))
         unknown += [f"cmkit {span}: {o}" for o in sorted(options - known_options(command))]
     assert not unknown, f"{doc.name} names options the command line does not have: {unknown}"
+
+
+def config_keys() -> set[str]:
+    """Every `section.key` some method's defaults have, for vectors or images."""
+    keys = set()
+    for method in method_names():
+        for images in (False, True):
+            config = default_config(method, images)
+            keys |= {f"{section}.{key}" for section, values in config.items() if isinstance(values, dict)
+                     for key in values}
+    return keys
+
+
+def test_every_config_key_the_docs_set_exists():
+    keys = config_keys()
+    assert {"data.resolution", "model.preset", "train.sample_every"} <= keys and "model.presett" not in keys
+    unknown = []
+    for doc in DOCS:
+        for key in re.findall(r"--set ([a-z_]+\.[a-z_0-9]+)=", doc.read_text()):
+            if key not in keys and key != "section.key":  # the guide's placeholder
+                unknown.append(f"{doc.name}: {key}")
+    assert not unknown, f"config keys that no method has: {unknown}"
 
 
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
