@@ -92,6 +92,21 @@ def test_force_refuses_to_delete_a_non_run_directory(tmp_path, capsys):
     assert (tmp_path / "precious.txt").read_text() == "keep me"
 
 
+def test_force_replaces_a_run_that_was_evaluated_and_compiled(tmp_path):
+    """What cmkit itself adds to a run directory (eval's floor cache, a compiled run's kernel cache)
+    does not make it foreign to --force."""
+    run = tmp_path / "run"
+    assert cli("train", "--method", "edm", "--data", "moons", "--steps", 2, "--out", run, *TINY) == 0
+    assert cli("eval", "--checkpoint", run, "--n", 50, "--quiet") == 0
+    assert (run / "eval_floor.json").is_file()
+    (run / "compile_cache").mkdir()
+    assert cli("train", "--method", "edm", "--data", "moons", "--steps", 2, "--out", run, "--force", *TINY) == 0
+    assert not (run / "eval_floor.json").exists() and not (run / "compile_cache").exists()
+    (run / "notes.txt").write_text("mine")  # anything else still makes it foreign
+    assert cli("train", "--method", "edm", "--data", "moons", "--steps", 2, "--out", run, "--force", *TINY) == 2
+    assert (run / "notes.txt").read_text() == "mine"
+
+
 def test_force_never_deletes_what_the_run_needs(tmp_path, teacher, capsys):
     import shutil
     copy = tmp_path / "teacher"

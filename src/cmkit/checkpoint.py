@@ -57,8 +57,11 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+FLOOR_CACHE = "eval_floor.json"  # `cmkit eval`'s data-vs-data floor (cmkit.evaluate)
+COMPILE_CACHE = "compile_cache"  # inductor's kernels for a compiled run (cmkit.compiled_step)
 RUN_ENTRIES = {"config.json", "config.json.tmp", "metrics.jsonl", "metrics.jsonl.tmp", CHECKPOINTS, LATEST,
-               LATEST + ".tmp", "samples", "tensorboard", LEGACY, ".checkpoint.tmp", ".checkpoint.old"}
+               LATEST + ".tmp", "samples", "tensorboard", LEGACY, ".checkpoint.tmp", ".checkpoint.old",
+               FLOOR_CACHE, FLOOR_CACHE + ".tmp", COMPILE_CACHE}
 
 
 def is_run_dir(path: Path) -> bool:

@@ -23,10 +23,10 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import COMPILE_CACHE
 from .devices import check_compile_mode
 
 CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
-RUN_CACHE = "compile_cache"  # in a run directory
 
 _cache_set_by_cmkit: str | None = None  # the value this process put in CACHE_ENV, if any
 
@@ -62,5 +62,5 @@ def use_run_cache(run_dir: str | Path) -> str:
     # Inductor writes its default into the variable when it first looks: that is not a choice.
     if current is not None and current not in (_cache_set_by_cmkit, os.path.abspath(default_cache_dir())):
         return current
-    _cache_set_by_cmkit = os.environ[CACHE_ENV] = str(Path(run_dir).resolve() / RUN_CACHE)
+    _cache_set_by_cmkit = os.environ[CACHE_ENV] = str(Path(run_dir).resolve() / COMPILE_CACHE)
     return _cache_set_by_cmkit

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from .checkpoint import atomic_write_text
+from .checkpoint import FLOOR_CACHE, atomic_write_text
 from .data import TOY_TRUTH, ImageData, load_dataset, load_vectors
 from .errors import CmkitError
 from .metrics import energy_distance, sliced_wasserstein
@@ -55,9 +55,6 @@ def floor_metrics(vectors, reference: np.ndarray, truth, seed: int) -> dict:
     floor = {key: float(np.median([d[key] for d in draws])) for key in draws[0]}
     floor["sw1_range"] = [min(d["sw1"] for d in draws), max(d["sw1"] for d in draws)]
     return floor
-
-
-FLOOR_CACHE = "eval_floor.json"
 
 
 def cached_floor(run: Run, key: dict, compute) -> dict:
