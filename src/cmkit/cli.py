@@ -319,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help=COMMAND_HELP["demo"])
     p.add_argument("--out", default="cmkit-demo", help="output directory (default cmkit-demo)")
     p.add_argument("--data", default="moons", help="a built-in 2-D set (default moons) or digits (8x8 images, "
-                   "a tiny UNet; about 5 minutes on 2 CPU cores)")
+                   "a tiny UNet; about 4 minutes on 2 CPU cores)")
     p.add_argument("--seed", type=_seed, default=0, help="training and sampling seed")
     p.add_argument("--steps", type=_int_list, metavar="TEACHER,CD", help="training steps of the teacher and of "
                    "CD (default 4000,3000 on 2-D sets, 1500,1000 on digits; fewer: a quicker, rougher look)")

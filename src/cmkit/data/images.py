@@ -150,7 +150,7 @@ def load_digits_images() -> tuple[np.ndarray, np.ndarray]:
     try:
         from sklearn.datasets import load_digits
     except ImportError:
-        raise CmkitError("--data digits needs scikit-learn: pip install scikit-learn") from None
+        raise CmkitError("--data digits needs scikit-learn: pip install 'cmkit[digits]'") from None
     digits = load_digits()
     return np.round(digits.images * (255 / 16)).astype(np.uint8), digits.target.astype(np.int64)
 
