@@ -23,7 +23,7 @@ def test_gpu_script_smoke_runs_every_phase_on_the_cpu(tmp_path):
         assert f"cmkit {method} step (eager)" in log and f"cmkit {method} step (bf16)" in log
     assert "raw UNet fwd+bwd" in log and "cmkit 1 step" in log
     table = log.split("== quality")[1]
-    for model in ("teacher", "cd", "ect", "sct"):
+    for model in ("teacher", "cd", "sct", "ect-half"):
         assert any(line.split()[:1] == [model] for line in table.splitlines()), model
     quality = tmp_path / "out" / "quality"
     assert (quality / "eval-sct.json").is_file() and "FD/teacher" in log and "floor" in table
