@@ -3,6 +3,7 @@ line, their Python compiles, and every link and repository path they name exists
 commands also run: tests/test_readme.py.)"""
 
 import argparse
+import functools
 import re
 import shlex
 import textwrap
@@ -40,10 +41,13 @@ def doc_commands(text: str) -> list[str]:
     return found
 
 
+parser = functools.cache(build_parser)  # argparse parsers are reusable: build the full one once
+
+
 def parse_error(arguments: str) -> str | None:
     """What the command line says about these arguments, or None if they parse."""
     try:
-        build_parser().parse_args(shlex.split(arguments))
+        parser().parse_args(shlex.split(arguments))
     except CmkitError as e:  # cmkit's parser reports a mistake this way
         return str(e)
     except SystemExit as e:  # --help
@@ -69,26 +73,32 @@ def test_the_docs_show_commands():
     assert sum(len(doc_commands(doc.read_text())) for doc in DOCS) >= 40
 
 
+def _subcommands(p: argparse.ArgumentParser) -> dict:
+    return {name: sub for action in p._actions if isinstance(action, argparse._SubParsersAction)
+            for name, sub in action.choices.items()}
+
+
+def _options(p: argparse.ArgumentParser) -> set[str]:
+    """A parser's options and those of all its sub-commands."""
+    own = {option for action in p._actions for option in action.option_strings}
+    return own.union(*(_options(sub) for sub in _subcommands(p).values()))
+
+
 def known_options(words: list[str]) -> set[str]:
     """The options of the (sub)command these words name; for a sub-command left open (`cmkit edit
     inpaint|superres ...`, `cmkit edit --input`), those of all its sub-commands."""
-    parsers = [build_parser()]
+    p = parser()
     for word in words:
-        subs = [a for p in parsers for a in p._actions if isinstance(a, argparse._SubParsersAction)]
-        if not subs:
+        if word not in _subcommands(p):
             break
-        choices = {name: sub for action in subs for name, sub in action.choices.items()}
-        parsers = [choices[word]] if word in choices else list(choices.values())
-    while any(isinstance(a, argparse._SubParsersAction) for p in parsers for a in p._actions):
-        parsers = [sub for p in parsers for a in p._actions if isinstance(a, argparse._SubParsersAction)
-                   for sub in a.choices.values()]
-    return {option for p in parsers for action in p._actions for option in action.option_strings}
+        p = _subcommands(p)[word]
+    return _options(p)
 
 
 def inline_commands(text: str) -> list[str]:
     """`cmkit ...` spans in running text: usually with placeholders (RUN, [--opt]), so not parsed
     whole; their options are checked."""
-    return [span for span in re.findall(r"`cmkit ([^`]+)`", text)]
+    return re.findall(r"`cmkit ([^`]+)`", text)
 
 
 def test_the_option_check_catches_a_renamed_option():

@@ -54,12 +54,16 @@ NLL_TOL = {"teacher": 0.15, "cd": 0.45, "ct": 4.0}
 TEACHER_N = 10000
 
 
+def _n(method: str) -> int:
+    return TEACHER_N if method == "teacher" else 20000
+
+
 @pytest.mark.parametrize("method", ["teacher", "cd"])
 def test_gaussian_moments(gaussian_runs, method):
     run = gaussian_runs[method]
     truth = TOY_TRUTH["gaussian"]
     steps = 60 if method == "teacher" else 1  # 18 Heun steps alone leave ~9% covariance error here
-    x = run.sample(TEACHER_N if method == "teacher" else 20000, steps=steps, seed=1)
+    x = run.sample(_n(method), steps=steps, seed=1)
     np.testing.assert_allclose(x.mean(0), truth.mean().numpy(), atol=MEAN_TOL[method])
     np.testing.assert_allclose(np.cov(x.T), truth.cov().numpy(), atol=COV_TOL[method])
 
@@ -67,7 +71,7 @@ def test_gaussian_moments(gaussian_runs, method):
 @pytest.mark.parametrize("method, steps", [("teacher", 60), ("cd", 1), ("cd", 2), ("ct", 1), ("ct", 2)])
 def test_gaussian_mixture_weights_and_likelihood(gmm_runs, method, steps):
     truth = TOY_TRUTH["gmm"]
-    x = torch.from_numpy(gmm_runs[method].sample(TEACHER_N if method == "teacher" else 20000, steps=steps, seed=2))
+    x = torch.from_numpy(gmm_runs[method].sample(_n(method), steps=steps, seed=2))
     # Assign each sample to its most probable component under the true mixture.
     comp = torch.distributions.MultivariateNormal(truth.means, covariance_matrix=truth.covs)
     owner = (comp.log_prob(x[:, None, :]) + truth.weights.log()).argmax(1)
