@@ -467,7 +467,8 @@ def cmd_export(args) -> None:
             raise CmkitError(f"--levels must be at least 2, got {args.levels}")
         out = export_diffusers(run, args.out, levels=args.levels, clip_denoised=args.clip_denoised)
         if not args.quiet:
-            print(f"wrote a ConsistencyModelPipeline to {out}")
+            kind = "DDPMPipeline with an LCMScheduler" if "vp" in run.config["model"] else "ConsistencyModelPipeline"
+            print(f"wrote a {kind} to {out}")
         return
     from .export.onnx import export_onnx, onnx_parity
     paths = export_onnx(run, args.out, with_f=args.with_f, guidance=args.guidance)

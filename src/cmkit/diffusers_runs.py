@@ -1,11 +1,15 @@
-"""diffusers folders loaded as cmkit runs: a ``ConsistencyModelPipeline`` folder (what
-``cmkit export diffusers`` writes) or a bare ``UNet2DModel`` folder with a scheduler config (the
-layout of OpenAI's converted CD/CT checkpoints).
+"""diffusers folders loaded as cmkit runs, by their scheduler:
 
-diffusers' CMStochasticIterativeScheduler scales the input by 1 / sqrt(sigma^2 + sigma_data^2),
-feeds the UNet 250 ln(sigma) and combines with the boundary-condition c_skip and c_out, which is
-cmkit's `ConsistencyFunction` with the ``openai`` c_noise. Weights are read as safetensors only: a
-folder with only .bin (pickle) weights is refused rather than unpickled.
+- a discrete-time VP diffusion model (a ``DDPMPipeline``/``DDIMPipeline`` folder, or a
+  ``UNet2DModel`` folder with a DDPM-family scheduler config beside it or in ``../scheduler/``):
+  a teacher, its network in EDM's sigma by `cmkit.precond.VPDenoiser`;
+- a consistency model: a ``ConsistencyModelPipeline`` (CMStochasticIterativeScheduler, which is
+  cmkit's `ConsistencyFunction` with the ``openai`` c_noise), or a pipeline with an ``LCMScheduler``
+  (what ``cmkit export diffusers`` writes for a student of a VP teacher: `VPConsistencyFunction`).
+
+Weights are read as safetensors only: a folder with only pickled weights (.bin, .ckpt, .pt) is
+refused with the command that converts it, never unpickled. Anything else that cmkit cannot
+represent exactly (VE models, latent pipelines, unknown schedulers) is refused with one line.
 """
 
 from __future__ import annotations
@@ -15,40 +19,29 @@ from pathlib import Path
 from torch import nn
 
 from .config import base_section
+from .discrete_vp import VP_SCHEDULERS, prediction_type, table_config, time_input_for, sigma_table
 from .errors import CmkitError
-from .nets.conditioning import labels_or_null
+from .nets.diffusers_unet import DiffusersUNet, unet_config
 from .noise import NoiseConfig
-from .objectives import methods
-from .precond import ConsistencyFunction
+from .objectives import get_method, methods
+from .precond import build_wrapper
 from .safe_io import read_json
 
 SIDECAR = "cmkit.json"  # what diffusers' configs cannot say: class names, the null label, cmkit's noise
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+PIPELINES = ("ConsistencyModelPipeline", "DDPMPipeline", "DDIMPipeline", "PNDMPipeline")
+VE_SCHEDULERS = ("ScoreSdeVeScheduler", "KarrasVeScheduler")
+
+
+def _teacher_method() -> str:
+    """The method an imported diffusion model counts as: the registry's diffusion method."""
+    return next(name for name, spec in methods().items() if spec.diffusion)
 
 
 def _pipeline_method() -> str:
-    """The method an imported pipeline without cmkit's record counts as: the first whose runs are
-    this kind of model (a boundary-condition consistency function a pipeline can carry)."""
+    """The method an imported consistency pipeline without cmkit's record counts as: the first whose
+    runs are this kind of model (a boundary-condition consistency function a pipeline can carry)."""
     return next(name for name, spec in methods().items() if "diffusers" in spec.export_formats)
-
-
-class DiffusersUNet(nn.Module):
-    """A loaded UNet2DModel behind cmkit's backbone interface F(x, c_noise, class_labels).
-    ``null_label``: whether its label embedding has cmkit's extra null row (K + 1 rows)."""
-
-    def __init__(self, unet, num_classes: int):
-        super().__init__()
-        self.unet, self.num_classes = unet, num_classes
-        self.image_channels = unet.config.in_channels
-        size = unet.config.sample_size
-        self.resolution = size if isinstance(size, int) else size[0]
-
-    def forward(self, x, c_noise, class_labels=None):
-        labels = None
-        if self.num_classes:
-            if class_labels is None and self.unet.config.num_class_embeds == self.num_classes:
-                raise ValueError("this model has no null label: pass class labels")
-            labels = labels_or_null(class_labels, self.num_classes, x.shape[0], x.device)
-        return self.unet(x, c_noise.to(x.dtype).expand(x.shape[0]), class_labels=labels).sample
 
 
 class ClipDenoised(nn.Module):
@@ -80,54 +73,122 @@ def is_diffusers_folder(path: str | Path) -> bool:
         return False
 
 
-def _find_scheduler(path: Path) -> dict:
+def _find_scheduler(path: Path) -> dict | None:
     for candidate in (path / "scheduler" / "scheduler_config.json", path / "scheduler_config.json",
                       path.parent / "scheduler" / "scheduler_config.json"):
         if candidate.is_file():
             config = read_json(candidate, "scheduler config")
-            if not isinstance(config, dict) or config.get("_class_name", "CMStochasticIterativeScheduler") != \
-                    "CMStochasticIterativeScheduler":
-                raise CmkitError(f"{candidate} is a {config.get('_class_name')!r} config; cmkit imports consistency "
-                                 "models (CMStochasticIterativeScheduler)")
+            if not isinstance(config, dict):
+                raise CmkitError(f"{candidate} is not a scheduler config (a JSON object)")
             return config
-    from diffusers import CMStochasticIterativeScheduler
-    return dict(CMStochasticIterativeScheduler().config)  # the pipeline's defaults, as diffusers would use
+    return None
+
+
+def _check_pipeline(path: Path) -> None:
+    index = read_json(path / "model_index.json", "pipeline index")
+    name = index.get("_class_name") if isinstance(index, dict) else None
+    if isinstance(index, dict) and ("vae" in index or "text_encoder" in index):
+        raise CmkitError(f"{path} holds a latent pipeline ({name}); cmkit imports pixel-space UNet2DModel pipelines")
+    if name not in PIPELINES:
+        raise CmkitError(f"{path} holds a {name!r}; cmkit imports {', '.join(PIPELINES)} folders and UNet2DModel "
+                         "folders")
+
+
+def _check_weights(unet_dir: Path) -> None:
+    if not (unet_dir / "config.json").is_file():
+        raise CmkitError(f"{unet_dir} has no config.json: not a diffusers UNet2DModel folder")
+    if (unet_dir / WEIGHTS).is_file():
+        return
+    pickles = sorted(p.name for p in unet_dir.iterdir() if p.suffix in (".bin", ".ckpt", ".pt", ".pth"))
+    if pickles:
+        raise CmkitError(f"{unet_dir} has only pickled weights ({pickles[0]}); cmkit never unpickles them: convert "
+                         f"once with UNet2DModel.from_pretrained('{unet_dir}').save_pretrained('{unet_dir}', "
+                         "safe_serialization=True)")
+    raise CmkitError(f"{unet_dir} has no {WEIGHTS}")
+
+
+def _kind(scheduler: dict | None) -> str:
+    """"consistency" (CMStochasticIterativeScheduler), "lcm" (a VP consistency student) or "vp"."""
+    name = "CMStochasticIterativeScheduler" if scheduler is None else scheduler.get("_class_name")
+    if name == "CMStochasticIterativeScheduler":
+        return "consistency"
+    if name in VE_SCHEDULERS:
+        raise CmkitError(f"{name} is a continuous-time VE model (score network); cmkit imports discrete-time VP "
+                         "(DDPM-family) teachers and consistency pipelines")
+    if name not in VP_SCHEDULERS:
+        raise CmkitError(f"unknown scheduler {name!r}; cmkit imports CMStochasticIterativeScheduler and the "
+                         "DDPM-family schedulers (DDPMScheduler, DDIMScheduler, ...)")
+    return "lcm" if name == "LCMScheduler" else "vp"
 
 
 def load_diffusers(path: str | Path, device: str = "cpu") -> tuple[dict, nn.Module]:
-    """(a cmkit run config, the consistency function f(x, sigma)) of a diffusers folder."""
+    """(a cmkit run config, the model: a denoiser D(x, sigma) or consistency function f(x, sigma))
+    of a diffusers folder."""
     from diffusers import UNet2DModel
 
     path = Path(path)
-    unet_dir = path / "unet" if (path / "model_index.json").is_file() else path
-    if (path / "model_index.json").is_file():
-        index = read_json(path / "model_index.json", "pipeline index")
-        if not isinstance(index, dict) or index.get("_class_name") not in ("ConsistencyModelPipeline", None):
-            raise CmkitError(f"{path} holds a {index.get('_class_name')!r}; cmkit imports ConsistencyModelPipeline "
-                             "folders and UNet2DModel folders")
-    if not (unet_dir / "diffusion_pytorch_model.safetensors").is_file():
-        raise CmkitError(f"{unet_dir} has no diffusion_pytorch_model.safetensors (cmkit never unpickles .bin "
-                         "weights: convert them to safetensors first)")
+    pipeline = (path / "model_index.json").is_file()
+    if pipeline:
+        _check_pipeline(path)
+    unet_dir = path / "unet" if pipeline else path
+    _check_weights(unet_dir)
     scheduler = _find_scheduler(path)
-    try:
-        unet = UNet2DModel.from_pretrained(str(unet_dir), use_safetensors=True, low_cpu_mem_usage=False)
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
-        raise CmkitError(f"cannot load the UNet in {unet_dir}: {str(e).splitlines()[0]}") from None
+    kind = _kind(scheduler)
     sidecar = read_json(path / SIDECAR, "cmkit export record") if (path / SIDECAR).is_file() else {}
-    embeds = unet.config.num_class_embeds or 0
-    num_classes = sidecar.get("num_classes", embeds)
-    noise = NoiseConfig(sigma_min=scheduler["sigma_min"], sigma_max=scheduler["sigma_max"],
-                        sigma_data=scheduler["sigma_data"], rho=scheduler["rho"])
-    backbone = DiffusersUNet(unet, num_classes)
-    model: nn.Module = ConsistencyFunction(backbone, noise, c_noise="openai")
-    if scheduler.get("clip_denoised", True):
-        model = ClipDenoised(model)
+    try:
+        vp = None if kind == "consistency" else _vp_section(scheduler, sidecar)
+        unet = UNet2DModel.from_pretrained(str(unet_dir), use_safetensors=True, low_cpu_mem_usage=False)
+    except ValueError as e:
+        raise CmkitError(f"{path}: {str(e).splitlines()[0]}") from None
+    except (OSError, KeyError, TypeError, RuntimeError) as e:
+        raise CmkitError(f"cannot load the UNet in {unet_dir}: {str(e).splitlines()[0]}") from None
+    if vp is not None:
+        vp["time_input"] = time_input_for(dict(unet.config))
+    num_classes = sidecar.get("num_classes", unet.config.num_class_embeds or 0)
+    null_label = sidecar.get("has_null_label")
+    try:
+        backbone = DiffusersUNet(unet, num_classes, null_label)
+    except ValueError as e:
+        raise CmkitError(f"{unet_dir}: {e}" + ("" if sidecar else f" (say so in {path / SIDECAR}: "
+                                                                 '{"num_classes": K, "has_null_label": true})'))
     shape = [backbone.image_channels, backbone.resolution, backbone.resolution]
-    config = {"method": sidecar.get("method", _pipeline_method()), "source": "diffusers", "noise": noise.__dict__.copy(),
-              "model": {"backbone": "diffusers-unet", "num_classes": num_classes, "c_noise": "openai"},
+    model_section = {"backbone": "diffusers", "unet": unet_config(unet), "num_classes": num_classes,
+                     "null_label": backbone.null_label, "image_channels": shape[0], "resolution": shape[1]}
+    if kind == "consistency":
+        scheduler = scheduler or _default_cm_scheduler()
+        noise = NoiseConfig(sigma_min=scheduler["sigma_min"], sigma_max=scheduler["sigma_max"],
+                            sigma_data=scheduler["sigma_data"], rho=scheduler["rho"])
+        model_section["c_noise"] = "openai"
+        method = sidecar.get("method", _pipeline_method())
+    else:
+        table = sigma_table(vp["table"])
+        noise = NoiseConfig(**sidecar["noise"]) if "noise" in sidecar else NoiseConfig(
+            sigma_min=float(table[0]), sigma_max=float(table[-1]))
+        model_section.update(c_noise="timestep", vp=vp)
+        method = _teacher_method() if kind == "vp" else sidecar.get("method", _pipeline_method())
+    config = {"method": method, "source": "diffusers", "noise": noise.__dict__.copy(), "model": model_section,
               "standardizer": {"kind": "image", "shape": shape},
-              "train": {"label_dropout": 0.1 if sidecar.get("has_null_label") else 0.0},
-              "objective": {"num_levels": scheduler["num_train_timesteps"]},
+              "train": {"label_dropout": 0.1 if backbone.null_label else 0.0},
+              "objective": {"num_levels": scheduler["num_train_timesteps"]} if kind == "consistency" else {},
               "class_names": sidecar.get("class_names"),
               "data": {**base_section("data"), "name": None, "resolution": shape[1]}}
+    model = build_wrapper(get_method(method).wrapper, backbone, noise, model_section)
+    if kind == "consistency" and scheduler.get("clip_denoised", True):
+        model = ClipDenoised(model)
     return config, model.to(device).eval().requires_grad_(False)
+
+
+def _vp_section(scheduler: dict, sidecar: dict) -> dict:
+    """A run config's ``model.vp`` for a VP network: its table, prediction type and time input."""
+    vp = {"prediction_type": prediction_type(scheduler), "table": table_config(scheduler)}
+    if scheduler.get("clip_sample") and scheduler.get("_class_name") == "LCMScheduler":
+        raise ValueError("an LCMScheduler with clip_sample clamps x0 before the boundary scalings; cmkit's "
+                         "students do not")
+    if scheduler.get("_class_name") == "LCMScheduler":
+        vp["timestep_scaling"] = float(scheduler.get("timestep_scaling", 10.0))
+    return vp
+
+
+def _default_cm_scheduler() -> dict:
+    from diffusers import CMStochasticIterativeScheduler
+    return dict(CMStochasticIterativeScheduler().config)  # the pipeline's defaults, as diffusers would use

@@ -12,6 +12,7 @@ import abc
 import torch
 from torch import nn
 
+from .discrete_vp import SigmaTable, lcm_boundary, sigma_table, vp_scalings
 from .noise import (C_NOISE, FLOW_TIME_SCALES, NoiseConfig, broadcast_to_batch, consistency_scalings, edm_scalings,
                     flow_from_sigma, flow_state, sigma_from_trigflow)
 
@@ -75,6 +76,77 @@ class ConsistencyFunction(Preconditioned):
 
     def scalings(self, sigma):
         return consistency_scalings(sigma, self.noise.sigma_data, self.noise.sigma_min)
+
+
+class VPDenoiser(EDMDenoiser):
+    """D(x, sigma) of a discrete-time VP network (a diffusers DDPM/DDIM UNet) in EDM's sigma:
+    c_in = 1 / sqrt(1 + sigma^2) turns x_sigma into the VP state, the time input is the diffusers
+    timestep t(sigma) of the scheduler's table (`cmkit.discrete_vp.SigmaTable`), and c_skip, c_out
+    follow the prediction type (`cmkit.discrete_vp.vp_scalings`).
+
+    ``vp``: {"prediction_type", "time_input" ("nearest" or "interpolated"), "table" (the
+    scheduler's betas, `cmkit.discrete_vp.table_config`), "timestep_scaling" (students only)}."""
+
+    def __init__(self, backbone: nn.Module, noise: NoiseConfig = NoiseConfig(), c_noise: str = "timestep", *,
+                 vp: dict):
+        nn.Module.__init__(self)
+        if c_noise != "timestep":
+            raise ValueError(f"a VP network's time input is its diffusers timestep, not c_noise={c_noise!r}")
+        self.backbone, self.noise, self.c_noise_name = backbone, noise, c_noise
+        self.prediction_type = vp["prediction_type"]
+        self.table = SigmaTable(sigma_table(vp["table"]), vp["time_input"])
+        self.c_noise = self.table.timestep
+        self.timestep_scaling = float(vp.get("timestep_scaling", 10.0))
+
+    def scalings(self, sigma):
+        return vp_scalings(sigma, self.prediction_type)
+
+    def round_sigma(self, sigma: torch.Tensor) -> torch.Tensor:
+        """Noise levels moved onto the table where the network only knows its levels."""
+        return self.table.round_sigma(sigma)
+
+    def trigflow(self, u: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None,
+                 guidance: torch.Tensor | None = None) -> torch.Tensor:
+        """sCM's F_trig(u, t) = (cos t x_t - D(x_t / cos t, sd tan t)) / (sd sin t), x_t = sd u, so
+        that f = cos t x_t - sd sin t F_trig is this denoiser (for EDM's own network the same
+        identity reduces to -backbone)."""
+        if self.table.time_input == "nearest":
+            raise ValueError("a network with integer (learned) time embeddings has no derivative along t")
+        sd = self.noise.sigma_data
+        cos, sin = broadcast_to_batch(t.cos(), u), broadcast_to_batch(t.sin(), u)
+        denoised = self(u * sd / cos, sigma_from_trigflow(t, sd), class_labels, guidance)
+        return (cos * u * sd - denoised) / (sin * sd)
+
+
+class VPConsistencyFunction(VPDenoiser):
+    """f(x, sigma) of a student of a VP teacher: LCM's boundary scalings (Luo et al. 2023; diffusers'
+    ``LCMScheduler``) over the teacher's parametrization,
+
+        f = c_skip(t) x + c_out(t) D_vp(x, sigma),   c_skip = sd^2 / ((s t)^2 + sd^2),
+        c_out = s t / sqrt((s t)^2 + sd^2),          t = t(sigma), s = timestep_scaling (10),
+
+    so f(x, sigma_0) = x exactly at the table's first level (t = 0), and a student initialised from
+    its teacher starts as the teacher's denoiser wherever t >= 1. (LCMScheduler applies c_skip to
+    the VP state x / sqrt(1 + sigma^2); the two differ by under 3e-7 x at t >= 1.)"""
+
+    def scalings(self, sigma):
+        c_skip, c_out, c_in = vp_scalings(sigma, self.prediction_type)
+        b_skip, b_out = lcm_boundary(self.table.timestep(sigma), self.timestep_scaling)
+        return b_skip + b_out * c_skip, b_out * c_out, c_in
+
+
+# The wrapper a method names (for EDM-parametrized networks), and its counterpart for a VP network.
+VP_WRAPPERS = {EDMDenoiser: VPDenoiser, ConsistencyFunction: VPConsistencyFunction}
+
+
+def build_wrapper(wrapper: type[nn.Module], backbone: nn.Module, noise: NoiseConfig, model: dict) -> nn.Module:
+    """``backbone`` in the method's ``wrapper``, or in its VP counterpart when the run's model
+    section describes a VP network (``model["vp"]``, a diffusers teacher and its students)."""
+    if "vp" not in model:
+        return wrapper(backbone, noise, c_noise=model.get("c_noise", "edm"))
+    if wrapper not in VP_WRAPPERS:
+        raise ValueError(f"a {wrapper.__name__} cannot start from a discrete-time VP (DDPM) network")
+    return VP_WRAPPERS[wrapper](backbone, noise, c_noise=model.get("c_noise", "timestep"), vp=model["vp"])
 
 
 class MeanFlowModel(nn.Module):

@@ -21,6 +21,7 @@ from .nets import build_backbone
 from .noise import NoiseConfig, append_zero, check_sigmas, karras_sigmas
 from .objectives import MethodSpec, get_method
 from .objectives.registry import noise_config
+from .precond import build_wrapper
 from .sampling import SAMPLERS, sample_levels
 
 
@@ -28,8 +29,7 @@ def build_model(config: dict) -> torch.nn.Module:
     """The preconditioned network a config describes (random weights): the backbone in its
     method's wrapper (`MethodSpec.wrapper`)."""
     wrapper = get_method(config["method"]).wrapper
-    backbone = build_backbone(config["model"])
-    return wrapper(backbone, noise_config(config), c_noise=config["model"].get("c_noise", "edm"))
+    return build_wrapper(wrapper, build_backbone(config["model"]), noise_config(config), config["model"])
 
 
 MULTISTEP_HIGH = 0.8
@@ -241,11 +241,41 @@ class Run:
             except ValueError as e:
                 raise CmkitError(str(e)) from None
             levels = torch.tensor(sigmas, dtype=torch.float32)
-            return append_zero(levels) if self.is_diffusion else levels
+            return self._on_table(append_zero(levels) if self.is_diffusion else levels)
         tuned = self.config.get("sampling", {}).get("sigmas", {}).get(str(steps))
         if tuned is not None and not self.is_diffusion:  # chosen by cmkit tune-sigmas
-            return torch.tensor(tuned, dtype=torch.float32)
-        return default_levels(self.is_diffusion, self.noise_range, steps)
+            return self._on_table(torch.tensor(tuned, dtype=torch.float32))
+        return self._on_table(default_levels(self.is_diffusion, self.noise_range, steps))
+
+    def _on_table(self, levels: torch.Tensor) -> torch.Tensor:
+        """``levels`` moved onto the noise table of a network that knows only its levels (a
+        diffusers UNet with learned time embeddings; EDM's ``round_sigma``), repeats dropped."""
+        round_sigma = getattr(self.model, "round_sigma", None)
+        if round_sigma is None:
+            return levels
+        positive = round_sigma(levels[levels > 0])
+        keep = torch.cat([torch.ones(1, dtype=torch.bool), positive[1:] < positive[:-1]])
+        return torch.cat([positive[keep], levels[levels <= 0]])
+
+    def denoise(self, x: torch.Tensor, sigma, class_labels=None) -> torch.Tensor:
+        """The network's estimate of the clean data at noise level ``sigma`` (a number or one per
+        sample, within `noise_range`), in model units: D(x; sigma) for a diffusion run, f(x, sigma)
+        for a consistency model. ``class_labels``: a tensor of label indices (a conditional run)."""
+        x = torch.as_tensor(x, dtype=torch.float32)
+        if tuple(x.shape[1:]) != self.shape:
+            raise CmkitError(f"x must have shape (n, {', '.join(map(str, self.shape))}), got {tuple(x.shape)}")
+        sigma = torch.as_tensor(sigma, dtype=torch.float32)
+        lo, hi = self.noise_range.sigma_min, self.noise_range.sigma_max
+        if not bool(torch.isfinite(sigma).all()) or bool((sigma < lo * (1 - 1e-6)).any()) \
+                or bool((sigma > hi * (1 + 1e-6)).any()):
+            raise CmkitError(f"sigma must lie in the run's noise range [{lo:g}, {hi:g}]")
+        if class_labels is not None:
+            class_labels = torch.as_tensor(class_labels).long().to(self.device)
+        try:
+            with torch.inference_mode():
+                return self.model(x.to(self.device), sigma.to(self.device), class_labels).float().cpu()
+        except ValueError as e:
+            raise CmkitError(str(e)) from None
 
     def sample(self, n: int, **kwargs) -> np.ndarray:
         """``n`` samples in data units: float64 (n, dim) for vectors, uint8 (n, C, H, W) for

@@ -41,6 +41,7 @@ from .objectives import MethodSpec, get_method, methods
 from .plotting import save_image_grid
 from .run import Run, build_model, default_levels, generate, noise_config
 
+IMAGE_BACKBONES = ("unet", "diffusers")  # cmkit's UNet presets, or a diffusers teacher's own UNet2DModel
 GRID_SAMPLES = 64  # images in each progress grid (8 x 8)
 VOLATILE_METRICS = ("images_per_s", "max_memory_mb")  # measured, so no two runs share them
 GRID_SEED = 0  # the same noise every time, so grids show the model changing, not the noise
@@ -76,12 +77,15 @@ def _inherit(config: dict, key: str, flag: str, source: Run, check: bool) -> dic
     return out
 
 
-def _warn_about_time_input(config: dict, spec: MethodSpec) -> None:
+def _check_time_input(config: dict, spec: MethodSpec, quiet: bool) -> None:
     """sCT/sCD differentiate the network along t. OpenAI's c_noise = 250 ln(sigma) moves the UNet's
     time embedding so fast near both ends of the noise range that the derivative explodes and
     training fails (digits: FD 429 against 25 from the same teacher with EDM's c_noise)."""
     model = config["model"]
-    if spec.time_derivative and model.get("backbone") == "unet" and model.get("c_noise") == "openai":
+    if spec.time_derivative and model.get("vp", {}).get("time_input") == "nearest":
+        raise CmkitError(f"{spec.name} differentiates the network along the noise level, and this UNet's time "
+                         "embedding is a learned table of integer timesteps (no derivative); use cd or ect")
+    if spec.time_derivative and model.get("backbone") == "unet" and model.get("c_noise") == "openai" and not quiet:
         print(f"cmkit: warning: this run's time input is OpenAI's c_noise = 250 ln(sigma), which {spec.name} cannot "
               "differentiate stably; train the teacher with --set model.c_noise=edm (docs/images.md)",
               file=sys.stderr)
@@ -178,11 +182,11 @@ def resolve_run_config(config: dict, *, resumed: bool = False, quiet: bool = Fal
     if not is_builtin(d["name"]):
         d["name"] = str(Path(d["name"]).resolve())  # so eval finds it from any directory
     config = _resolve_classes(config, data, teacher)
-    if not resumed and not quiet:
-        _warn_about_time_input(config, spec)
+    if not resumed:
+        _check_time_input(config, spec, quiet)
     if images:
         _check_fingerprint(config, data, resumed)
-        if config["model"]["backbone"] != "unet":
+        if config["model"]["backbone"] not in IMAGE_BACKBONES:
             raise CmkitError(f"image data needs the unet backbone, not {config['model']['backbone']!r}")
         config.setdefault("standardizer", ImageScaler(shape).state())
         config["model"].update(image_channels=shape[0], resolution=shape[1])

@@ -1,4 +1,5 @@
-"""diffusers out: a cmkit consistency model as a ``ConsistencyModelPipeline`` folder (such folders
+"""diffusers out: a cmkit consistency model as a ``ConsistencyModelPipeline`` folder, or, for a
+student of a DDPM-family teacher, a ``DDPMPipeline`` folder with an ``LCMScheduler`` (such folders
 load back as runs: `cmkit.diffusers_runs`).
 
     cmkit export diffusers --checkpoint runs/fm-cd --out fm-cd-diffusers
@@ -54,24 +55,49 @@ def export_diffusers(run, out: str | Path, *, levels: int | None = None, clip_de
         raise CmkitError(f"export diffusers takes a consistency model with the boundary-condition "
                          f"parametrization ({', '.join(exportable)}); this is a {run.method} run")
     backbone = run.model.backbone
-    if getattr(backbone, "combined", False) or getattr(backbone, "time_inputs", 1) != 1:
+    if (getattr(backbone, "combined", False) or getattr(backbone, "guidance_input", False)
+            or getattr(backbone, "time_inputs", 1) != 1):
         raise CmkitError("this run's UNet takes a guidance scale or a second time input, which "
-                         "ConsistencyModelPipeline cannot pass")
-    if run.model.c_noise_name != "openai":
-        raise CmkitError("the pipeline's scheduler feeds the UNet 250 ln(sigma) (model.c_noise=openai); "
-                         f"this run uses c_noise={run.model.c_noise_name}")
+                         "diffusers' pipelines cannot pass")
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise CmkitError(f"{out} already exists and is not empty")
+    if "vp" in run.config["model"]:
+        if levels is not None or clip_denoised:
+            raise CmkitError("--levels and --clip-denoised apply to ConsistencyModelPipeline exports; a student of "
+                             "a DDPM teacher exports with an LCMScheduler on its teacher's timesteps")
+        return _export_lcm(run, out)
+    if run.model.c_noise_name != "openai":
+        raise CmkitError("the pipeline's scheduler feeds the UNet 250 ln(sigma) (model.c_noise=openai); "
+                         f"this run uses c_noise={run.model.c_noise_name}")
     levels = levels or _grid_levels(run)
     scheduler = CMStochasticIterativeScheduler.from_config(_scheduler_config(run, levels, clip_denoised))
     pipe = ConsistencyModelPipeline(unet=backbone.unet, scheduler=scheduler)
     pipe.save_pretrained(str(out), safe_serialization=True)
+    _write_sidecar(run, out)
+    return out
+
+
+def _export_lcm(run, out: Path) -> Path:
+    """A student of a DDPM-family teacher as a ``DDPMPipeline`` folder whose scheduler is an
+    ``LCMScheduler`` on the teacher's betas: the scheduler's boundary scalings are the student's
+    (`cmkit.precond.VPConsistencyFunction`), so ``DDPMPipeline.from_pretrained(out)(num_inference_steps=k)``
+    samples it in k steps, and cmkit loads the folder back as the same run."""
+    from diffusers import DDPMPipeline, LCMScheduler
+
+    vp = run.config["model"]["vp"]
+    scheduler = LCMScheduler(**vp["table"], prediction_type=vp["prediction_type"], clip_sample=False,
+                             timestep_scaling=vp.get("timestep_scaling", 10.0))
+    DDPMPipeline(unet=run.model.backbone.unet, scheduler=scheduler).save_pretrained(str(out), safe_serialization=True)
+    _write_sidecar(run, out)
+    return out
+
+
+def _write_sidecar(run, out: Path) -> None:
     sidecar = {"method": run.method, "noise": run.config["noise"], "num_classes": run.num_classes,
                "class_names": run.class_names, "has_null_label": run.has_null_label,
                "source": str(run.path)}
     (out / SIDECAR).write_text(json.dumps(sidecar, indent=2) + "\n")
-    return out
 
 
 def diffusers_timesteps(sigmas, noise: NoiseConfig, levels: int) -> list[int]:

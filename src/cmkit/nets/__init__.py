@@ -11,6 +11,7 @@ from typing import Protocol
 
 import torch
 
+from .diffusers_unet import DiffusersUNet
 from .mlp import ResidualMLP
 from .unet import PRESETS as UNET_PRESETS, UNet
 
@@ -20,7 +21,7 @@ class Backbone(Protocol):
                  **guidance) -> torch.Tensor: ...
 
 
-BACKBONES = {"mlp": ResidualMLP, "unet": UNet}
+BACKBONES = {"mlp": ResidualMLP, "unet": UNet, "diffusers": DiffusersUNet}
 
 
 def build_backbone(config: dict) -> torch.nn.Module:
@@ -29,7 +30,8 @@ def build_backbone(config: dict) -> torch.nn.Module:
     name = kwargs.pop("backbone")
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; known: {', '.join(sorted(BACKBONES))}")
-    kwargs.pop("c_noise", None)  # consumed by the preconditioner, not the backbone
+    for key in ("c_noise", "vp"):  # consumed by the preconditioner, not the backbone
+        kwargs.pop(key, None)
     kwargs["num_classes"] = kwargs.get("num_classes") or 0  # null (not yet resolved) or absent: unconditional
     return BACKBONES[name](**kwargs)
 
@@ -51,4 +53,4 @@ def load_backbone_weights(target: torch.nn.Module, source: torch.nn.Module) -> N
         raise ValueError(f"the networks differ: missing {new[:3]}, unexpected {unexpected[:3]}")
 
 
-__all__ = ["Backbone", "BACKBONES", "ResidualMLP", "UNET_PRESETS", "UNet", "build_backbone", "load_backbone_weights"]
+__all__ = ["Backbone", "BACKBONES", "DiffusersUNet", "ResidualMLP", "UNET_PRESETS", "UNet", "build_backbone", "load_backbone_weights"]
