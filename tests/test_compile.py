@@ -56,12 +56,11 @@ def _gradients(trainer: Trainer) -> torch.Tensor:
     return torch.cat([p.grad.flatten() for p in trainer.optimizer.param_groups[0]["params"] if p.grad is not None])
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_the_compiled_step_equals_the_eager_one_and_compiles_every_network_pass(method, tiny_teacher, aot_eager):
-    from torch._dynamo.utils import counters
-    eager, compiled = (Trainer(_config(method, tiny_teacher, c)) for c in (False, True))
+def _steps_agree(eager: Trainer, compiled: Trainer, counters, steps: int = 4) -> list:
+    """Train both for ``steps`` steps, checking that losses, gradients and logs agree; the number
+    of graphs dynamo has compiled after each step."""
     graphs = []
-    for step in range(4):
+    for step in range(steps):
         a, b = eager.step(step), compiled.step(step)
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-9), f"step {step}"
         ga, gb = _gradients(eager), _gradients(compiled)
@@ -69,6 +68,14 @@ def test_the_compiled_step_equals_the_eager_one_and_compiles_every_network_pass(
         assert set(a) == set(b) and all(b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6)
                                          for k in a if k not in ("loss", "grad_norm"))
         graphs.append(counters["stats"]["unique_graphs"])
+    return graphs
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_the_compiled_step_equals_the_eager_one_and_compiles_every_network_pass(method, tiny_teacher, aot_eager):
+    from torch._dynamo.utils import counters
+    eager, compiled = (Trainer(_config(method, tiny_teacher, c)) for c in (False, True))
+    graphs = _steps_agree(eager, compiled, counters)
     assert graphs[-1] == graphs[0], f"{method} recompiled as the schedule moved: {graphs}"
     # Every network pass of a step, as (inside a compiled graph, with gradients), on a trainer of
     # its own, traced afresh (dynamo does not guard on hooks, and guards on the recording list).
@@ -161,3 +168,20 @@ def test_compile_options_on_the_command_line_and_on_resume(tmp_path, capsys, aot
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     expected = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
     assert [r["loss"] for r in logged] == pytest.approx([r["loss"] for r in expected], rel=1e-5)
+
+
+def test_a_guided_step_compiles_with_its_condition_as_inputs(tmp_path, aot_eager):
+    """The condition (labels and per-sample guidance scales) enters the compiled loss as a pytree
+    of tensors: the same loss and gradients as eager, and no recompile as the labels change."""
+    import numpy as np
+    from torch._dynamo.utils import counters
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 600)
+    np.savez(tmp_path / "blobs.npz", x=np.stack([y, -y], 1) + 0.3 * rng.standard_normal((600, 2)), labels=y)
+    assert cli("train", "--method", "edm", "--data", tmp_path / "blobs.npz", "--label-dropout", 0.2, *TINY,
+               "--steps", 3, "--out", tmp_path / "edm") == 0
+    data = {**SMALL, "data.name": str(tmp_path / "blobs.npz")}
+    eager, compiled = (Trainer(build_config("cd", **data, teacher=str(tmp_path / "edm"), **{
+        "objective.guidance": [1.0, 3.0], "train.steps": 4, "train.compile": c})) for c in (False, True))
+    graphs = _steps_agree(eager, compiled, counters)
+    assert graphs[-1] == graphs[0], f"recompiled as the labels changed: {graphs}"

@@ -18,6 +18,8 @@ import pytest
 import torch
 
 import cmkit
+from cmkit.condition import Condition
+from cmkit.discrete_vp import STUDENT_SIGMA_MAX
 from cmkit.sampling import sample_euler
 from helpers import cli, tree_digest
 
@@ -163,9 +165,16 @@ def test_cd_from_a_ddpm_folder_trains_resumes_samples_and_exports(tmp_path, teac
     assert cli("export", "diffusers", "--checkpoint", whole, "--out", tmp_path / "pipe", "--quiet") == 0
     run, back = cmkit.load_run(whole), cmkit.load_run(tmp_path / "pipe")
     assert back.method == "cd" and not back.is_diffusion and back.noise_range == run.noise_range
+    # The student's range stops at STUDENT_SIGMA_MAX; so do the pipeline's levels.
+    top = STUDENT_SIGMA_MAX
+    assert run.noise_range.sigma_max == top < cmkit.load_run(teacher).noise_range.sigma_max
+    x = torch.randn(2, 1, 8, 8) * top
+    torch.testing.assert_close(back.denoise(x, top), run.denoise(x, top), rtol=1e-5, atol=1e-5 * top)
     pipe = DDPMPipeline.from_pretrained(str(tmp_path / "pipe"))
     sched, z = pipe.scheduler, torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(3))
     sched.set_timesteps(4)
+    abar_top = sched.alphas_cumprod[sched.timesteps[0]]
+    assert ((1 - abar_top) / abar_top).sqrt() <= STUDENT_SIGMA_MAX
     for t in sched.timesteps:
         abar = sched.alphas_cumprod[t]
         sigma = ((1 - abar) / abar).sqrt()
@@ -206,8 +215,8 @@ def test_a_class_conditional_unet_distills_with_guidance(tmp_path):
     fresh = Trainer(build_config("cd", teacher=str(folder), **{"data.name": "digits", "objective.guidance": [1, 3]}))
     x, sigma, labels = torch.randn(2, 1, 8, 8) * 5, torch.tensor([5.0, 5.0]), torch.tensor([1, 2])
     with torch.no_grad():
-        a = fresh.net(x, sigma, labels, guidance=torch.tensor([1.0, 3.0]))
-        b = fresh.net(x, sigma, labels, guidance=torch.tensor([2.0, 2.0]))
+        a = fresh.net(x, sigma, Condition(labels=labels, guidance=torch.tensor([1.0, 3.0])))
+        b = fresh.net(x, sigma, Condition(labels=labels, guidance=torch.tensor([2.0, 2.0])))
     torch.testing.assert_close(a, b)
     images = student.sample(4, class_labels="3", guidance=2.0, seed=0)
     assert images.shape == (4, 1, 8, 8)
@@ -255,6 +264,10 @@ def test_refusals_are_one_line_and_write_nothing(tmp_path, capsys):
     assert "VE" in _error(capsys, "sample", "--checkpoint", folder("ve", _class_name="ScoreSdeVeScheduler"),
                           "--n", 2, "--out", tmp_path / "s.npy")
     good = folder("good")
+    unscheduled = folder("nosched")
+    (unscheduled / "scheduler" / "scheduler_config.json").unlink()
+    assert "no scheduler" in _error(capsys, "sample", "--checkpoint", unscheduled, "--n", 2,
+                                    "--out", tmp_path / "s.npy")
     # Data of another size or channel count than the UNet's.
     assert "shape" in _error(capsys, "train", "--method", "cd", "--teacher", good, *DIGITS,
                              "--set", "data.resolution=16", "--out", out)

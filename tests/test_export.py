@@ -20,6 +20,7 @@ from PIL import Image
 import torch
 
 import cmkit
+from cmkit.condition import Condition
 from cmkit.export.diffusers_io import diffusers_timesteps
 from cmkit.export.onnx import onnx_parity
 from cmkit.run import generate
@@ -63,7 +64,7 @@ def _diffusers_samples(pipe, n, seed, noise=None, labels=None, **steps):
 
 def _cmkit_samples(run, n, seed, sigmas, noise=None, labels=None):
     x = generate(run.model, run.shape, torch.tensor(sigmas), is_diffusion=False, n=n, seed=seed,
-                 noise=noise, sigma_min=run.noise_range.sigma_min, class_labels=labels)
+                 noise=noise, sigma_min=run.noise_range.sigma_min, condition=Condition(labels=labels))
     return ((x / 2 + 0.5).clamp(0, 1))
 
 

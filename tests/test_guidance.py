@@ -13,6 +13,7 @@ import torch
 
 from cmkit.analytic import GaussianMixture
 from cmkit.classes import resolve_labels
+from cmkit.condition import Condition
 from cmkit.errors import CmkitError
 from cmkit.guidance import GuidedDenoiser, guided_denoise
 from cmkit.nets import ResidualMLP, UNet, load_backbone_weights
@@ -42,13 +43,13 @@ class AnalyticBackbone(torch.nn.Module):
         self.ideal = BLOBS.as_class_denoiser()
         self.anchor = torch.nn.Parameter(torch.zeros(()))  # a module with a parameter, like a real one
 
-    def forward(self, u, c_noise, class_labels=None):
+    def forward(self, u, c_noise, condition=None):
         from cmkit.noise import edm_scalings
 
         sigma = torch.exp(4 * c_noise)  # EDM's c_noise = ln(sigma) / 4
         c_skip, c_out, c_in = (c[:, None] for c in edm_scalings(sigma, self.noise.sigma_data))
         x = u / c_in
-        labels = None if class_labels is None else class_labels.clone()
+        labels = None if condition is None or condition.labels is None else condition.labels.clone()
         if labels is not None:
             labels[labels == self.num_classes] = -1  # the null label: the mixture's denoiser
         d = self.ideal(x.double(), sigma.double(), labels).to(x.dtype)
@@ -109,7 +110,7 @@ def test_guided_student_starts_equal_to_its_teacher_at_every_scale(net):
     with torch.no_grad():
         want = teacher(x, 2.0, labels)
         for w in (0.0, 1.0, 7.5):
-            torch.testing.assert_close(student(x, 2.0, labels, guidance=torch.full((6,), w)), want)
+            torch.testing.assert_close(student(x, 2.0, Condition(labels=labels, guidance=torch.full((6,), w))), want)
         # the labels matter, and so does the null label
         assert not torch.allclose(teacher(x, 2.0, labels.roll(1)), want)
 
@@ -200,8 +201,8 @@ def test_label_dropout_replaces_that_fraction_of_labels(blobs, monkeypatch):
     trainer = Trainer(config)
     seen = []
     draw = trainer.objective.draw  # every step's draws see the step's labels
-    monkeypatch.setattr(trainer.objective, "draw", lambda x0, *, class_labels=None, **k: (
-        seen.append(class_labels), draw(x0, class_labels=class_labels, **k))[1])
+    monkeypatch.setattr(trainer.objective, "draw", lambda x0, *, condition=None, **k: (
+        seen.append(condition.labels), draw(x0, condition=condition, **k))[1])
     trainer.step(0)
     null = float((seen[0] == 4).float().mean())
     assert abs(null - 0.3) < 0.03
@@ -263,9 +264,10 @@ def test_guided_distillation_steps_the_guided_teachers_ode(method):
     def loss(net, teacher, guidance):
         if method == "cd":
             objective = ConsistencyDistillationLoss(teacher, noise, num_levels=18, guidance=guidance)
-            return objective(net, x0, target=net, generator=torch.Generator().manual_seed(2), class_labels=labels)[0]
+            return objective(net, x0, target=net, generator=torch.Generator().manual_seed(2),
+                             condition=Condition(labels=labels))[0]
         objective = ContinuousConsistencyLoss(noise, teacher=teacher, tangent_warmup=0, guidance=guidance)
-        return objective(net, x0, generator=torch.Generator().manual_seed(2), class_labels=labels)[0]
+        return objective(net, x0, generator=torch.Generator().manual_seed(2), condition=Condition(labels=labels))[0]
 
     guided = loss(guided_net, teacher, [2.0, 2.0])
     expected = loss(plain_net, GuidedDenoiser(teacher, 2.0), None)

@@ -13,7 +13,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "cmkit"
 
 # Lowest first. A module's layer is that of its longest listed prefix.
 LAYERS = [
-    ("base", ["errors", "validate", "batch_rng", "noise", "discrete_vp", "safe_io", "plotting", "classes", "devices", "distributed",
+    ("base", ["errors", "validate", "batch_rng", "noise", "discrete_vp", "condition", "safe_io", "plotting", "classes", "devices", "distributed",
               "checkpoint"]),
     ("networks and samplers", ["nets", "sampling", "analytic", "metrics.frechet", "metrics.precision_recall",
                                "metrics.vectors", "metrics", "editing.operators"]),

@@ -113,14 +113,14 @@ class DenoisingConsistencyLoss(Objective):
     def __init__(self, p_mean: float = -1.0, p_std: float = 1.5):
         self.p_mean, self.p_std = p_mean, p_std
 
-    def draw(self, x0, *, step=0, generator=None, class_labels=None):
+    def draw(self, x0, *, step=0, generator=None, condition=None):
         rng = batch_rng(generator)
         sigma = (self.p_mean + self.p_std * rng.randn((x0.shape[0],))).exp().clamp(0.002, 80).to(x0)
         return {"sigma": sigma, "z": rng.randn(x0.shape).to(x0)}
 
-    def loss(self, net, x0, draws, *, target=None, class_labels=None):
+    def loss(self, net, x0, draws, *, target=None, condition=None):
         sigma, z = draws["sigma"], draws["z"]
-        out = net(x0 + broadcast_to_batch(sigma, x0) * z, sigma, class_labels)
+        out = net(x0 + broadcast_to_batch(sigma, x0) * z, sigma, condition)
         return (out - x0).pow(2).flatten(1).mean(1), {}
 
 

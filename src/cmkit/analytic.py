@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from .condition import as_condition
+
 from .noise import broadcast_to_batch
 
 
@@ -70,7 +72,7 @@ class GaussianMixture:
         return Gaussian(self.means[k], self.covs[k])
 
     def as_denoiser(self):
-        """A callable D(x, sigma, class_labels=None) for the samplers and the CD objective."""
+        """A callable D(x, sigma, condition=None) for the samplers and the CD objective."""
         return AnalyticDenoiser(self)
 
     def as_class_denoiser(self):
@@ -86,7 +88,7 @@ class AnalyticDenoiser(torch.nn.Module):
         super().__init__()
         self.mixture = mixture
 
-    def forward(self, x, sigma, class_labels=None):
+    def forward(self, x, sigma, condition=None):
         return self.mixture.denoise(x, sigma)
 
 
@@ -95,9 +97,10 @@ class AnalyticClassDenoiser(AnalyticDenoiser):
     def num_classes(self) -> int:
         return len(self.mixture.weights)
 
-    def forward(self, x, sigma, class_labels=None):
+    def forward(self, x, sigma, condition=None):
         K = self.num_classes
         out = self.mixture.denoise(x, sigma)
+        class_labels = as_condition(condition).labels
         if class_labels is None:
             return out
         sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).expand(x.shape[0])

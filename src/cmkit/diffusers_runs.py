@@ -59,8 +59,8 @@ class ClipDenoised(nn.Module):
     noise = property(lambda self: self.model.noise)
     c_noise_name = property(lambda self: self.model.c_noise_name)
 
-    def forward(self, x, sigma, class_labels=None):
-        return self.model(x, sigma, class_labels).clamp(-1, 1)
+    def forward(self, x, sigma, condition=None):
+        return self.model(x, sigma, condition).clamp(-1, 1)
 
 
 def is_diffusers_folder(path: str | Path) -> bool:
@@ -97,6 +97,10 @@ def _check_pipeline(path: Path) -> None:
 def _check_weights(unet_dir: Path) -> None:
     if not (unet_dir / "config.json").is_file():
         raise CmkitError(f"{unet_dir} has no config.json: not a diffusers UNet2DModel folder")
+    config = read_json(unet_dir / "config.json", "UNet config")
+    name = config.get("_class_name") if isinstance(config, dict) else None
+    if name != "UNet2DModel":
+        raise CmkitError(f"{unet_dir} holds a {name!r}; cmkit imports pixel-space UNet2DModels")
     if (unet_dir / WEIGHTS).is_file():
         return
     pickles = sorted(p.name for p in unet_dir.iterdir() if p.suffix in (".bin", ".ckpt", ".pt", ".pth"))
@@ -133,6 +137,9 @@ def load_diffusers(path: str | Path, device: str = "cpu") -> tuple[dict, nn.Modu
     unet_dir = path / "unet" if pipeline else path
     _check_weights(unet_dir)
     scheduler = _find_scheduler(path)
+    if scheduler is None and pipeline and read_json(path / "model_index.json").get("_class_name") != \
+            "ConsistencyModelPipeline":
+        raise CmkitError(f"{path} has no scheduler/scheduler_config.json: its noise levels are unknown")
     kind = _kind(scheduler)
     sidecar = read_json(path / SIDECAR, "cmkit export record") if (path / SIDECAR).is_file() else {}
     try:

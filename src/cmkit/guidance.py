@@ -19,28 +19,34 @@ import torch
 from torch import nn
 
 from .batch_rng import batch_rng
+from .condition import Condition, as_condition
 from .nets.conditioning import labels_or_null
 
 
-def guided_denoise(denoiser, x: torch.Tensor, sigma, class_labels: torch.Tensor, scale) -> torch.Tensor:
+def guided_denoise(denoiser, x: torch.Tensor, sigma, condition, scale) -> torch.Tensor:
     """D_w(x, sigma, c) for a scalar or per-sample scale w, in one batched call of the denoiser
-    (conditional and unconditional halves side by side)."""
+    (conditional and unconditional halves side by side; the unconditional half's ``condition``
+    has the null label)."""
     B = x.shape[0]
+    condition = as_condition(condition)
     scale = torch.as_tensor(scale, dtype=x.dtype, device=x.device)
     if scale.ndim == 0 and float(scale) == 1.0:
-        return denoiser(x, sigma, class_labels)
+        return denoiser(x, sigma, condition)
+    if condition.labels is None:
+        raise ValueError("classifier-free guidance needs class labels")
     sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
     sigma = sigma.expand(B) if sigma.ndim == 0 else sigma
-    labels = torch.as_tensor(class_labels, device=x.device).long().expand(B)
-    both = denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]),
-                    torch.cat([labels, labels_or_null(None, denoiser.num_classes, B, x.device)]))
+    cond = condition.replace(labels=condition.labels.to(x.device).long()).expand(B)
+    null = cond.replace(labels=labels_or_null(None, denoiser.num_classes, B, x.device))
+    both = denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), Condition.cat([cond, null], [B, B]))
     cond, uncond = both[:B], both[B:]
     w = scale.reshape(-1, *[1] * (x.ndim - 1)) if scale.ndim else scale
     return uncond + w * (cond - uncond)
 
 
 class GuidedDenoiser(nn.Module):
-    """A denoiser with classifier-free guidance at scale ``scale``, for the samplers."""
+    """A denoiser with classifier-free guidance at scale ``scale``, for the samplers (a
+    ``guidance`` kind in the condition overrides the scale per sample)."""
 
     def __init__(self, denoiser: nn.Module, scale):
         super().__init__()
@@ -52,10 +58,12 @@ class GuidedDenoiser(nn.Module):
     def num_classes(self) -> int:
         return self.denoiser.num_classes
 
-    def forward(self, x, sigma, class_labels=None, guidance=None):
-        if class_labels is None:
+    def forward(self, x, sigma, condition=None):
+        condition = as_condition(condition)
+        if condition.labels is None:
             raise ValueError("classifier-free guidance needs class labels")
-        return guided_denoise(self.denoiser, x, sigma, class_labels, self.scale if guidance is None else guidance)
+        scale = self.scale if condition.guidance is None else condition.guidance
+        return guided_denoise(self.denoiser, x, sigma, condition.replace(guidance=None), scale)
 
 
 class GuidanceInput(nn.Module):
@@ -69,8 +77,9 @@ class GuidanceInput(nn.Module):
     def num_classes(self) -> int:
         return self.model.num_classes
 
-    def forward(self, x, sigma, class_labels=None):
-        return self.model(x, sigma, class_labels, guidance=torch.full((x.shape[0],), self.scale, device=x.device))
+    def forward(self, x, sigma, condition=None):
+        scale = torch.full((x.shape[0],), self.scale, device=x.device)
+        return self.model(x, sigma, as_condition(condition).replace(guidance=scale))
 
 
 def draw_scales(scale_range, batch: int, generator) -> torch.Tensor:
@@ -79,12 +88,12 @@ def draw_scales(scale_range, batch: int, generator) -> torch.Tensor:
     return lo + (hi - lo) * batch_rng(generator).rand(batch)
 
 
-def bind_condition(denoiser, class_labels=None, guidance=None):
-    """D(x, sigma) with the labels bound, guided at per-sample scales ``guidance`` when given: the
-    teacher's denoiser as the distillation objectives step its ODE."""
+def bind_condition(denoiser, condition=None, guidance=None):
+    """D(x, sigma) with the condition bound, guided at per-sample scales ``guidance`` when given:
+    the teacher's denoiser as the distillation objectives step its ODE."""
     if guidance is None:
-        return lambda x, sigma: denoiser(x, sigma, class_labels)
-    return lambda x, sigma: guided_denoise(denoiser, x, sigma, class_labels, guidance)
+        return lambda x, sigma: denoiser(x, sigma, condition)
+    return lambda x, sigma: guided_denoise(denoiser, x, sigma, condition, guidance)
 
 
 def default_guidance(scale_range) -> float:

@@ -12,6 +12,7 @@ import abc
 import torch
 from torch import nn
 
+from .condition import Condition
 from .discrete_vp import SigmaTable, lcm_boundary, sigma_table, vp_scalings
 from .noise import (C_NOISE, FLOW_TIME_SCALES, NoiseConfig, broadcast_to_batch, consistency_scalings, edm_scalings,
                     flow_from_sigma, flow_state, sigma_from_trigflow)
@@ -36,19 +37,15 @@ class Preconditioned(nn.Module, abc.ABC):
         """K for a class-conditional backbone (labels 0..K-1, K the null label), else 0."""
         return getattr(self.backbone, "num_classes", 0)
 
-    def forward(self, x: torch.Tensor, sigma, class_labels: torch.Tensor | None = None,
-                guidance: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, sigma, condition: Condition | None = None) -> torch.Tensor:
+        """``condition``: a `cmkit.condition.Condition` (or class labels alone), passed to the
+        backbone unchanged."""
         sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
         if sigma.ndim == 0:
             sigma = sigma.expand(x.shape[0])
         c_skip, c_out, c_in = (broadcast_to_batch(c, x) for c in self.scalings(sigma))
-        F = self.backbone(c_in * x, self.c_noise(sigma), class_labels, **guidance_kwarg(guidance))
+        F = self.backbone(c_in * x, self.c_noise(sigma), condition)
         return c_skip * x + c_out * F.to(x.dtype)
-
-
-def guidance_kwarg(guidance) -> dict:
-    """Backbones without a guidance input need not accept the keyword at all."""
-    return {} if guidance is None else {"guidance": guidance}
 
 
 class EDMDenoiser(Preconditioned):
@@ -61,12 +58,11 @@ class EDMDenoiser(Preconditioned):
     def scalings(self, sigma):
         return edm_scalings(sigma, self.noise.sigma_data)
 
-    def trigflow(self, u: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None,
-                 guidance: torch.Tensor | None = None) -> torch.Tensor:
+    def trigflow(self, u: torch.Tensor, t: torch.Tensor, condition: Condition | None = None) -> torch.Tensor:
         """sCM's network output F_trig(u, t) = -backbone(u, c_noise(sd tan t)) at u = x_t / sd: the
         entry point sCT/sCD differentiate along t."""
         c_noise = self.c_noise(sigma_from_trigflow(t, self.noise.sigma_data))
-        return -self.backbone(u, c_noise, class_labels, **guidance_kwarg(guidance))
+        return -self.backbone(u, c_noise, condition)
 
 
 class ConsistencyFunction(Preconditioned):
@@ -105,8 +101,7 @@ class VPDenoiser(EDMDenoiser):
         """Noise levels moved onto the table where the network only knows its levels."""
         return self.table.round_sigma(sigma)
 
-    def trigflow(self, u: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None,
-                 guidance: torch.Tensor | None = None) -> torch.Tensor:
+    def trigflow(self, u: torch.Tensor, t: torch.Tensor, condition: Condition | None = None) -> torch.Tensor:
         """sCM's F_trig(u, t) = (cos t x_t - D(x_t / cos t, sd tan t)) / (sd sin t), x_t = sd u, so
         that f = cos t x_t - sd sin t F_trig is this denoiser (for EDM's own network the same
         identity reduces to -backbone)."""
@@ -114,7 +109,7 @@ class VPDenoiser(EDMDenoiser):
             raise ValueError("a network with integer (learned) time embeddings has no derivative along t")
         sd = self.noise.sigma_data
         cos, sin = broadcast_to_batch(t.cos(), u), broadcast_to_batch(t.sin(), u)
-        denoised = self(u * sd / cos, sigma_from_trigflow(t, sd), class_labels, guidance)
+        denoised = self(u * sd / cos, sigma_from_trigflow(t, sd), condition)
         return (cos * u * sd - denoised) / (sin * sd)
 
 
@@ -167,17 +162,14 @@ class MeanFlowModel(nn.Module):
     num_classes = Preconditioned.num_classes
 
     def velocity(self, z: torch.Tensor, r: torch.Tensor, t: torch.Tensor,
-                 class_labels: torch.Tensor | None = None) -> torch.Tensor:
+                 condition: Condition | None = None) -> torch.Tensor:
         times = torch.stack([t, t - r], dim=1).to(z.dtype) * self.time_scale
-        return self.backbone(z, times, class_labels)
+        return self.backbone(z, times, condition)
 
-    def forward(self, x: torch.Tensor, sigma, class_labels: torch.Tensor | None = None,
-                guidance: torch.Tensor | None = None) -> torch.Tensor:
-        if guidance is not None:
-            raise ValueError("MeanFlow models take no guidance scale input")
+    def forward(self, x: torch.Tensor, sigma, condition: Condition | None = None) -> torch.Tensor:
         sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
         if sigma.ndim == 0:
             sigma = sigma.expand(x.shape[0])
         t = flow_from_sigma(sigma)
         z = flow_state(x, t)
-        return z - broadcast_to_batch(t, x) * self.velocity(z, torch.zeros_like(t), t, class_labels).to(x.dtype)
+        return z - broadcast_to_batch(t, x) * self.velocity(z, torch.zeros_like(t), t, condition).to(x.dtype)

@@ -14,6 +14,7 @@ import torch
 from . import checkpoint
 from .data import scaler_from_state
 from .classes import resolve_labels
+from .condition import Condition, as_condition
 from .diffusers_runs import is_diffusers_folder, load_diffusers
 from .errors import CmkitError
 from .guidance import GuidanceInput, GuidedDenoiser, check_guidance_scale, default_guidance
@@ -71,9 +72,9 @@ class LowPrecision(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, x, sigma, class_labels=None, **kwargs):
+    def forward(self, x, sigma, condition=None):
         with torch.autocast(x.device.type, dtype=torch.bfloat16):
-            return self.model(x, sigma, class_labels, **kwargs).float()
+            return self.model(x, sigma, condition).float()
 
 
 def fast_inference(model: torch.nn.Module, *, bf16: bool = False, compile: bool = False) -> torch.nn.Module:
@@ -89,7 +90,7 @@ def fast_inference(model: torch.nn.Module, *, bf16: bool = False, compile: bool 
 
 def generate_chunks(model: torch.nn.Module, shape: tuple[int, ...], levels: torch.Tensor, *, is_diffusion: bool,
                     n: int, seed: int = 0, noise: torch.Tensor | None = None, sampler: str = "heun",
-                    sigma_min: float = 0.002, batch_size: int = 100_000, class_labels: torch.Tensor | None = None,
+                    sigma_min: float = 0.002, batch_size: int = 100_000, condition: Condition | None = None,
                     **churn):
     """`generate` one batch at a time (model units, on the CPU), so that memory stays bounded for
     any ``n``. Each batch draws its starting noise, then its re-noising, from one generator seeded
@@ -112,10 +113,10 @@ def generate_chunks(model: torch.nn.Module, shape: tuple[int, ...], levels: torc
             chunk = torch.randn(size, *shape, generator=gen)
             if noise is not None:
                 chunk = noise[start:start + size]
-            labels = None if class_labels is None else class_labels[start:start + size].to(device)
+            cond = None if condition is None else condition.select(slice(start, start + size)).to(device)
             x = chunk.to(device) * levels[0]
             try:
-                x = sample_levels(model, x, levels, labels, diffusion=is_diffusion, sampler=sampler,
+                x = sample_levels(model, x, levels, cond, diffusion=is_diffusion, sampler=sampler,
                                   sigma_min=sigma_min, generator=gen, **churn)
             except ValueError as e:
                 raise CmkitError(str(e)) from None
@@ -127,8 +128,8 @@ def generate_chunks(model: torch.nn.Module, shape: tuple[int, ...], levels: torc
 
 def generate(model: torch.nn.Module, shape: tuple[int, ...], levels: torch.Tensor, **kwargs) -> torch.Tensor:
     """``n`` samples in model units from a denoiser (Heun/Euler over ``levels``, which end in 0) or
-    a consistency function (1 step or multistep over ``levels``), for ``class_labels`` (n,) when
-    given. One generator drives the starting noise, multistep re-noising and churn, so a seed
+    a consistency function (1 step or multistep over ``levels``), for ``condition`` (a
+    `cmkit.condition.Condition` of n rows) when given. One generator drives the starting noise, multistep re-noising and churn, so a seed
     fixes the samples. Keywords as `generate_chunks`."""
     return torch.cat(list(generate_chunks(model, shape, levels, **kwargs)))
 
@@ -257,10 +258,11 @@ class Run:
         keep = torch.cat([torch.ones(1, dtype=torch.bool), positive[1:] < positive[:-1]])
         return torch.cat([positive[keep], levels[levels <= 0]])
 
-    def denoise(self, x: torch.Tensor, sigma, class_labels=None) -> torch.Tensor:
+    def denoise(self, x: torch.Tensor, sigma, class_labels=None, condition=None) -> torch.Tensor:
         """The network's estimate of the clean data at noise level ``sigma`` (a number or one per
         sample, within `noise_range`), in model units: D(x; sigma) for a diffusion run, f(x, sigma)
-        for a consistency model. ``class_labels``: a tensor of label indices (a conditional run)."""
+        for a consistency model. ``class_labels``: a tensor of label indices (a conditional run);
+        ``condition``: any other kinds the network takes (`cmkit.condition.Condition`)."""
         x = torch.as_tensor(x, dtype=torch.float32)
         if tuple(x.shape[1:]) != self.shape:
             raise CmkitError(f"x must have shape (n, {', '.join(map(str, self.shape))}), got {tuple(x.shape)}")
@@ -269,11 +271,12 @@ class Run:
         if not bool(torch.isfinite(sigma).all()) or bool((sigma < lo * (1 - 1e-6)).any()) \
                 or bool((sigma > hi * (1 + 1e-6)).any()):
             raise CmkitError(f"sigma must lie in the run's noise range [{lo:g}, {hi:g}]")
+        cond = as_condition(condition)
         if class_labels is not None:
-            class_labels = torch.as_tensor(class_labels).long().to(self.device)
+            cond = cond.replace(labels=torch.as_tensor(class_labels).long())
         try:
             with torch.inference_mode():
-                return self.model(x.to(self.device), sigma.to(self.device), class_labels).float().cpu()
+                return self.model(x.to(self.device), sigma.to(self.device), cond.to(self.device)).float().cpu()
         except ValueError as e:
             raise CmkitError(str(e)) from None
 
@@ -285,13 +288,15 @@ class Run:
     def sample_chunks(self, n: int, *, steps: int | None = None, sigmas: list[float] | None = None,
                       seed: int = 0, noise: np.ndarray | torch.Tensor | None = None, sampler: str = "heun",
                       batch_size: int | None = None, class_labels=None, guidance: float | None = None,
+                      condition=None,
                       bf16: bool = False, compile: bool = False, **churn):
         """`sample`, one batch (``batch_size``; default 256 images or 100,000 vectors) at a time.
         ``noise`` (n, *shape) standard normal replaces the seed's. ``class_labels`` is a class spec
         (`cmkit.classes`; default: random classes of a conditional run), ``guidance`` a
         classifier-free guidance scale (teachers, and students distilled with guidance). ``bf16``
         and ``compile`` speed up inference (`fast_inference`). ``churn`` (s_churn, s_tmin, s_tmax,
-        s_noise) goes to the Heun sampler of a teacher run."""
+        s_noise) goes to the Heun sampler of a teacher run. ``condition``: kinds other than the
+        class and guidance scale a network takes, n rows each (`cmkit.condition.Condition`)."""
         levels = self.sigmas_for(steps, sigmas)
         if sampler not in SAMPLERS:
             raise CmkitError(f"unknown sampler {sampler!r}; known: {', '.join(SAMPLERS)}")
@@ -308,7 +313,7 @@ class Run:
         chunks = generate_chunks(model, self.shape, levels, is_diffusion=self.is_diffusion, n=n, seed=seed,
                                  noise=noise, sampler=sampler, sigma_min=self.noise_range.sigma_min,
                                  batch_size=batch_size or (256 if self.is_image else 100_000),
-                                 class_labels=labels, **churn)
+                                 condition=as_condition(condition).replace(labels=labels), **churn)
         return (self.scaler.to_data(x) for x in chunks)  # arguments checked above, not at the first batch
 
 

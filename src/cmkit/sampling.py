@@ -27,24 +27,24 @@ def _check_sigmas(sigmas: torch.Tensor, allow_zero_end: bool) -> None:
         raise ValueError("sigmas must be positive" + (" (the last may be 0)" if allow_zero_end else ""))
 
 
-def _ode_derivative(denoiser: Model, x, sigma, class_labels):
+def _ode_derivative(denoiser: Model, x, sigma, condition):
     """dx/dsigma of the probability-flow ODE: (x - D(x, sigma)) / sigma."""
-    return (x - denoiser(x, sigma, class_labels)) / sigma
+    return (x - denoiser(x, sigma, condition)) / sigma
 
 
 @torch.no_grad()
 def sample_euler(denoiser: Model, x: torch.Tensor, sigmas: torch.Tensor,
-                 class_labels: torch.Tensor | None = None) -> torch.Tensor:
+                 condition=None) -> torch.Tensor:
     """First-order Euler steps on the PF-ODE over ``sigmas`` (NFE = len(sigmas) - 1)."""
     _check_sigmas(sigmas, allow_zero_end=True)
     for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
-        x = x + (sigma_next - sigma) * _ode_derivative(denoiser, x, sigma, class_labels)
+        x = x + (sigma_next - sigma) * _ode_derivative(denoiser, x, sigma, condition)
     return x
 
 
 @torch.no_grad()
 def sample_heun(denoiser: Model, x: torch.Tensor, sigmas: torch.Tensor,
-                class_labels: torch.Tensor | None = None, *, s_churn: float = 0.0,
+                condition=None, *, s_churn: float = 0.0,
                 s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0,
                 generator: torch.Generator | None = None) -> torch.Tensor:
     """EDM Algorithm 2: Heun's second-order method with optional stochastic churn.
@@ -64,10 +64,10 @@ def sample_heun(denoiser: Model, x: torch.Tensor, sigmas: torch.Tensor,
         if gamma > 0:
             eps = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
             x = x + (sigma_hat**2 - sigma**2).sqrt() * s_noise * eps
-        d = _ode_derivative(denoiser, x, sigma_hat, class_labels)
+        d = _ode_derivative(denoiser, x, sigma_hat, condition)
         x_next = x + (sigma_next - sigma_hat) * d
         if sigma_next > 0:
-            d_next = _ode_derivative(denoiser, x_next, sigma_next, class_labels)
+            d_next = _ode_derivative(denoiser, x_next, sigma_next, condition)
             x_next = x + (sigma_next - sigma_hat) * (d + d_next) / 2
         x = x_next
     return x
@@ -75,7 +75,7 @@ def sample_heun(denoiser: Model, x: torch.Tensor, sigmas: torch.Tensor,
 
 @torch.no_grad()
 def sample_consistency(model: Model, x: torch.Tensor, sigmas: torch.Tensor,
-                       class_labels: torch.Tensor | None = None, *, sigma_min: float = 0.002,
+                       condition=None, *, sigma_min: float = 0.002,
                        generator: torch.Generator | None = None, noises=None) -> torch.Tensor:
     """One-step (``sigmas = [sigma_max]``) or multistep consistency sampling.
 
@@ -88,20 +88,20 @@ def sample_consistency(model: Model, x: torch.Tensor, sigmas: torch.Tensor,
         raise ValueError(f"consistency sampling levels must be >= sigma_min = {sigma_min}")
     if noises is not None and len(noises) != len(sigmas) - 1:
         raise ValueError(f"need {len(sigmas) - 1} re-noising tensors, got {len(noises)}")
-    x = model(x, sigmas[0], class_labels)
+    x = model(x, sigmas[0], condition)
     for i, sigma in enumerate(sigmas[1:]):
         if noises is not None:
             z = noises[i].to(x)
         else:
             z = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
-        x = model(x + (sigma**2 - sigma_min**2).sqrt() * z, sigma, class_labels)
+        x = model(x + (sigma**2 - sigma_min**2).sqrt() * z, sigma, condition)
     return x
 
 
 SAMPLERS = {"heun": sample_heun, "euler": sample_euler}  # ODE solvers of a diffusion model
 
 
-def sample_levels(model: Model, x: torch.Tensor, sigmas: torch.Tensor, class_labels: torch.Tensor | None = None, *,
+def sample_levels(model: Model, x: torch.Tensor, sigmas: torch.Tensor, condition=None, *,
                   diffusion: bool, sampler: str = "heun", sigma_min: float = 0.002,
                   generator: torch.Generator | None = None, noises=None, **churn) -> torch.Tensor:
     """The sampler for a model of its kind: a diffusion model's denoiser through the ODE solver
@@ -109,9 +109,9 @@ def sample_levels(model: Model, x: torch.Tensor, sigmas: torch.Tensor, class_lab
     function through `sample_consistency` (re-noised from ``generator`` or ``noises``). Every front
     end (`cmkit.Run`, the server) samples through this one choice."""
     if not diffusion:
-        return sample_consistency(model, x, sigmas, class_labels, sigma_min=sigma_min, generator=generator,
+        return sample_consistency(model, x, sigmas, condition, sigma_min=sigma_min, generator=generator,
                                   noises=noises)
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; known: {', '.join(SAMPLERS)}")
     extra = {**churn, "generator": generator} if churn else {}
-    return SAMPLERS[sampler](model, x, sigmas, class_labels, **extra)
+    return SAMPLERS[sampler](model, x, sigmas, condition, **extra)

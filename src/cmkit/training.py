@@ -25,9 +25,10 @@ from typing import NamedTuple
 import torch
 from tqdm.auto import tqdm
 
-from . import checkpoint
+from . import checkpoint, discrete_vp
 from .batch_rng import BatchRNG, step_seed
 from .compiled_step import compile_loss, use_run_cache
+from .condition import Condition
 from .config import base_section, check_config
 from .distributed import World, sum_gradients, close, world_from_env
 from .devices import resolve_device
@@ -68,13 +69,23 @@ def _inherit(config: dict, key: str, flag: str, source: Run, check: bool) -> dic
     sections (``check``: they must equal the ones ``config`` already has, as on a resume)."""
     out = copy.deepcopy(config)
     out[key] = str(Path(config[key]).resolve())
+    inherited = {**source.config, "noise": _student_noise(source.config)}
     for section in ("noise", "model", "standardizer"):
-        if check and _comparable(out[section]) != _comparable(source.config[section]):
+        if check and _comparable(out[section]) != _comparable(inherited[section]):
             raise CmkitError(f"{flag} {config[key]} differs from this run in its {section} (a run that changed "
                              "since this one started, or --init and --teacher runs that do not match)")
-        out[section] = copy.deepcopy(source.config[section])
+        out[section] = copy.deepcopy(inherited[section])
     out["model"].setdefault("num_classes", 0)  # a run from before class conditioning is unconditional
     return out
+
+
+def _student_noise(source: dict) -> dict:
+    """The noise range a run started from ``source`` trains in: the source's, except that a VP
+    network's (a diffusers DDPM) stops at `discrete_vp.STUDENT_SIGMA_MAX`."""
+    noise = dict(source["noise"])
+    if "vp" in source["model"]:
+        noise["sigma_max"] = min(noise["sigma_max"], discrete_vp.STUDENT_SIGMA_MAX)
+    return noise
 
 
 def _check_time_input(config: dict, spec: MethodSpec, quiet: bool) -> None:
@@ -307,6 +318,8 @@ class Trainer:
         self.x_train = (data.train if self.streamed else data.train.to(self.device) if self.images
                         else Standardizer.from_state(config["standardizer"]).to_model(data.train))
         self.y_train = data.train_labels.to(self.device) if self.num_classes else None
+        # Kinds of condition other than the class label that the data carries, one row per sample.
+        self.c_train = Condition(getattr(data, "train_conditions", None)).to(self.device)
         self.device_type = torch.device(self.device).type
         # The loss of a step, compiled whole (compiled_step.py); the weights, the EMA and the
         # target keep their plain module names.
@@ -392,8 +405,8 @@ class Trainer:
             self.loader.close()
             self.loader = None
 
-    def _draw(self, rng: BatchRNG, size: int, step: int = 0):
-        """This shard's ``size`` training samples (in model units) and labels."""
+    def _draw(self, rng: BatchRNG, size: int, step: int = 0) -> tuple[torch.Tensor, Condition]:
+        """This shard's ``size`` training samples (in model units) and their condition."""
         train_cfg = self.train_cfg
         index = rng.randint(len(self.x_train), size)
         batch = (self._streamed_batch(step, index).to(self.device, non_blocking=True) if self.streamed
@@ -409,7 +422,7 @@ class Trainer:
             if train_cfg.get("label_dropout"):  # classifier-free guidance training: some labels become null
                 drop = (rng.rand(size) < train_cfg["label_dropout"]).to(self.device)
                 labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
-        return batch.to(self.device), labels
+        return batch.to(self.device), self.c_train.select(index).replace(labels=labels)
 
     def step(self, step: int) -> dict:
         """One optimisation step on the global batch: this rank's micro-batches, gradients averaged
@@ -424,9 +437,9 @@ class Trainer:
             m = world.rank * accum + a  # this micro-batch's place in the global batch
             rng = self._batch_rng(step, m, self.generator)
             self._seed_dropout(step_seed(train_cfg["seed"], step, 1 + m))
-            batch, labels = self._draw(rng, micro, step)
-            draws = self.objective.draw(batch, step=step, generator=rng, class_labels=labels)
-            loss, logs = self.loss_fn(batch, labels, draws)
+            batch, condition = self._draw(rng, micro, step)
+            draws = self.objective.draw(batch, step=step, generator=rng, condition=condition)
+            loss, logs = self.loss_fn(batch, condition, draws)
             loss = loss / (accum * world.size)
             extra = {**self.objective.step_logs(step), **{k: float(v) for k, v in logs.items()}}
             if torch.isfinite(loss):
@@ -462,10 +475,10 @@ class Trainer:
         return {"step": step + 1, "loss": loss_value, "grad_norm": grad_norm.item(),
                 "lr": self.optimizer.param_groups[0]["lr"], "skipped_steps": self.skipped_steps, **extra}
 
-    def _loss(self, batch: torch.Tensor, labels: torch.Tensor | None, draws: dict) -> tuple[torch.Tensor, dict]:
+    def _loss(self, batch: torch.Tensor, condition: Condition, draws: dict) -> tuple[torch.Tensor, dict]:
         """The mean loss of a micro-batch and its logged tensors: what ``train.compile`` compiles."""
         with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.train_cfg["bf16"]):
-            per_sample, logs = self.objective.loss(self.net, batch, draws, target=self.target, class_labels=labels)
+            per_sample, logs = self.objective.loss(self.net, batch, draws, target=self.target, condition=condition)
         return per_sample.float().mean(), logs
 
     def sample_grid(self, path: Path) -> None:
@@ -478,7 +491,7 @@ class Trainer:
             model = GuidanceInput(model, default_guidance(self.config["objective"]["guidance"]))
         x = generate(model, tuple(self.x_train.shape[1:]), default_levels(diffusion, noise_range),
                      is_diffusion=diffusion, n=GRID_SAMPLES, seed=GRID_SEED, sigma_min=noise_range.sigma_min,
-                     class_labels=labels)
+                     condition=Condition(labels=labels))
         what = "EMA, Heun 35 NFE" if diffusion else "EMA, 1 step"
         save_image_grid(ImageScaler.to_data(x), path, title=f"{self.config['method']} {path.stem}: {what}")
 

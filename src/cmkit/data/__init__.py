@@ -3,7 +3,7 @@ the standardisation that maps data units to model units (std sigma_data per dime
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -23,6 +23,8 @@ class VectorData:
     train_labels: torch.Tensor | None = None  # (N,) int64 class labels, when the file has them
     holdout_labels: torch.Tensor | None = None
     class_names: list[str] | None = None
+    train_conditions: dict = field(default_factory=dict)  # other condition kinds: {kind: (N, ...) tensor}
+    holdout_conditions: dict = field(default_factory=dict)
 
     @property
     def dim(self) -> int:
@@ -75,12 +77,14 @@ def load_vectors(name_or_path: str, *, n: int = 20000, n_holdout: int = 10000,
         raise CmkitError(f"unknown data {name_or_path!r}{hint}: use a 2-D set ({', '.join(sorted(TOY_SETS))}), an "
                          f"image set ({', '.join(IMAGE_SETS)}), a .npy/.npz/.csv file, a folder of images, an "
                          "image .zip or .tar shards; a path must exist")
-    arr, labels = load_labelled_array(name_or_path)
+    arr, labels, conditions = load_labelled_array(name_or_path)
     train, held = holdout_split(len(arr), holdout_fraction, seed, name_or_path)
+    part = lambda rows: {k: torch.from_numpy(v[rows]) for k, v in conditions.items()}  # noqa: E731
     if labels is None:
-        return VectorData(name_or_path, arr[train], arr[held])
+        return VectorData(name_or_path, arr[train], arr[held], train_conditions=part(train),
+                          holdout_conditions=part(held))
     return VectorData(name_or_path, arr[train], arr[held], torch.from_numpy(labels[train]),
-                      torch.from_numpy(labels[held]))
+                      torch.from_numpy(labels[held]), train_conditions=part(train), holdout_conditions=part(held))
 
 
 class Standardizer:

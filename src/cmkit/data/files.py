@@ -1,4 +1,8 @@
-"""Vector data from user files: .npy, .npz and .csv arrays of shape (N, D)."""
+"""Vector data from user files: .npy, .npz and .csv arrays of shape (N, D).
+
+An .npz may also hold class labels (``labels``, N integers) and other kinds of condition, one
+array per kind named ``condition_<kind>`` (N rows of numbers): the training loop hands them to the
+network in its `cmkit.condition.Condition` under ``<kind>``."""
 
 from __future__ import annotations
 
@@ -11,6 +15,8 @@ from ..errors import CmkitError
 from ..safe_io import READ_ERRORS, NpzArchive, load_npy
 
 SUFFIXES = (".npy", ".npz", ".csv")
+CONDITION_PREFIX = "condition_"
+MAX_CONDITION_KINDS = 8
 
 
 def load_array(path: str | Path) -> np.ndarray:
@@ -18,24 +24,30 @@ def load_array(path: str | Path) -> np.ndarray:
     return load_labelled_array(path)[0]
 
 
-def load_labelled_array(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
-    """`load_array`, and the (N,) integer class labels an .npz holds under ``labels`` (else None)."""
+def load_labelled_array(path: str | Path) -> tuple[np.ndarray, np.ndarray | None, dict[str, np.ndarray]]:
+    """`load_array`, the (N,) integer class labels an .npz holds under ``labels`` (else None) and
+    its other condition kinds ({kind: (N, ...) float32}, from ``condition_<kind>`` arrays)."""
     path = Path(path)
     if not path.exists():
         raise CmkitError(f"data file not found: {path}")
     if path.suffix.lower() not in SUFFIXES:
         raise CmkitError(f"unsupported data file {path.name!r}: use .npy, .npz or .csv, or a built-in set")
     try:
+        conditions = {}
         if path.suffix.lower() == ".npy":
             arr, labels = load_npy(path), None
         elif path.suffix.lower() == ".npz":
             with NpzArchive(path) as archive:
+                kinds = [k for k in archive.files if k.startswith(CONDITION_PREFIX)]
                 keys = ([k for k in ("data", "x", "arr_0") if k in archive.files]
-                        or [k for k in archive.files if k != "labels"])
+                        or [k for k in archive.files if k != "labels" and k not in kinds])
                 if not keys:
                     raise CmkitError(f"{path.name} holds no arrays")
                 arr = archive[keys[0]]
                 labels = archive["labels"] if "labels" in archive.files else None
+                if len(kinds) > MAX_CONDITION_KINDS:
+                    raise CmkitError(f"{path.name} holds {len(kinds)} condition arrays; at most {MAX_CONDITION_KINDS}")
+                conditions = {k[len(CONDITION_PREFIX):]: archive[k] for k in kinds}
         else:
             arr, labels = _load_csv(path), None
     except CmkitError:
@@ -43,7 +55,21 @@ def load_labelled_array(path: str | Path) -> tuple[np.ndarray, np.ndarray | None
     except READ_ERRORS as e:
         raise CmkitError(f"cannot read {path.name}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     arr = validate_array(arr, path.name)
-    return arr, validate_labels(labels, len(arr), path.name)
+    conditions = {kind: validate_condition(kind, values, len(arr), path.name) for kind, values in conditions.items()}
+    return arr, validate_labels(labels, len(arr), path.name), conditions
+
+
+def validate_condition(kind: str, values: np.ndarray, n: int, name: str) -> np.ndarray:
+    """``n`` rows of finite numbers as float32, under a kind name that is a plain identifier
+    other than the built-in ones."""
+    if not kind.isidentifier() or kind in ("labels", "guidance"):
+        raise CmkitError(f"{name}: condition_{kind} is not a usable condition name (a plain identifier other than "
+                         "labels and guidance)")
+    if values.dtype.kind not in "biuf" or values.ndim < 1 or values.shape[0] != n:
+        raise CmkitError(f"{name}: condition_{kind} must be {n} rows of numbers, got {values.dtype} {values.shape}")
+    if not np.isfinite(values).all():
+        raise CmkitError(f"{name}: condition_{kind} contains NaN or inf")
+    return values.astype(np.float32)
 
 
 def validate_labels(labels, n: int, name: str) -> np.ndarray | None:

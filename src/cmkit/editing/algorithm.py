@@ -29,12 +29,12 @@ def flow_map(denoiser: Model, steps: int = 10, sigma_min: float = 0.002, rho: fl
     """A teacher's consistency function: x(sigma) -> x(0) by ``steps`` Heun steps on a Karras grid
     from sigma down to sigma_min, then one Euler step to 0 (2 steps - 1 + 1 evaluations)."""
 
-    def f(x, sigma, class_labels=None):
+    def f(x, sigma, condition=None):
         sigma = float(sigma)
         if sigma <= sigma_min:
-            return denoiser(x, sigma, class_labels)
+            return denoiser(x, sigma, condition)
         grid = append_zero(karras_sigmas(steps, sigma_min, sigma, rho)).to(x.device)
-        return sample_heun(denoiser, x, grid, class_labels)
+        return sample_heun(denoiser, x, grid, condition)
     return f
 
 
@@ -60,11 +60,12 @@ def fit_range(x: torch.Tensor, a_y: torch.Tensor, operator: LinearOperator, mask
 @torch.no_grad()
 def edit(model: Model, y: torch.Tensor, sigmas, *, operator: LinearOperator | None = None,
          mask: torch.Tensor | None = None, sigma_min: float = 0.002, generator: torch.Generator | None = None,
-         clip: tuple[float, float] | None = None, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+         clip: tuple[float, float] | None = None, condition=None) -> torch.Tensor:
     """Algorithm 4 on a batch ``y`` (model units, any shape (N, ...)). ``operator`` defaults to the
     identity and ``mask`` (broadcastable to A y; 1 = the model's) to all ones, which is SDEdit:
     start from y + sigma_1 z and let the model decide everything. The result is exactly
-    consistent with y (to float rounding) and, with ``clip``, inside the data range."""
+    consistent with y (to float rounding) and, with ``clip``, inside the data range. ``condition``
+    (`cmkit.condition.Condition`, N rows) goes to the model unchanged."""
     sigmas = check_sigmas(sigmas, what="editing sigmas")
     if sigmas[-1] < sigma_min:
         raise ValueError(f"editing sigmas must be >= sigma_min = {sigma_min}, got {sigmas[-1]}")
@@ -77,7 +78,7 @@ def edit(model: Model, y: torch.Tensor, sigmas, *, operator: LinearOperator | No
 
     x = y + sigmas[0] * noise()
     for i, sigma in enumerate(sigmas):
-        x0 = model(x, sigma, class_labels)
+        x0 = model(x, sigma, condition)
         if clip is not None:
             x0 = x0.clamp(*clip)
         x0 = project(x0, a_y, operator, mask)

@@ -13,6 +13,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ..condition import Condition
 from ..errors import CmkitError
 from ..noise import check_sigmas, karras_sigmas
 from .algorithm import edit, flow_map, slerp
@@ -36,7 +37,7 @@ def default_edit_sigmas(run, steps: int = EDIT_STEPS) -> list[float]:
 
 
 def consistency_function(run, teacher_steps: int = 10, guidance: float | None = None, labels=None):
-    """f(x, sigma, class_labels) of any run: a consistency model as it is, a teacher through its ODE
+    """f(x, sigma, condition) of any run: a consistency model as it is, a teacher through its ODE
     flow map; with classifier-free guidance at ``guidance`` (teachers and guided students)."""
     model = run.network(guidance, labels)
     if run.is_diffusion:
@@ -90,7 +91,7 @@ def _run_edit(run, y: torch.Tensor, *, sigmas, operator=None, mask=None, n: int 
     try:
         x = edit(model, y, sigmas, operator=operator, mask=None if mask is None else mask.to(run.device),
                  sigma_min=run.noise_range.sigma_min, generator=gen, clip=(-1.0, 1.0),
-                 class_labels=None if labels is None else labels.to(run.device))
+                 condition=Condition(labels=labels).to(run.device))
     except ValueError as e:
         raise CmkitError(str(e)) from None
     return run.scaler.to_data(x)
@@ -178,7 +179,8 @@ def denoise(run, noisy: np.ndarray, sigma: float, *, class_labels=None, guidance
     labels = edit_labels(run, class_labels, len(y))
     labels = None if labels is None else labels.to(run.device)
     with torch.no_grad():
-        return run.scaler.to_data(consistency_function(run, guidance=guidance, labels=labels)(y, sigma, labels))
+        f = consistency_function(run, guidance=guidance, labels=labels)
+        return run.scaler.to_data(f(y, sigma, Condition(labels=labels)))
 
 
 def seed_noise(run, seed: int) -> torch.Tensor:
@@ -199,7 +201,7 @@ def interpolate(run, seed_a: int, seed_b: int, frames: int, *, class_labels=None
     labels = None if labels is None else labels.expand(frames).to(run.device)
     with torch.no_grad():
         f = consistency_function(run, teacher_steps=18, guidance=guidance, labels=labels)
-        x = f(z.to(run.device) * sigma, sigma, labels)
+        x = f(z.to(run.device) * sigma, sigma, Condition(labels=labels))
     return run.scaler.to_data(x)
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ..diffusers_runs import SIDECAR
+from ..discrete_vp import sigma_table
 from ..errors import CmkitError
 from ..noise import NoiseConfig
 from ..objectives import methods
@@ -80,13 +81,22 @@ def export_diffusers(run, out: str | Path, *, levels: int | None = None, clip_de
 
 def _export_lcm(run, out: Path) -> Path:
     """A student of a DDPM-family teacher as a ``DDPMPipeline`` folder whose scheduler is an
-    ``LCMScheduler`` on the teacher's betas: the scheduler's boundary scalings are the student's
+    ``LCMScheduler`` on the teacher's betas (those of the levels the student covers): the
+    scheduler's boundary scalings are the student's
     (`cmkit.precond.VPConsistencyFunction`), so ``DDPMPipeline.from_pretrained(out)(num_inference_steps=k)``
     samples it in k steps, and cmkit loads the folder back as the same run."""
-    from diffusers import DDPMPipeline, LCMScheduler
+    from diffusers import DDPMPipeline, DDPMScheduler, LCMScheduler
 
     vp = run.config["model"]["vp"]
-    scheduler = LCMScheduler(**vp["table"], prediction_type=vp["prediction_type"], clip_sample=False,
+    table = dict(vp["table"])
+    # The levels the student was trained on (and the one above its sigma_max, so that t(sigma) is
+    # interpolated as before up to there): the teacher's first T' betas give exactly its first T'
+    # noise levels, so the pipeline's timesteps stay within the student's range.
+    levels = int((sigma_table(table) < run.noise_range.sigma_max).sum()) + 1
+    if levels < table["num_train_timesteps"]:
+        betas = DDPMScheduler(**table).betas[:levels].tolist()
+        table.update(num_train_timesteps=levels, trained_betas=betas)
+    scheduler = LCMScheduler(**table, prediction_type=vp["prediction_type"], clip_sample=False,
                              timestep_scaling=vp.get("timestep_scaling", 10.0))
     DDPMPipeline(unet=run.model.backbone.unet, scheduler=scheduler).save_pretrained(str(out), safe_serialization=True)
     _write_sidecar(run, out)

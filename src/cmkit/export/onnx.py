@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..condition import Condition
 from ..data import scaler_from_state
 from ..errors import CmkitError
 from ..run import default_consistency_sigmas
@@ -38,7 +39,7 @@ class OneStepGenerator(nn.Module):
 
     def forward(self, noise: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
         sigma = torch.full((noise.shape[0],), self.sigma_max, dtype=noise.dtype, device=noise.device)
-        return self.scaler.to_data_tensor(self.model(noise * self.sigma_max, sigma, class_labels))
+        return self.scaler.to_data_tensor(self.model(noise * self.sigma_max, sigma, Condition(labels=class_labels)))
 
 
 class ConsistencyStep(nn.Module):
@@ -49,7 +50,7 @@ class ConsistencyStep(nn.Module):
         self.model = model
 
     def forward(self, x, sigma, class_labels=None):
-        return self.model(x, sigma, class_labels)
+        return self.model(x, sigma, Condition(labels=class_labels))
 
 
 def _export(module: nn.Module, args: tuple, names: list[str], path: Path) -> None:

@@ -1,6 +1,7 @@
-"""Backbones: networks F(x, c_noise, class_labels=None[, guidance]) -> tensor shaped like x.
+"""Backbones: networks F(x, c_noise, condition=None) -> tensor shaped like x.
 
-A backbone knows nothing about noise levels or parametrizations; `cmkit.precond` wraps it into a
+A backbone knows nothing about noise levels or parametrizations; it is where the kinds of a
+`cmkit.condition.Condition` are told apart; `cmkit.precond` wraps it into a
 denoiser or a consistency function. New backbones register in `BACKBONES` under a name that a
 run's config can refer to.
 """
@@ -11,14 +12,14 @@ from typing import Protocol
 
 import torch
 
+from ..condition import Condition
 from .diffusers_unet import DiffusersUNet
 from .mlp import ResidualMLP
 from .unet import PRESETS as UNET_PRESETS, UNet
 
 
 class Backbone(Protocol):
-    def __call__(self, x: torch.Tensor, c_noise: torch.Tensor, class_labels: torch.Tensor | None = None,
-                 **guidance) -> torch.Tensor: ...
+    def __call__(self, x: torch.Tensor, c_noise: torch.Tensor, condition: Condition | None = None) -> torch.Tensor: ...
 
 
 BACKBONES = {"mlp": ResidualMLP, "unet": UNet, "diffusers": DiffusersUNet}

@@ -1,5 +1,5 @@
 """Any diffusers ``UNet2DModel`` (one made by diffusers, not by cmkit's presets) as a backbone
-F(x, time, class_labels[, guidance]): the network of an imported diffusers folder, and of the
+F(x, time, condition) (kinds: labels, guidance): the network of an imported diffusers folder, and of the
 students cmkit trains from it, rebuilt from the UNet's own config (``model.unet`` in a run's config).
 
 The time input is whatever the preconditioning hands it (a diffusers timestep for VP models,
@@ -66,23 +66,21 @@ class DiffusersUNet(nn.Module):
             embedding.labels = unet.class_embedding  # the teacher's table, null row included
             unet.class_embedding = embedding
 
-    def forward(self, x: torch.Tensor, time: torch.Tensor, class_labels: torch.Tensor | None = None,
-                guidance: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, time: torch.Tensor, condition=None) -> torch.Tensor:
         if x.shape[1:] != (self.image_channels, self.resolution, self.resolution):
             raise ValueError(f"expected images of shape ({self.image_channels}, {self.resolution}, "
                              f"{self.resolution}), got {tuple(x.shape[1:])}")
-        check_condition("UNet", self.num_classes, self.guidance_input, class_labels, guidance)
+        condition = check_condition("UNet", self.num_classes, self.guidance_input, condition)
         B = x.shape[0]
         time = torch.as_tensor(time, device=x.device).expand(B)
         time = time.round().long() if self.learned_time else time.float()
         labels = None
         if self.num_classes:
-            if class_labels is None and not self.null_label:
+            if condition.labels is None and not self.null_label:
                 raise ValueError("this model has no null label: pass class labels")
-            labels = labels_or_null(class_labels, self.num_classes, B, x.device)
+            labels = labels_or_null(condition.labels, self.num_classes, B, x.device)
         if self.guidance_input:
-            guidance = torch.as_tensor(guidance, dtype=x.dtype, device=x.device).expand(B)
-            labels = (labels, None, guidance)
+            labels = (labels, None, condition.guidance.to(x.device, x.dtype).expand(B))
         return self.unet(x, time, class_labels=labels).sample
 
 

@@ -59,7 +59,7 @@ GUIDANCE_FOURIER_SCALE = 0.1
 
 
 class ResidualMLP(nn.Module):
-    """F(x, c_noise, class_labels, guidance) for x of shape (B, dim).
+    """F(x, c_noise, condition) for x of shape (B, dim) (condition kinds: labels, guidance).
 
     Time enters every residual block through a learned projection of a sinusoidal embedding of
     c_noise. ``embedding="fourier"`` suits EDM's small-range c_noise (ln(sigma)/4);
@@ -99,8 +99,7 @@ class ResidualMLP(nn.Module):
         self.out_norm = nn.LayerNorm(width)
         self.out = nn.Linear(width, dim)
 
-    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, class_labels: torch.Tensor | None = None,
-                guidance: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, condition=None) -> torch.Tensor:
         if x.ndim != 2:
             raise ValueError(f"ResidualMLP takes (batch, dim) inputs, got shape {tuple(x.shape)}")
         c_noise = c_noise.to(x.dtype).expand(x.shape[0]) if c_noise.ndim == 0 else c_noise.to(x.dtype)
@@ -111,11 +110,12 @@ class ResidualMLP(nn.Module):
             emb = self.time_mlp(self.time_embed(c_noise[:, 0])) + self.time_mlp2(self.time_embed(c_noise[:, 1]))
         else:
             emb = self.time_mlp(self.time_embed(c_noise))
-        check_condition("ResidualMLP", self.num_classes, self.guidance_input, class_labels, guidance)
+        condition = check_condition("ResidualMLP", self.num_classes, self.guidance_input, condition)
         if self.class_embed is not None:
-            emb = emb + self.class_embed(labels_or_null(class_labels, self.num_classes, x.shape[0], x.device))
+            emb = emb + self.class_embed(labels_or_null(condition.labels, self.num_classes, x.shape[0], x.device))
         if self.guidance_embed is not None:
-            emb = emb + self.guidance_embed(torch.as_tensor(guidance, dtype=x.dtype, device=x.device).expand(x.shape[0]))
+            guidance = condition.guidance.to(x.device, x.dtype).expand(x.shape[0])
+            emb = emb + self.guidance_embed(guidance)
         emb = nn.functional.silu(emb)
         h = self.inp(x)
         for block in self.blocks:

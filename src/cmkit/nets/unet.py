@@ -65,7 +65,8 @@ class ConditionEmbedding(nn.Module):
 
 
 class UNet(nn.Module):
-    """F(x, c_noise, class_labels, guidance) with x of shape (B, C, H, W), H = W = ``resolution``.
+    """F(x, c_noise, condition) with x of shape (B, C, H, W), H = W = ``resolution`` (condition
+    kinds: labels, guidance).
 
     ``channels``, ``layers_per_block``, ``attention`` (a list of resolutions at which to attend,
     as in OpenAI's and EDM's ``attention_resolutions``) and ``dropout`` override the preset's.
@@ -125,12 +126,11 @@ class UNet(nn.Module):
         self.time_inputs, self.num_classes, self.guidance_input, self.combined = (time_inputs, num_classes,
                                                                                   guidance, bool(combined))
 
-    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, class_labels: torch.Tensor | None = None,
-                guidance: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, condition=None) -> torch.Tensor:
         if x.shape[1:] != (self.image_channels, self.resolution, self.resolution):
             raise ValueError(f"expected images of shape ({self.image_channels}, {self.resolution}, "
                              f"{self.resolution}), got {tuple(x.shape[1:])}")
-        check_condition("UNet", self.num_classes, self.guidance_input, class_labels, guidance)
+        condition = check_condition("UNet", self.num_classes, self.guidance_input, condition)
         c_noise = c_noise.to(x.dtype)
         if (c_noise.ndim == 2) != (self.time_inputs == 2):
             raise ValueError(f"this UNet takes {self.time_inputs} time input(s), got c_noise of shape "
@@ -138,10 +138,11 @@ class UNet(nn.Module):
         B = x.shape[0]
         time = c_noise[:, 0] if self.time_inputs == 2 else c_noise.expand(B)
         time2 = c_noise[:, 1] if self.time_inputs == 2 else None
-        labels = labels_or_null(class_labels, self.num_classes, B, x.device) if self.num_classes else None
+        labels = labels_or_null(condition.labels, self.num_classes, B, x.device) if self.num_classes else None
         if self.combined:
+            guidance = condition.guidance
             if guidance is not None:
-                guidance = torch.as_tensor(guidance, dtype=x.dtype, device=x.device).expand(B)
+                guidance = guidance.to(x.device, x.dtype).expand(B)
             extra = (labels, time2, guidance)
         else:
             extra = time2 if self.time_inputs == 2 else labels

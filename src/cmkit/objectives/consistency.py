@@ -14,9 +14,10 @@ import math
 import torch
 
 from ..batch_rng import batch_rng
+from ..condition import as_condition
 from ..guidance import bind_condition, draw_scales
 from ..noise import NoiseConfig, broadcast_to_batch
-from ..precond import ConsistencyFunction, guidance_kwarg
+from ..precond import ConsistencyFunction
 from .base import Objective
 from .distances import make_distance
 from .registry import MethodSpec, fix_horizon, noise_config, objective_options, register
@@ -50,43 +51,46 @@ class ConsistencyLoss(Objective):
         """EMA rate mu of the target network after training step ``step``."""
 
     @abc.abstractmethod
-    def lower(self, x_hi, x0, z, sigma_hi, sigma_lo, class_labels=None, guidance=None):
-        """The point at sigma_lo on (an estimate of) x_hi's ODE trajectory."""
+    def lower(self, x_hi, x0, z, sigma_hi, sigma_lo, condition=None, guidance=None):
+        """The point at sigma_lo on (an estimate of) x_hi's ODE trajectory (``guidance``: the
+        per-sample scales of guided distillation)."""
 
     def sample_pairs(self, sigmas: torch.Tensor, batch: int, generator) -> torch.Tensor:
         """Index n of each sample's pair (sigmas[n], sigmas[n + 1]): uniform here."""
         return batch_rng(generator).randint(len(sigmas) - 1, batch)
 
-    def guidance_scales(self, class_labels, batch: int, generator) -> torch.Tensor | None:
+    def guidance_scales(self, condition, batch: int, generator) -> torch.Tensor | None:
         """Per-sample guidance scales of guided distillation (None: not guided)."""
         return None
 
     def step_logs(self, step):
         return {"num_levels": self.num_levels(step)}
 
-    def draw(self, x0: torch.Tensor, *, step: int = 0, generator=None, class_labels=None):
+    def draw(self, x0: torch.Tensor, *, step: int = 0, generator=None, condition=None):
         B = x0.shape[0]
         sigmas = self.noise.karras(self.num_levels(step)).to(x0)
         n = self.sample_pairs(sigmas, B, generator).to(x0.device)
         draws = {"sigma_hi": sigmas[n], "sigma_lo": sigmas[n + 1], "z": batch_rng(generator).randn(x0.shape).to(x0)}
-        scales = self.guidance_scales(class_labels, B, generator)
+        scales = self.guidance_scales(as_condition(condition), B, generator)
         if scales is not None:
             draws["guidance"] = scales
         return draws
 
-    def loss(self, net, x0: torch.Tensor, draws, *, target=None, class_labels=None):
+    def loss(self, net, x0: torch.Tensor, draws, *, target=None, condition=None):
         if target is None:
             if self.needs_target:
                 raise ValueError("this consistency loss needs a target network")
             target = net  # iCT: stopgrad of the online network
         sigma_hi, sigma_lo, z, scales = draws["sigma_hi"], draws["sigma_lo"], draws["z"], draws.get("guidance")
+        condition = as_condition(condition)
+        student = condition.replace(guidance=scales)  # a guided student also sees the scale
         x_hi = x0 + broadcast_to_batch(sigma_hi, x0) * z
         with torch.no_grad():
-            x_lo = self.lower(x_hi, x0, z, sigma_hi, sigma_lo, class_labels, scales)
+            x_lo = self.lower(x_hi, x0, z, sigma_hi, sigma_lo, condition, scales)
             rng = SharedRNG(x0.device)  # the target and online passes share dropout masks
-            target_out = target(x_lo, sigma_lo, class_labels, **guidance_kwarg(scales))
+            target_out = target(x_lo, sigma_lo, student)
         rng.replay()
-        online = net(x_hi, sigma_hi, class_labels, **guidance_kwarg(scales))
+        online = net(x_hi, sigma_hi, student)
         loss = self.weighting(sigma_hi, sigma_lo) * self.distance(online, target_out)
         return loss, {}
 
@@ -115,15 +119,15 @@ class ConsistencyDistillationLoss(ConsistencyLoss):
     def target_rate(self, step):
         return self.mu
 
-    def guidance_scales(self, class_labels, batch, generator):
+    def guidance_scales(self, condition, batch, generator):
         if self.guidance is None:
             return None
-        if class_labels is None:
+        if condition.labels is None:
             raise ValueError("guided distillation needs class labels")
-        return draw_scales(self.guidance, batch, generator).to(class_labels.device)
+        return draw_scales(self.guidance, batch, generator).to(condition.labels.device)
 
-    def lower(self, x_hi, x0, z, sigma_hi, sigma_lo, class_labels=None, guidance=None):
-        teacher = bind_condition(self.teacher, class_labels, guidance)
+    def lower(self, x_hi, x0, z, sigma_hi, sigma_lo, condition=None, guidance=None):
+        teacher = bind_condition(self.teacher, condition, guidance)
         return teacher_step(teacher, x_hi, sigma_hi, sigma_lo, self.solver)
 
 
@@ -163,7 +167,7 @@ class ConsistencyTrainingLoss(ConsistencyLoss):
     def target_rate(self, step):
         return ct_target_rate(self.num_levels(step), self.s0, self.mu0)
 
-    def lower(self, x_hi, x0, z, sigma_hi, sigma_lo, class_labels=None, guidance=None):
+    def lower(self, x_hi, x0, z, sigma_hi, sigma_lo, condition=None, guidance=None):
         return x0 + broadcast_to_batch(sigma_lo, x0) * z
 
 

@@ -43,7 +43,7 @@ class EasyConsistencyTuningLoss(Objective):
     def step_logs(self, step):
         return {"stage": self.stage(step)}
 
-    def draw(self, x0: torch.Tensor, *, step: int = 0, generator=None, class_labels=None):
+    def draw(self, x0: torch.Tensor, *, step: int = 0, generator=None, condition=None):
         rng = batch_rng(generator)
         ln_t = self.p_mean + self.p_std * rng.randn((x0.shape[0],))
         t = ln_t.exp().clamp(self.noise.sigma_min, self.noise.sigma_max).to(x0)
@@ -51,16 +51,16 @@ class EasyConsistencyTuningLoss(Objective):
         r = torch.where(r < self.noise.sigma_min, torch.zeros_like(r), r)  # below sigma_min: the data
         return {"t": t, "r": r, "z": rng.randn(x0.shape).to(x0)}
 
-    def loss(self, net, x0: torch.Tensor, draws, *, target=None, class_labels=None):
+    def loss(self, net, x0: torch.Tensor, draws, *, target=None, condition=None):
         t, r, z = draws["t"], draws["r"], draws["z"]
         x_t = x0 + broadcast_to_batch(t, x0) * z
         x_r = x0 + broadcast_to_batch(r, x0) * z
         rng = SharedRNG(x0.device)
         with torch.no_grad():
-            target_out = net(x_r, r.clamp(min=self.noise.sigma_min), class_labels)
+            target_out = net(x_r, r.clamp(min=self.noise.sigma_min), condition)
             target_out = torch.where(broadcast_to_batch(r, x0) > 0, target_out, x0)
         rng.replay()
-        loss = self.distance(net(x_t, t, class_labels), target_out) / (t - r)
+        loss = self.distance(net(x_t, t, condition), target_out) / (t - r)
         return loss, {"r_zero": (r == 0).float().mean()}
 
 

@@ -22,15 +22,15 @@ class EDMLoss(Objective):
     def __init__(self, sigma_data: float = 0.5, p_mean: float = -1.2, p_std: float = 1.2):
         self.sigma_data, self.p_mean, self.p_std = sigma_data, p_mean, p_std
 
-    def draw(self, x0: torch.Tensor, *, step: int = 0, generator=None, class_labels=None):
+    def draw(self, x0: torch.Tensor, *, step: int = 0, generator=None, condition=None):
         rng = batch_rng(generator)
         ln_sigma = self.p_mean + self.p_std * rng.randn((x0.shape[0],))
         return {"sigma": ln_sigma.exp().to(x0), "z": rng.randn(x0.shape).to(x0)}
 
-    def loss(self, net, x0: torch.Tensor, draws, *, target=None, class_labels=None):
+    def loss(self, net, x0: torch.Tensor, draws, *, target=None, condition=None):
         sigma, z = draws["sigma"], draws["z"]
         weight = (sigma**2 + self.sigma_data**2) / (sigma * self.sigma_data) ** 2
-        denoised = net(x0 + broadcast_to_batch(sigma, x0) * z, sigma, class_labels)
+        denoised = net(x0 + broadcast_to_batch(sigma, x0) * z, sigma, condition)
         loss = weight * (denoised - x0).pow(2).flatten(1).mean(1)
         return loss, {}
 

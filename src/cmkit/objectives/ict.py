@@ -54,7 +54,7 @@ class ImprovedConsistencyTrainingLoss(ConsistencyLoss):
         probs = lognormal_pair_probs(sigmas.cpu(), self.p_mean, self.p_std)
         return batch_rng(generator).multinomial(probs, batch)
 
-    def lower(self, x_hi, x0, z, sigma_hi, sigma_lo, class_labels=None, guidance=None):
+    def lower(self, x_hi, x0, z, sigma_hi, sigma_lo, condition=None, guidance=None):
         return x0 + broadcast_to_batch(sigma_lo, x0) * z
 
 

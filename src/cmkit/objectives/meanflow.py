@@ -26,10 +26,10 @@ def logit_normal(n: int, p_mean: float, p_std: float, generator) -> torch.Tensor
     return torch.sigmoid(p_mean + p_std * batch_rng(generator).randn((n,)))
 
 
-def meanflow_jvp(model, z, r, t, v, mode: str = "autograd", eps: float = 1e-3, class_labels=None):
+def meanflow_jvp(model, z, r, t, v, mode: str = "autograd", eps: float = 1e-3, condition=None):
     """(u(z, r, t), d/ds u(z + s v, r, t + s) at s = 0)."""
     def u(z, r, t):
-        return model.velocity(z, r, t, class_labels)
+        return model.velocity(z, r, t, condition)
     return jvp(u, (z, r, t), (v, torch.zeros_like(r), torch.ones_like(t)), mode, eps, model)
 
 
@@ -62,24 +62,24 @@ class MeanFlowLoss(Objective):
         same = batch_rng(generator).rand(n) < self.flow_fraction
         return torch.where(same, t, r), t
 
-    def target(self, model, z, r, t, v, class_labels=None):
+    def target(self, model, z, r, t, v, condition=None):
         """u(z, r, t) (no grad) and the MeanFlow target."""
-        u, du_dt = meanflow_jvp(model, z, r, t, v, self.jvp, class_labels=class_labels)
+        u, du_dt = meanflow_jvp(model, z, r, t, v, self.jvp, condition=condition)
         return u, v - broadcast_to_batch(t - r, v) * du_dt
 
-    def draw(self, x0: torch.Tensor, *, step: int = 0, generator=None, class_labels=None):
+    def draw(self, x0: torch.Tensor, *, step: int = 0, generator=None, condition=None):
         r, t = (s.to(x0) for s in self.sample_times(x0.shape[0], generator))
         return {"r": r, "t": t, "eps": batch_rng(generator).randn(x0.shape).to(x0)}
 
-    def loss(self, net, x0: torch.Tensor, draws, *, target=None, class_labels=None):
+    def loss(self, net, x0: torch.Tensor, draws, *, target=None, condition=None):
         r, t, eps = draws["r"], draws["t"], draws["eps"]
         z = broadcast_to_batch(1 - t, x0) * x0 + broadcast_to_batch(t, x0) * eps
         v = eps - x0
         with torch.no_grad():
             rng = SharedRNG(x0.device)
-            _, u_tgt = self.target(net, z, r, t, v, class_labels)
+            _, u_tgt = self.target(net, z, r, t, v, condition)
         rng.replay()
-        sq = (net.velocity(z, r, t, class_labels) - u_tgt).float().pow(2).flatten(1).sum(1)
+        sq = (net.velocity(z, r, t, condition) - u_tgt).float().pow(2).flatten(1).sum(1)
         weight = 1 / (sq.detach() + self.c) ** self.p
         return weight * sq, {"mse": sq.detach().mean() / x0[0].numel()}
 

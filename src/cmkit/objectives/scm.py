@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..batch_rng import batch_rng
+from ..condition import as_condition
 from ..guidance import bind_condition, draw_scales
 from ..noise import NoiseConfig, broadcast_to_batch, sigma_from_trigflow, trigflow_from_sigma
 from ..precond import EDMDenoiser
@@ -48,10 +49,10 @@ class AdaptiveWeight(nn.Module):
         return self.net(torch.cat([angles.cos(), angles.sin()], 1))[:, 0]
 
 
-def trigflow_F(model, class_labels=None, guidance=None) -> callable:
+def trigflow_F(model, condition=None) -> callable:
     """(u, t) -> F_trig(u, t) of an `EDMDenoiser` (`EDMDenoiser.trigflow`), u = x_t / sd."""
     def F(u, t):
-        return model.trigflow(u, t, class_labels, guidance)
+        return model.trigflow(u, t, condition)
     return F
 
 
@@ -104,7 +105,7 @@ class ContinuousConsistencyLoss(Objective):
     def step_logs(self, step):
         return {"tangent_warmup": self.warmup(step)}
 
-    def draw(self, x0: torch.Tensor, *, step: int = 0, generator=None, class_labels=None):
+    def draw(self, x0: torch.Tensor, *, step: int = 0, generator=None, condition=None):
         sd, B = self.noise.sigma_data, x0.shape[0]
         rng = batch_rng(generator)
         sigma = (self.p_mean + self.p_std * rng.randn((B,))).exp()
@@ -112,20 +113,21 @@ class ContinuousConsistencyLoss(Objective):
                  "z": sd * rng.randn(x0.shape).to(x0),
                  "warmup": torch.tensor(self.warmup(step), dtype=x0.dtype, device=x0.device)}
         if self.guidance is not None:
-            if class_labels is None:
+            if as_condition(condition).labels is None:
                 raise ValueError("guided distillation needs class labels")
             draws["guidance"] = draw_scales(self.guidance, B, rng).to(x0.device)
         return draws
 
-    def loss(self, net, x0: torch.Tensor, draws, *, target=None, class_labels=None):
+    def loss(self, net, x0: torch.Tensor, draws, *, target=None, condition=None):
         sd = self.noise.sigma_data
         t, z, scales = draws["t"], draws["z"], draws.get("guidance")
         cos, sin = broadcast_to_batch(t.cos(), x0), broadcast_to_batch(t.sin(), x0)
         x_t = cos * x0 + sin * z
-        F = trigflow_F(net, class_labels, scales)
+        condition = as_condition(condition)
+        F = trigflow_F(net, condition.replace(guidance=scales))  # a guided student also sees the scale
         with torch.no_grad():
             v = (cos * z - sin * x0 if self.teacher is None
-                 else teacher_velocity(bind_condition(self.teacher, class_labels, scales), x_t, t, sd))
+                 else teacher_velocity(bind_condition(self.teacher, condition, scales), x_t, t, sd))
             rng = SharedRNG(x0.device)
             F_minus, dF_dt = jvp_F(F, x_t / sd, t, v / sd, self.jvp, module=net)
             g = self.tangent(F_minus, dF_dt, x_t, v, t, draws["warmup"])

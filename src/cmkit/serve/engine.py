@@ -15,6 +15,7 @@ from functools import partial
 import numpy as np
 import torch
 
+from ..condition import Condition
 from ..editing import tasks
 from ..errors import CmkitError
 from ..sampling import sample_levels
@@ -143,7 +144,7 @@ class Engine:
         labels = None if first.labels is None else torch.cat([w.labels for w in work]).to(run.device)
         model = run.network(first.guidance, labels)
         levels = levels.to(run.device)
-        x = sample_levels(model, noise * levels[0], levels, labels, diffusion=run.is_diffusion,
+        x = sample_levels(model, noise * levels[0], levels, Condition(labels=labels), diffusion=run.is_diffusion,
                           sigma_min=run.noise_range.sigma_min, noises=renoise)
         data = run.scaler.to_data(x.float().cpu())
         return list(np.split(data, np.cumsum([w.n for w in work])[:-1]))
