@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 
 from .condition import as_condition
-
 from .noise import broadcast_to_batch
 
 
