@@ -3,6 +3,11 @@ change meant to keep behaviour (a refactor) can be checked against the numbers m
 
     python tests/fingerprints.py           # print the fingerprints of this checkout
     python tests/fingerprints.py --write   # store them in tests/data/fingerprints.json
+    python tests/fingerprints.py --add-machine   # add this CPU's record beside the stored one
+
+A record for another CPU is added only when the former main and this checkout print the same
+fingerprints there (the Intel record was checked so against 28e606c): the first record stays the
+one the behaviour was recorded with.
 
 Each run goes through the command line, so the fingerprints depend only on what a user can do.
 """
@@ -73,6 +78,11 @@ def fingerprint_runs(root: Path) -> dict:
     return prints
 
 
+def record_for_this_machine(stored: dict) -> dict | None:
+    """The stored record made on this machine (torch and CPU), if any."""
+    return next((r for r in [stored, *stored.get("other_machines", [])] if r["machine"] == machine()), None)
+
+
 def machine() -> dict:
     """What decides whether float results can be bit-identical: torch and the CPU."""
     cpu = ""
@@ -89,5 +99,9 @@ if __name__ == "__main__":
     if "--write" in sys.argv:
         STORE.parent.mkdir(exist_ok=True)
         STORE.write_text(json.dumps(result, indent=1) + "\n")
+    elif "--add-machine" in sys.argv:
+        stored = json.loads(STORE.read_text())
+        others = [r for r in stored.get("other_machines", []) if r["machine"] != result["machine"]]
+        STORE.write_text(json.dumps({**stored, "other_machines": [*others, result]}, indent=1) + "\n")
     for name, fp in result["runs"].items():
         print(f"{name:16s} ema {fp['ema'][:16]} samples {fp['samples_sha256'][:16]}")

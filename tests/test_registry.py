@@ -211,10 +211,11 @@ OLD_RUN = ROOT / "tests" / "data" / "old-main-ct"  # a 6-step ct run of fingerpr
 
 
 def test_a_run_directory_from_before_the_registry_loads_samples_and_resumes(tmp_path):
-    from fingerprints import N_SAMPLES, SAMPLE_SEED, STORE
+    from fingerprints import N_SAMPLES, SAMPLE_SEED, STORE, machine
     import shutil
     old = tmp_path / "old"
     shutil.copytree(OLD_RUN, old)
+    recorded_here = json.loads(STORE.read_text())["machine"] == machine()  # the CPU that wrote OLD_RUN
     stored = json.loads(STORE.read_text())["runs"]["ct"]["samples"]
     samples = cmkit.load_run(old).sample(N_SAMPLES, steps=2, seed=SAMPLE_SEED)
     np.testing.assert_allclose(samples.ravel(), stored, rtol=1e-4, atol=1e-6)
@@ -229,4 +230,11 @@ def test_a_run_directory_from_before_the_registry_loads_samples_and_resumes(tmp_
     assert config["train"].pop("device") == "cpu" and read_run_config(new)["train"]["device"] == "auto"
     assert config == {**read_run_config(new), "train": {k: v for k, v in read_run_config(new)["train"].items()
                                                        if k != "device"}}
-    assert _weights_digest(old) == _weights_digest(new)
+    if recorded_here:
+        assert _weights_digest(old) == _weights_digest(new)
+    else:  # its step-6 weights were rounded by another CPU's kernels: equal to rounding
+        for name in ("ema", "model"):
+            got, want = load_weights(old, name), load_weights(new, name)
+            assert got.keys() == want.keys()
+            for key in want:
+                np.testing.assert_allclose(got[key].numpy(), want[key].numpy(), rtol=1e-4, atol=1e-6, err_msg=key)
