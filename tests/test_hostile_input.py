@@ -261,11 +261,11 @@ def test_only_png_and_jpeg_are_decoded_in_folders(tmp_path, capsys, fmt, no_exte
     (folder / "evil.png").write_bytes(OTHER_FORMATS[fmt]())
     assert cli("train", "--method", "edm", "--data", folder, "--out", tmp_path / "run", "--quiet") == 2
     line = one_error_line(capsys)
-    assert "evil.png" in line and "cannot read image" in line, line
+    assert "evil.png" in line and "cannot read image" in line and f"cmkit data check {folder}" in line, line
     # The streamed reader (what `data check` decodes with) lists it as unreadable.
-    assert cli("data", "check", folder, "--strict") == 2
-    out, err = capsys.readouterr()
-    assert "unreadable: 1" in out and "evil.png: cannot read image" in out and "--strict" in err
+    assert cli("data", "check", folder) == 1
+    out = capsys.readouterr().out
+    assert "2 images: 1 readable, 1 unreadable" in out and f"{folder / 'evil.png'}: not a PNG or JPEG image" in out
 
 
 def test_edit_input_decodes_only_png_and_jpeg(tmp_path, capsys, no_external_programs):

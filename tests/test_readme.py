@@ -46,6 +46,14 @@ def commands() -> list[str]:
     return lines
 
 
+def demo_commands() -> list[str]:
+    """The demo lines, in the README's order: the set-up line's and the one in the prose after it,
+    at test size (2 training steps each)."""
+    opening = (REPO / "README.md").read_text().split("## ", 1)[0]
+    lines = [m.strip() for m in re.findall(r"\.venv/bin/(cmkit demo[^`&\n]*)", opening)]
+    return [f"{line} --steps 2,2 --quiet" for line in lines]
+
+
 def _status() -> str:
     return subprocess.run(["git", "status", "--porcelain", "--ignored=no"], cwd=REPO, capture_output=True,
                           text=True).stdout
@@ -56,7 +64,9 @@ def _status() -> str:
 def test_readme_commands_run_as_written(tmp_path, monkeypatch, capfd):
     before = _status()
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    run = commands()
+    demos = demo_commands()
+    assert demos == ["cmkit demo --steps 2,2 --quiet", "cmkit demo --data digits --steps 2,2 --quiet"]
+    run = demos + commands()  # both demos first: the second must not trip on the first's output
     assert len(run) >= 20 and any(c.startswith("torchrun") for c in run)
     monkeypatch.chdir(tmp_path)
     for i, command in enumerate(run):

@@ -161,10 +161,10 @@ def test_undecodable_members_are_skipped_and_counted(tmp_path, capsys):
     good = _png(_pixels(1, size=4)[0])
     corrupt = {3: b"not a png at all", 7: good[:len(good) // 2], 11: b"\x89PNG\r\n\x1a\n" + b"\0" * 40}
     _tar_of_pngs(tmp_path / "bad.tar", 60, corrupt)
-    assert cli("data", "check", tmp_path / "bad.tar") == 0
+    assert cli("data", "check", tmp_path / "bad.tar") == 1  # problems found
     out = capsys.readouterr().out
-    assert "unreadable: 3" in out and "00000003" in out and "00000007" in out and "00000011" in out
-    assert cli("data", "check", tmp_path / "bad.tar", "--strict") == 2
+    assert "60 images: 57 readable, 3 unreadable" in out
+    assert all(f"bad.tar:{i:08d}: " in out for i in corrupt)
     images = load_images(str(tmp_path / "bad.tar"), stream="always")
     keys = [images.train.source.keys[r] for r in images.train.rows]
     batch = images.train[torch.arange(len(images.train))]
@@ -180,6 +180,49 @@ def test_undecodable_members_are_skipped_and_counted(tmp_path, capsys):
     assert cli("train", "--method", "edm", "--data", tmp_path / "bad.tar", "--steps", 2, "--out", tmp_path / "mem",
                *TRAIN) == 2
     assert "do not decode" in capsys.readouterr().err
+
+
+def test_check_and_pack_name_each_bad_file_by_its_path(tmp_path, capsys):
+    """A truncated PNG and a text file named .png: one count of each, both named by path, no
+    object reprs; check exits 1; pack refuses naming both, and with --skip-bad names and skips them."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, arr in enumerate(_pixels(6)):
+        (folder / f"img{i}.png").write_bytes(_png(arr))
+    good = _png(_pixels(1, seed=1)[0])
+    (folder / "cut.png").write_bytes(good[:len(good) // 2])
+    (folder / "notes.png").write_text("not an image\n")
+    assert cli("data", "check", folder) == 1
+    out, err = capsys.readouterr()
+    assert "8 images: 6 readable, 2 unreadable" in out and "decoded" not in out
+    assert f"{folder / 'cut.png'}: " in out and f"{folder / 'notes.png'}: not a PNG or JPEG image" in out
+    assert "0x" not in out + err
+    assert cli("data", "pack", folder, tmp_path / "shards") == 2
+    err = capsys.readouterr().err
+    assert "2 image(s)" in err and str(folder / "cut.png") in err and str(folder / "notes.png") in err
+    assert not (tmp_path / "shards").exists()  # refused: nothing written
+    assert cli("data", "pack", folder, tmp_path / "shards", "--skip-bad") == 0
+    out, err = capsys.readouterr()
+    assert f"skipped {folder / 'cut.png'}" in err and f"skipped {folder / 'notes.png'}" in err
+    assert len(open_source(str(tmp_path / "shards"))) == 6
+    assert cli("data", "check", tmp_path / "shards") == 0
+
+
+def test_a_folder_mixing_class_folders_and_loose_images_says_why_it_is_unlabelled(tmp_path, capsys):
+    folder = tmp_path / "mixed"
+    for i, arr in enumerate(_pixels(4)):
+        (folder / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        (folder / f"c{i % 2}" / f"{i}.png").write_bytes(_png(arr))
+    (folder / "loose.png").write_bytes(_png(_pixels(1, seed=2)[0]))
+    assert cli("data", "check", folder) == 0
+    out = capsys.readouterr().out
+    assert "classes: none (unlabelled: 1 of 5 images (e.g. loose.png) sit directly in" in out
+    assert "c0, c1" in out
+    images = load_images(str(folder))
+    assert images.train_labels is None
+    assert "cmkit: warning: unlabelled: 1 of 5 images" in capsys.readouterr().err
+    (folder / "loose.png").unlink()
+    assert load_images(str(folder)).class_names == ["c0", "c1"]
 
 
 def test_too_many_bad_images_stop_the_run(tmp_path, capsys):

@@ -242,18 +242,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("data", help=COMMAND_HELP["data"])
     data_sub = p.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
-    q = data_sub.add_parser("check", help="count images, sizes, colour, classes; list the ones that do not decode")
+    q = data_sub.add_parser("check", help="count images, sizes, colour, classes; list the ones that do not decode "
+                            "(exit status 1 if any)")
     q.add_argument("source", help="a folder, .zip (EDM layout), .tar, shard pattern (train-{000000..000009}.tar), "
                    "folder of .tar shards or .npy")
     q.add_argument("--limit", type=int, help="decode only the first N images")
     q.add_argument("--grid", help="write a PNG grid of 64 of the images here")
     q.add_argument("--seed", type=_seed, default=0, help="which images the grid shows (default 0)")
-    q.add_argument("--strict", action="store_true", help="exit 2 if any image does not decode")
     q = data_sub.add_parser("pack", help="write a folder of images as WebDataset-style tar shards ({key}.png + {key}.cls)")
     q.add_argument("folder", help="folder of PNG/JPEG images (first-level sub-folders: classes)")
     q.add_argument("out", help="folder for the shards (empty or new)")
     q.add_argument("--shard-size", type=int, default=10000, help="images per shard (default 10000)")
     q.add_argument("--prefix", default="train", help="shard names: PREFIX-000000.tar, ... (default train)")
+    q.add_argument("--skip-bad", action="store_true", help="leave out (and name) images that do not decode "
+                   "instead of refusing the folder")
 
     p = sub.add_parser("tune-sigmas", help=COMMAND_HELP["tune-sigmas"])
     p.add_argument("--checkpoint", required=True, help="run directory")
@@ -317,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_edit_parser(sub, _seed, _sigma_list, _class_spec, COMMAND_HELP["edit"])
 
     p = sub.add_parser("demo", help=COMMAND_HELP["demo"])
-    p.add_argument("--out", default="cmkit-demo", help="output directory (default cmkit-demo)")
+    p.add_argument("--out", help="output directory (default runs/demo-DATA, e.g. runs/demo-moons)")
     p.add_argument("--data", default="moons", help="a built-in 2-D set (default moons) or digits (8x8 images, "
                    "a tiny UNet; about 4 minutes on 2 CPU cores)")
     p.add_argument("--seed", type=_seed, default=0, help="training and sampling seed")
@@ -590,18 +592,21 @@ def cmd_data(args) -> None:
     from .data.tools import check_source, pack_folder
 
     if args.data_command == "pack":
-        shards = pack_folder(args.folder, args.out, shard_size=args.shard_size, prefix=args.prefix)
+        shards, skipped = pack_folder(args.folder, args.out, shard_size=args.shard_size, prefix=args.prefix,
+                                      skip_bad=args.skip_bad)
+        for where, why in skipped:
+            print(f"skipped {where}: {why}", file=sys.stderr)
         last = shards[-1].name if len(shards) > 1 else ""
-        print(f"wrote {len(shards)} shard(s) to {args.out}: {shards[0].name}{' .. ' + last if last else ''}")
-        return
+        print(f"wrote {len(shards)} shard(s) to {args.out}: {shards[0].name}{' .. ' + last if last else ''}"
+              + (f" ({len(skipped)} unreadable image(s) left out)" if skipped else ""))
+        return 0
     if args.limit is not None and args.limit < 1:
         raise CmkitError(f"--limit must be positive, got {args.limit}")
     report = check_source(args.source, limit=args.limit, grid=args.grid, seed=args.seed)
     print("\n".join(report.lines()))
     if args.grid:
         print(f"grid: {args.grid}")
-    if args.strict and report.bad:
-        raise CmkitError(f"{len(report.bad)} image(s) of {args.source} do not decode (--strict)")
+    return 1 if report.bad else 0  # a script can tell a clean source from one with problems
 
 
 def cmd_edit(args) -> None:
@@ -613,7 +618,8 @@ def cmd_edit(args) -> None:
 def cmd_demo(args) -> None:
     from .demo import run_demo
 
-    run_demo(args.out, data=args.data, seed=args.seed, force=args.force, progress=not args.quiet,
+    out = args.out or f"runs/demo-{args.data}"
+    run_demo(out, data=args.data, seed=args.seed, force=args.force, progress=not args.quiet,
              own_signals=args.own_signals, steps=None if args.steps is None else tuple(args.steps))
 
 
@@ -637,7 +643,7 @@ def main(argv: list[str] | None = None, *, own_signals: bool = False) -> int:
         command = next((a for a in argv if not a.startswith("-")), None)
         args = (build_parser() if command in COMMAND_HELP else summary_parser()).parse_args(argv)
         args.own_signals = own_signals
-        COMMANDS[args.command](args)
+        status = COMMANDS[args.command](args)  # an int reports findings (data check: 1 for problems)
     except CmkitError as e:
         one_line = str(e).replace("\r", "\\r").replace("\n", "\\n")
         print(f"cmkit: error{_rank_tag()}: {one_line}", file=sys.stderr)
@@ -658,7 +664,7 @@ def main(argv: list[str] | None = None, *, own_signals: bool = False) -> int:
         print("cmkit: interrupted; a training run continues from its last checkpoint with --resume",
               file=sys.stderr)
         return 130
-    return 0
+    return status if isinstance(status, int) else 0
 
 
 def entry() -> None:

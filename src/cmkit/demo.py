@@ -129,7 +129,20 @@ def _scatter_figure(teacher, student, metrics: dict, path: Path, seed: int) -> N
                                    ("CD, 2 steps", student, 2, metrics["cd"]["results"][1])):
         x, seconds = _timed_sample(run, n, steps=steps, seed=seed)
         panels.append((f"{title}\nSW1 {row['sw1']:.4f}, {1000 * seconds:.0f} ms for {n}", x))
-    scatter_panels(panels, path)
+    scatter_panels(panels, path, caption=_scatter_caption(student, metrics, n))
+
+
+def _scatter_caption(student, metrics: dict, n: int) -> str:
+    """What SW1 is, and why a second step can score worse than the first."""
+    text = (f"SW1: sliced Wasserstein-1 distance between {n} samples and {n} held-out points (lower is better); "
+            "the floor is that of held-out data against training data, the best a model can score.")
+    one, two = (row["sw1"] for row in metrics["cd"]["results"][:2])
+    if two > one:
+        level = float(student.sigmas_for(2, None)[1])
+        text += (f"\nCD's second step re-noises to sigma {level:.2g} (the default level, chosen for images) and "
+                 "denoises again; on these points it loses more than it repairs. `cmkit tune-sigmas --steps 2` "
+                 "picks the level for your data.")
+    return text
 
 
 def _untrained_fd(cd_dir: Path, seed: int) -> float:

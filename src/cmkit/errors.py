@@ -5,6 +5,12 @@ class CmkitError(Exception):
     """A problem with the user's input (paths, data, options, run directories)."""
 
 
+def warn(message: str) -> None:
+    """A warning for the user, one line on stderr (what the CLI prints errors beside)."""
+    import sys
+    print(f"cmkit: warning: {message}", file=sys.stderr)
+
+
 class Stopped(Exception):
     """Training stopped by SIGTERM or SIGINT after saving a checkpoint at ``step``."""
 

@@ -15,8 +15,10 @@ def pyplot():
     return plt
 
 
-def scatter_panels(panels: list[tuple[str, np.ndarray]], path: str | Path, limits=None) -> None:
-    """Side-by-side scatter plots of 2-D point sets sharing axes, written to ``path``."""
+def scatter_panels(panels: list[tuple[str, np.ndarray]], path: str | Path, limits=None,
+                   caption: str | None = None) -> None:
+    """Side-by-side scatter plots of 2-D point sets sharing axes, written to ``path``, with an
+    optional ``caption`` under them."""
     if limits is None:
         allpts = np.concatenate([p for _, p in panels])
         lo, hi = np.percentile(allpts, 0.5, axis=0), np.percentile(allpts, 99.5, axis=0)
@@ -33,6 +35,8 @@ def scatter_panels(panels: list[tuple[str, np.ndarray]], path: str | Path, limit
         ax.set_xticks([])
         ax.set_yticks([])
     fig.tight_layout()
+    if caption:
+        fig.text(0.01, -0.02, caption, fontsize=8.5, va="top", ha="left", wrap=True)
     tmp = Path(path).with_name(Path(path).name + ".tmp.png")
     fig.savefig(tmp, dpi=120, bbox_inches="tight")
     plt.close(fig)

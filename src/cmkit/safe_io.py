@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import tokenize
 import zipfile
 from pathlib import Path
@@ -134,6 +135,8 @@ def open_image(source, name: str | None = None, max_pixels: int = MAX_IMAGE_PIXE
         return im
     except CmkitError:
         raise
+    except Image.UnidentifiedImageError:
+        raise CmkitError(f"cannot read image {label}: not a PNG or JPEG image") from None
     except (Image.DecompressionBombError, *READ_ERRORS) as e:
         raise CmkitError(f"cannot read image {label}: {_first_line(e)}") from None
 
@@ -182,5 +185,7 @@ def read_json(path: str | Path, what: str = "file"):
 
 
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
+    """An exception's first line for a user, without Python object reprs ("<_io.BytesIO object
+    at 0x7f...>"): they name nothing the user knows."""
+    text = re.sub(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>", "", str(e)).strip()
     return text.splitlines()[0] if text else e.__class__.__name__

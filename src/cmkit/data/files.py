@@ -110,6 +110,27 @@ def validate_array(arr: np.ndarray, name: str) -> np.ndarray:
     return arr
 
 
+def folder_classes(keys: list[str], root: str) -> tuple[list[str] | None, np.ndarray | None, str | None]:
+    """(class names, labels, None) when every image (``keys``: paths relative to ``root``) sits in a
+    first-level sub-folder; else (None, None, why the folder is unlabelled, or None for a folder of
+    loose images only)."""
+    parts = [key.split("/") for key in keys]
+    if all(len(p) == 2 for p in parts):
+        names = sorted({p[0] for p in parts})
+        return names, np.array([names.index(p[0]) for p in parts], dtype=np.int64), None
+    folders = sorted({p[0] for p in parts if len(p) > 1})
+    if not folders:
+        return None, None, None
+    loose = [k for k, p in zip(keys, parts) if len(p) == 1]
+    deep = [k for k, p in zip(keys, parts) if len(p) > 2]
+    shown = ", ".join(folders[:4]) + (" ..." if len(folders) > 4 else "")
+    where = (f"{len(loose)} of {len(keys)} images (e.g. {loose[0]}) sit directly in {root}, beside sub-folders "
+             f"({shown})" if loose else f"{len(deep)} of {len(keys)} images (e.g. {deep[0]}) sit deeper than "
+             f"a first-level sub-folder of {root}")
+    return None, None, (f"unlabelled: {where}; sub-folders are classes only when every image sits directly "
+                        "in one (move the others into a class folder)")
+
+
 def holdout_split(n: int, fraction: float, seed: int, name: str, unit: str = "rows") -> tuple[np.ndarray, np.ndarray]:
     """(train indices, held-out indices): a seeded permutation with ``fraction`` held out (at least
     one), the same for vectors and images."""

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 
 from ..batch_rng import batch_rng
-from ..errors import CmkitError
+from ..errors import CmkitError, warn
 from ..safe_io import READ_ERRORS, NpzArchive, load_npy, memory_bytes, npy_header, open_image
-from .files import holdout_split, validate_labels
+from .files import folder_classes, holdout_split, validate_labels
 from .geometry import FITS, fit_resolution, to_nchw  # noqa: F401 (cmkit.data.images' names)
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian package dataset-fashion-mnist
@@ -169,8 +169,11 @@ def load_image_folder(root: str | Path) -> tuple[np.ndarray, np.ndarray | None, 
             with open_image(path) as im:
                 modes.add("L" if im.mode in ("1", "L", "I", "I;16", "F") else "RGB")
                 images.append((path, im.convert("RGB") if im.mode not in ("1", "L", "I", "I;16", "F") else im.convert("L")))
+        except CmkitError as e:
+            raise CmkitError(f"{e} (cmkit data check {root} lists every unreadable image)") from None
         except READ_ERRORS as e:  # converting a decoded image can still fail
-            raise CmkitError(f"cannot read image {path}: {e}") from None
+            raise CmkitError(f"cannot read image {path}: {e} (cmkit data check {root} lists every unreadable "
+                             "image)") from None
     sizes = {im.size for _, im in images}
     if len(sizes) > 1:
         (p0, a), odd = images[0], next((p, im) for p, im in images if im.size != images[0][1].size)
@@ -178,12 +181,8 @@ def load_image_folder(root: str | Path) -> tuple[np.ndarray, np.ndarray | None, 
                          f"{odd[1].size[0]}x{odd[1].size[1]}; resize them to one size first")
     mode = "L" if modes == {"L"} else "RGB"
     arr = np.stack([np.asarray(im.convert(mode)) for _, im in images])
-    parents = [p.relative_to(root).parts for p in files]
-    if all(len(parts) == 2 for parts in parents):
-        classes = sorted({parts[0] for parts in parents})
-        labels = np.array([classes.index(parts[0]) for parts in parents], dtype=np.int64)
-        return arr, labels, classes
-    return arr, None, None
+    classes, labels, _ = folder_classes([p.relative_to(root).as_posix() for p in files], str(root))
+    return arr, labels, classes  # (load_images warns of a mixed layout, through FolderSource)
 
 
 def load_image_array(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
@@ -324,6 +323,8 @@ def _load_streamed(name: str, resolution, fit: str, holdout_fraction: float, see
     if fit not in FITS:
         raise CmkitError(f"data.fit must be one of {', '.join(FITS)}, got {fit!r}")
     source = open_source(name)
+    if getattr(source, "unlabelled_why", None):
+        warn(source.unlabelled_why)
     train_rows, holdout_rows = holdout_split(len(source), holdout_fraction, seed, name, "images")
     train = StreamedImages(source, train_rows, resolution=resolution, fit=fit)
     holdout = StreamedImages(source, holdout_rows, resolution=resolution, fit=fit, mode=train.mode, size=train.size)
@@ -333,7 +334,8 @@ def _load_streamed(name: str, resolution, fit: str, holdout_fraction: float, see
             return None, source  # a small folder or .npy: the in-memory readers, as before
         train_x, holdout_x = train.materialize(), holdout.materialize()
         if train.bad or holdout.bad:
-            raise CmkitError(f"{name}: {train.bad + holdout.bad} image(s) do not decode (cmkit data check lists them)")
+            raise CmkitError(f"{name}: {train.bad + holdout.bad} image(s) do not decode (cmkit data check {name} "
+                             "lists them)")
     else:
         train_x, holdout_x = train, holdout
     native = train.size[0]

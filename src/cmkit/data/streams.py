@@ -29,6 +29,7 @@ import torch
 
 from ..errors import CmkitError
 from ..safe_io import READ_ERRORS, check_npy_header, read_image, read_json
+from .files import folder_classes
 from .geometry import fit_resolution, to_nchw
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -82,6 +83,10 @@ class ImageSource(abc.ABC):
     def read(self, i: int):
         ...
 
+    def where(self, i: int) -> str:
+        """Sample i as a user finds it: ``archive:member`` here; sources of files say the path."""
+        return f"{self.name}:{self.keys[i]}"
+
     def __getstate__(self):  # DataLoader workers reopen files in their own process
         state = self.__dict__.copy()
         state["_handles"] = {}
@@ -98,11 +103,13 @@ class FolderSource(ImageSource):
         if not files:
             raise CmkitError(f"no .png/.jpg/.jpeg images found under {root}")
         self.keys = [p.relative_to(self.root).as_posix() for p in files]
-        parts = [key.split("/") for key in self.keys]
-        if all(len(p) == 2 for p in parts):
-            self.class_names = sorted({p[0] for p in parts})
-            self.labels = np.array([self.class_names.index(p[0]) for p in parts], dtype=np.int64)
+        names, labels, self.unlabelled_why = folder_classes(self.keys, str(root))
+        if names is not None:
+            self.class_names, self.labels = names, labels
         self._handles = {}
+
+    def where(self, i: int) -> str:
+        return str(self.root / self.keys[i])
 
     def read(self, i: int) -> bytes:
         path = self.root / self.keys[i]
@@ -251,6 +258,9 @@ class TarSource(ImageSource):
         if number not in self._handles:
             self._handles[number] = open(self.shards[number], "rb")
         return self._handles[number]
+
+    def where(self, i: int) -> str:
+        return f"{self.shards[self.locations[i][0]]}:{self.keys[i]}"
 
     def read(self, i: int) -> bytes:
         number, offset, size = self.locations[i]
