@@ -275,3 +275,41 @@ def test_print_config_and_resume_with_only_out(tmp_path, capsys):
     assert main(["train", "--resume", "--out", str(run), "--quiet"]) == 0
     assert json.loads((run / "config.json").read_text())["train"]["steps"] == 4
     assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()][-1] == 4
+
+
+def _leaf_commands(parser, prefix=()):
+    import argparse
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        return [(prefix, parser)]
+    return [leaf for name, sub in subs[0].choices.items() for leaf in _leaf_commands(sub, (*prefix, name))]
+
+
+def _minimal_argv(parser) -> list[str]:
+    """Values for a command's required arguments, so that parsing reaches the unknown option."""
+    argv = []
+    needed = [a for a in parser._actions if a.required]
+    needed += [g._group_actions[0] for g in parser._mutually_exclusive_groups if g.required]
+    for action in needed:
+        value = str(list(action.choices)[0]) if action.choices else "1"
+        argv += ([action.option_strings[0]] if action.option_strings else []) + ([value] if action.nargs != 0 else [])
+    return argv
+
+
+def test_an_option_of_another_command_is_named_as_such_never_suggested_to_itself():
+    from cmkit.errors import CmkitError
+    parser = build_parser()
+    leaves = _leaf_commands(parser)
+    options = {names: set(p._option_string_actions) for names, p in leaves}
+    checked = 0
+    for names, leaf in leaves:
+        foreign = sorted(o for other in options.values() for o in other if o.startswith("--") and o not in options[names])
+        for option in foreign[:3] + foreign[-3:]:
+            with pytest.raises(CmkitError) as e:
+                parser.parse_args([*names, *_minimal_argv(leaf), option, "1"])
+            message = str(e.value)
+            assert message.startswith(f"unrecognized arguments: {option}"), message
+            assert f"did you mean {option}?" not in message
+            assert f"{option} is an option of" in message and f"not of {' '.join(names)})" in message, message
+            checked += 1
+    assert checked > 50

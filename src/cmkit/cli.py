@@ -32,10 +32,15 @@ class _HelpFormatter(argparse.HelpFormatter):
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line and exit status 2 (no usage dump)."""
 
+    def parse_args(self, args=None, namespace=None):
+        parsed, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            message = f"unrecognized arguments: {' '.join(unknown)}"
+            self.error(message + _suggest_options(self, parsed, unknown))
+        return parsed
+
     def error(self, message):
         message = message.replace("\r", "\\r").replace("\n", "\\n")  # user text stays on one line
-        if message.startswith("unrecognized arguments:"):
-            message += _suggest_options(self, message.split(":", 1)[1].split())
         if "invalid choice:" in message:  # --method cdd, cmkit tarin: did you mean ...?
             import difflib
             import re
@@ -47,17 +52,36 @@ class _Parser(argparse.ArgumentParser):
         raise CmkitError(message)
 
 
-def _suggest_options(parser: argparse.ArgumentParser, unknown: list[str]) -> str:
-    """' (did you mean --x?)' for unknown options close to one that some command takes."""
-    import difflib
-    known = set(parser._option_string_actions)
+def _command_parsers(parser: argparse.ArgumentParser, parsed=None, prefix: str = ""):
+    """(name, parser) of the (sub-)commands below ``parser`` ("edit inpaint"): all of them, or with
+    ``parsed`` the chain of the ones chosen (``cmkit data check``: data, then data check)."""
+    found = []
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
-            for sub in action.choices.values():
-                known |= set(sub._option_string_actions)
-    hints = [match[0] for token in unknown if token.startswith("--")
-             for match in [difflib.get_close_matches(token.split("=")[0], sorted(known), n=1, cutoff=0.7)] if match]
-    return f" (did you mean {', '.join(hints)}?)" if hints else ""
+            chosen = getattr(parsed, action.dest, None) if parsed is not None else None
+            for name, sub in action.choices.items():
+                if parsed is None or name == chosen:
+                    found += [(prefix + name, sub), *_command_parsers(sub, parsed, f"{prefix}{name} ")]
+    return found
+
+
+def _suggest_options(parser: argparse.ArgumentParser, parsed, unknown: list[str]) -> str:
+    """' (did you mean --x?)' from the chosen command's own options (never the rejected one), or
+    which commands take an option that this one does not."""
+    import difflib
+    chain = _command_parsers(parser, parsed)
+    command, chosen = chain[-1] if chain else ("", parser)
+    own = set(chosen._option_string_actions)
+    hints = []
+    for token in (t.split("=")[0] for t in unknown if t.startswith("--")):
+        others = sorted(name for name, sub in _command_parsers(parser) if token in sub._option_string_actions)
+        close = difflib.get_close_matches(token, sorted(own - {token}), n=1, cutoff=0.7)
+        if others and command:
+            named = ", ".join(others) if len(others) <= 4 else f"{', '.join(others[:3])} and {len(others) - 3} more"
+            hints.append(f"{token} is an option of {named}, not of {command}")
+        elif close:
+            hints.append(f"did you mean {close[0]}?")
+    return f" ({'; '.join(hints)})" if hints else ""
 
 
 def _int_list(text: str) -> list[int]:

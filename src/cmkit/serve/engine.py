@@ -116,6 +116,9 @@ class Engine:
         if spec.sigma:
             lo, hi = run.noise_range.sigma_min, run.noise_range.sigma_max
             sigma = check_float("sigma", sigma, lo, hi)
+        if class_spec is None and run.num_classes and not run.has_null_label:
+            raise CmkitError("this model is class-conditional and has no unconditional label: send the class "
+                             "field (an index or a name) with the image")
         labels, guidance = self._labels_and_guidance(class_spec, n, seed, guidance)
         return Edit(task, size, grey=c == 1 and not spec.grey_input, needs_mask=spec.mask,
                     options=dict(factor=factor, sigma=sigma, n=n, seed=seed, steps=steps, class_labels=class_spec,
