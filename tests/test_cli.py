@@ -263,10 +263,27 @@ def test_every_option_has_help():
                 assert action.help, f"{p.prog} {'/'.join(action.option_strings) or action.dest} has no help"
 
 
+def test_print_config_of_every_method_needs_no_teacher_and_shows_every_section(tmp_path, capsys):
+    from cmkit.config import default_config
+    from cmkit.objectives import methods
+    for method, spec in methods().items():
+        assert main(["train", "--method", method, "--data", "moons", "--print-config"]) == 0, method
+        out, err = capsys.readouterr()
+        config = json.loads(out)
+        assert {"method", "data", "noise", "model", "objective", "train"} <= set(config), method
+        assert config["train"]["batch_size"] == 512 and "lr" in config["train"]
+        if spec.teacher:  # shown as a default teacher's, and said so
+            assert config["model"] == default_config("edm")["model"] and "takes them from its --teacher" in err
+    teacher = tmp_path / "teacher"
+    assert cli(*TRAIN_EDM, "--steps", 2, "--out", teacher) == 0
+    for flag, method in (("--teacher", "cd"), ("--init", "ect")):  # then as the run will take them
+        assert main(["train", "--method", method, "--data", "moons", flag, str(teacher), "--print-config"]) == 0
+        config = json.loads(capsys.readouterr().out)
+        assert config["model"] == json.loads((teacher / "config.json").read_text())["model"]
+        assert config["model"]["width"] == 32 != default_config("edm")["model"]["width"]
+
+
 def test_print_config_and_resume_with_only_out(tmp_path, capsys):
-    assert main(["train", "--method", "cd", "--data", "moons", "--teacher", "t", "--print-config"]) == 0
-    config = json.loads(capsys.readouterr().out)
-    assert config["method"] == "cd" and config["train"]["batch_size"] == 512 and "lr" in config["train"]
     run = tmp_path / "run"
     assert cli(*TRAIN_EDM, "--steps", 2, "--out", run) == 0
     saved = json.loads((run / "config.json").read_text())

@@ -403,9 +403,14 @@ def cmd_train(args) -> None:
             if options[f"train.{key}"] is not None:
                 config["train"][key] = options[f"train.{key}"]
     else:
-        config = build_config(args.method, config_file=args.config, sets=args.set, **options)
+        config = build_config(args.method, config_file=args.config, sets=args.set, preview=args.print_config,
+                              **options)
         if args.print_config:
+            from .training import preview_config
+            config, note = preview_config(config)
             print(json.dumps(config, indent=2))
+            if note:
+                print(f"cmkit: note: {note}", file=sys.stderr)
             return
     out = train(config, args.out, resume=args.resume, force=args.force, progress=not args.quiet,
                 own_signals=args.own_signals)

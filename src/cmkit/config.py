@@ -169,10 +169,11 @@ def parse_set(assignment: str) -> dict:
     return nested
 
 
-def build_config(method: str, *, config_file: str | None = None, sets: list[str] = (),
+def build_config(method: str, *, config_file: str | None = None, sets: list[str] = (), preview: bool = False,
                  **options) -> dict:
     """Defaults <- config file <- options (dotted names, None = not given) <- --set. The defaults
-    are the image ones when the data named last (by any of these) is an image source."""
+    are the image ones when the data named last (by any of these) is an image source. ``preview``
+    (--print-config): a method's teacher may still be missing."""
     updates = []
     if config_file:
         user = read_config_file(config_file)
@@ -196,7 +197,7 @@ def build_config(method: str, *, config_file: str | None = None, sets: list[str]
         if touched:
             raise CmkitError(f"with --init the run takes its {' and '.join(touched)} from the --init run; "
                              "drop those settings")
-    check_config(config)
+    check_config(config, need_teacher=not preview)
     return config
 
 
@@ -204,7 +205,7 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def check_config(config: dict) -> None:
+def check_config(config: dict, need_teacher: bool = True) -> None:
     """The checks a config passes before any run starts from it: what it names exists, and its
     numbers are in range. (What depends on the machine or the process count is checked when the
     run starts.)"""
@@ -212,7 +213,7 @@ def check_config(config: dict) -> None:
     train, data = config["train"], config["data"]
     if not data["name"]:
         raise CmkitError("no data given: pass --data NAME_OR_PATH")
-    if spec.teacher and not config.get("teacher"):
+    if need_teacher and spec.teacher and not config.get("teacher"):
         raise CmkitError(f"method {spec.name} needs a teacher: pass --teacher RUN (a trained edm run)")
     for key in ("sample_every", "max_bad_steps"):
         if not _is_int(train[key]) or train[key] < 0:

@@ -29,10 +29,10 @@ from . import checkpoint, discrete_vp
 from .batch_rng import BatchRNG, step_seed
 from .compiled_step import compile_loss, use_run_cache
 from .condition import Condition
-from .config import base_section, check_config
+from .config import base_section, check_config, default_config
 from .distributed import World, sum_gradients, close, world_from_env
 from .devices import resolve_device
-from .data import ImageData, ImageScaler, Standardizer, is_builtin, load_dataset, random_hflip
+from .data import ImageData, ImageScaler, Standardizer, is_builtin, is_image_source, load_dataset, random_hflip
 from .data.loader import PlannedBatches, default_workers
 from .data.streams import StreamedImages
 from .errors import CmkitError, Stopped
@@ -125,6 +125,24 @@ def _resolve_sources(config: dict, spec: MethodSpec, resumed: bool) -> tuple[dic
     elif teacher is not None and spec.starts_from_teacher and config["objective"].get("init_from_teacher", True):
         init = teacher
     return config, teacher, init
+
+
+def preview_config(config: dict) -> tuple[dict, str | None]:
+    """(the config a new run starts from, a note) for --print-config: with the --teacher's and
+    --init run's sections as training takes them; a method whose teacher is not given yet shows a
+    default EDM teacher's noise and model for this data, and the note says so."""
+    spec = get_method(config["method"])
+    if not (spec.teacher and not config.get("teacher")):
+        return _resolve_sources(copy.deepcopy(config), spec, resumed=False)[0], None
+    edm = next(name for name, other in methods().items() if other.diffusion)
+    teacher = default_config(edm, images=is_image_source(config["data"]["name"]))
+    shown = {}
+    for key, value in config.items():
+        shown[key] = value
+        if key == "data":
+            shown["noise"], shown["model"] = teacher["noise"], teacher["model"]
+    return shown, (f"noise and model: a default {edm} teacher's for {config['data']['name']}; a {spec.name} run takes "
+                   "them from its --teacher (a --config file leaves them out)")
 
 
 def _resolve_classes(config: dict, data, teacher: Run | None) -> dict:
