@@ -76,6 +76,17 @@ def test_eval_reports_fd_beside_the_floor_and_beats_noise(digits_runs, tmp_path)
     assert 0 <= results["cd"]["results"][0]["precision"] <= 1
 
 
+def test_eval_quiet_prints_the_table_and_few_images_are_warned_of(digits_runs, capsys):
+    from cmkit.evaluate import MIN_SAMPLES
+    assert cli("eval", "--checkpoint", digits_runs / "cd", "--steps", 1, "--n", 30, "--quiet") == 0
+    out, err = capsys.readouterr()
+    assert "30 samples against as many held-out ones" in out and "data (floor)" in out and "1 step" in out
+    assert f"cmkit: warning: fd from 30 held-out images: below {MIN_SAMPLES['fd']}" in err
+    assert cli("eval", "--checkpoint", digits_runs / "cd", "--steps", 1, "--quiet", "--json") == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["n"] == 180 and "warning" not in err  # the whole held-out split: above the minimum
+
+
 def test_image_resume_is_bit_exact_with_flips(tmp_path):
     args = ["--method", "edm", *DIGITS, "--set", "data.hflip=true", "--set", "train.save_every=3",
             "--set", "train.sample_every=0", "--batch-size", "8"]

@@ -45,6 +45,9 @@ def test_info_and_page(client):
     page = client.get("/")
     assert page.status_code == 200 and 'id="generate"' in page.text
     assert "/api/generate" in client.get("/openapi.json").json()["paths"]
+    import re
+    links = re.findall(r'href="(/[^"]*)"', page.text)
+    assert links and all(client.get(link).status_code == 200 for link in links), links  # no link to a 404
 
 
 def test_generate_equals_the_command_line(client, image_run, tmp_path):

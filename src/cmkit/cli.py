@@ -330,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_seed, default=0, help="sampling and subsampling seed")
     p.add_argument("--out", help="also write the results as JSON to this file")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table (no progress bar)")
-    p.add_argument("--quiet", action="store_true", help=QUIET_HELP)
+    p.add_argument("--quiet", action="store_true", help="no progress bars; the results are still printed")
 
     p = sub.add_parser("train-classifier", help=COMMAND_HELP["train-classifier"])
     p.add_argument("--out", required=True, help="output .safetensors file")
@@ -601,10 +601,7 @@ def cmd_eval(args) -> None:
         from .checkpoint import atomic_write_text
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(Path(args.out), text + "\n")
-    if args.json:
-        print(text)
-    elif not args.quiet:
-        print(format_results(result))
+    print(text if args.json else format_results(result))  # --quiet silences progress, never the result
 
 
 def cmd_train_classifier(args) -> None:

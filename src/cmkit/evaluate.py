@@ -18,7 +18,7 @@ import torch
 
 from .checkpoint import FLOOR_CACHE, atomic_write_text
 from .data import TOY_TRUTH, ImageData, load_dataset, load_vectors
-from .errors import CmkitError
+from .errors import CmkitError, warn
 from .metrics import energy_distance, sliced_wasserstein
 from .run import Run, load_run
 
@@ -213,6 +213,21 @@ class ImageScorer:
         return out
 
 
+# Below a feature space's dimension the sample covariance is singular: a Frechet distance then
+# measures the sample size more than the model, and k-NN precision/recall is as unsettled.
+MIN_SAMPLES = {"fd": 128, "pr": 128, "fid": 2048}  # classifier features: 128 dims; Inception's: 2048
+
+
+def _small_sample_note(n: int, metrics: list[str]) -> str | None:
+    short = [m for m in metrics if n < MIN_SAMPLES[m]]
+    if not short:
+        return None
+    need = max(MIN_SAMPLES[m] for m in short)
+    return (f"{', '.join(short)} from {n} held-out images: below {need} (the features' dimension) the scores "
+            "mostly measure the sample size; read them only beside the floor, or evaluate on more images "
+            "(10,000 for numbers to publish)")
+
+
 def evaluate_image_run(run: Run, *, data: str | None, steps: list[int] | None, n: int, seed: int,
                        metrics: list[str], inception_weights: str | None = None, guidance: float | None = None,
                        progress: bool = False) -> dict:
@@ -232,6 +247,7 @@ def evaluate_image_run(run: Run, *, data: str | None, steps: list[int] | None, n
     n = len(reference)
     if n < 4:
         raise CmkitError(f"{images.name} holds out only {n} images; image metrics need more")
+    small_n = _small_sample_note(n, metrics)
     steps = steps or ([18] if run.is_diffusion else [1, 2])
     stages = _Stages(len(steps) + 1, progress)
     with stages.stage("reference features and floor"):
@@ -244,6 +260,9 @@ def evaluate_image_run(run: Run, *, data: str | None, steps: list[int] | None, n
               "floor": floor, "results": []}
     if len(train) < n:
         result["floor_note"] = f"floor from {len(train)} training images, fewer than n"
+    if small_n:
+        result["n_note"] = small_n
+        warn(small_n)
     if guidance is not None:
         result["guidance"] = guidance
     # The feature classifier knows Fashion-MNIST's classes only.
