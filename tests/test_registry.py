@@ -19,7 +19,7 @@ from cmkit.cli import build_parser
 from cmkit.config import build_config
 from cmkit.noise import broadcast_to_batch
 from cmkit.objectives import MethodSpec, Objective, method_names, methods, register, unregister
-from cmkit.objectives.registry import methods_table, objective_options
+from cmkit.objectives.registry import CONSISTENCY_FUNCTIONS, methods_table, objective_options
 from cmkit.precond import ConsistencyFunction
 
 from helpers import TINY, cli
@@ -37,7 +37,7 @@ def _method_choices() -> tuple:
 
 def test_the_command_line_offers_exactly_the_registry():
     assert _method_choices() == method_names()
-    assert set(method_names()) == {"edm", "cd", "ct", "ict", "ect", "sct", "scd", "meanflow"}
+    assert set(method_names()) == {"edm", "cd", "ct", "ict", "ect", "sct", "scd", "meanflow", "lcm"}
 
 
 def test_the_config_files_are_exactly_the_registry():
@@ -99,7 +99,7 @@ def test_export_formats_follow_the_wrapper():
             assert spec.export_formats == ()
         else:
             assert "onnx" in spec.export_formats
-            assert ("diffusers" in spec.export_formats) == issubclass(spec.wrapper, ConsistencyFunction)
+            assert ("diffusers" in spec.export_formats) == issubclass(spec.wrapper, CONSISTENCY_FUNCTIONS)
 
 
 # ---------------------------------------------------------------------------------------------

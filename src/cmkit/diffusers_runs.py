@@ -24,7 +24,7 @@ from .errors import CmkitError
 from .nets.diffusers_unet import DiffusersUNet, unet_config
 from .noise import NoiseConfig
 from .objectives import get_method, methods
-from .precond import build_wrapper
+from .precond import LCMFunction, build_wrapper
 from .safe_io import read_json
 
 SIDECAR = "cmkit.json"  # what diffusers' configs cannot say: class names, the null label, cmkit's noise
@@ -42,6 +42,12 @@ def _pipeline_method() -> str:
     """The method an imported consistency pipeline without cmkit's record counts as: the first whose
     runs are this kind of model (a boundary-condition consistency function a pipeline can carry)."""
     return next(name for name, spec in methods().items() if "diffusers" in spec.export_formats)
+
+
+def _lcm_method() -> str:
+    """The method an ``LCMScheduler`` folder without cmkit's record counts as: the one whose network
+    is LCM's own form (`cmkit.precond.LCMFunction`), which that scheduler computes exactly."""
+    return next(name for name, spec in methods().items() if spec.wrapper is LCMFunction)
 
 
 class ClipDenoised(nn.Module):
@@ -112,7 +118,7 @@ def _check_weights(unet_dir: Path) -> None:
 
 
 def _kind(scheduler: dict | None) -> str:
-    """"consistency" (CMStochasticIterativeScheduler), "lcm" (a VP consistency student) or "vp"."""
+    """"consistency" (CMStochasticIterativeScheduler), "vp-student" (a VP consistency student, LCMScheduler) or "vp"."""
     name = "CMStochasticIterativeScheduler" if scheduler is None else scheduler.get("_class_name")
     if name == "CMStochasticIterativeScheduler":
         return "consistency"
@@ -122,7 +128,7 @@ def _kind(scheduler: dict | None) -> str:
     if name not in VP_SCHEDULERS:
         raise CmkitError(f"unknown scheduler {name!r}; cmkit imports CMStochasticIterativeScheduler and the "
                          "DDPM-family schedulers (DDPMScheduler, DDIMScheduler, ...)")
-    return "lcm" if name == "LCMScheduler" else "vp"
+    return "vp-student" if name == "LCMScheduler" else "vp"
 
 
 def load_diffusers(path: str | Path, device: str = "cpu") -> tuple[dict, nn.Module]:
@@ -172,7 +178,7 @@ def load_diffusers(path: str | Path, device: str = "cpu") -> tuple[dict, nn.Modu
         noise = NoiseConfig(**sidecar["noise"]) if "noise" in sidecar else NoiseConfig(
             sigma_min=float(table[0]), sigma_max=float(table[-1]))
         model_section.update(c_noise="timestep", vp=vp)
-        method = _teacher_method() if kind == "vp" else sidecar.get("method", _pipeline_method())
+        method = _teacher_method() if kind == "vp" else sidecar.get("method", _lcm_method())
     config = {"method": method, "source": "diffusers", "noise": noise.__dict__.copy(), "model": model_section,
               "standardizer": {"kind": "image", "shape": shape},
               "train": {"label_dropout": 0.1 if backbone.null_label else 0.0},

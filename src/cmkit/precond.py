@@ -130,8 +130,23 @@ class VPConsistencyFunction(VPDenoiser):
         return b_skip + b_out * c_skip, b_out * c_out, c_in
 
 
+class LCMFunction(VPConsistencyFunction):
+    """f(x, sigma) exactly as LCM (Luo et al. 2023) and diffusers' ``LCMScheduler`` compute it: the
+    boundary's c_skip applies to the VP state x / sqrt(1 + sigma^2), not to x,
+
+        f = c_skip(t) x / sqrt(1 + sigma^2) + c_out(t) D_vp(x, sigma),
+
+    so f(x, sigma_0) = x sqrt(abar_0) (1 - 5e-5 for linear betas): `--method lcm` trains and
+    exports this form, to agree with the reference algorithm and the pipeline to rounding."""
+
+    def scalings(self, sigma):
+        c_skip, c_out, c_in = vp_scalings(sigma, self.prediction_type)
+        b_skip, b_out = lcm_boundary(self.table.timestep(sigma), self.timestep_scaling)
+        return b_skip * c_in + b_out * c_skip, b_out * c_out, c_in
+
+
 # The wrapper a method names (for EDM-parametrized networks), and its counterpart for a VP network.
-VP_WRAPPERS = {EDMDenoiser: VPDenoiser, ConsistencyFunction: VPConsistencyFunction}
+VP_WRAPPERS = {EDMDenoiser: VPDenoiser, ConsistencyFunction: VPConsistencyFunction, LCMFunction: LCMFunction}
 
 
 def build_wrapper(wrapper: type[nn.Module], backbone: nn.Module, noise: NoiseConfig, model: dict) -> nn.Module:

@@ -41,6 +41,7 @@ from .nets import load_backbone_weights
 from .objectives import MethodSpec, get_method, methods
 from .plotting import save_image_grid
 from .run import Run, build_model, default_levels, generate, noise_config
+from .precond import VPDenoiser
 
 IMAGE_BACKBONES = ("unet", "diffusers")  # cmkit's UNet presets, or a diffusers teacher's own UNet2DModel
 GRID_SAMPLES = 64  # images in each progress grid (8 x 8)
@@ -69,7 +70,8 @@ def _inherit(config: dict, key: str, flag: str, source: Run, check: bool) -> dic
     sections (``check``: they must equal the ones ``config`` already has, as on a resume)."""
     out = copy.deepcopy(config)
     out[key] = str(Path(config[key]).resolve())
-    inherited = {**source.config, "noise": _student_noise(source.config)}
+    whole_table = get_method(config["method"]).whole_table
+    inherited = {**source.config, "noise": source.config["noise"] if whole_table else _student_noise(source.config)}
     for section in ("noise", "model", "standardizer"):
         if check and _comparable(out[section]) != _comparable(inherited[section]):
             raise CmkitError(f"{flag} {config[key]} differs from this run in its {section} (a run that changed "
@@ -86,6 +88,13 @@ def _student_noise(source: dict) -> dict:
     if "vp" in source["model"]:
         noise["sigma_max"] = min(noise["sigma_max"], discrete_vp.STUDENT_SIGMA_MAX)
     return noise
+
+
+def _check_vp_network(config: dict, spec: MethodSpec) -> None:
+    """A method whose network is a VP one only (LCM's) needs a discrete-time teacher."""
+    if issubclass(spec.wrapper, VPDenoiser) and "vp" not in config["model"]:
+        raise CmkitError(f"{spec.name} distils a discrete-time teacher (a diffusers DDPM-family folder: its grid is "
+                         "the scheduler's timesteps); distil a cmkit edm teacher with cd")
 
 
 def _check_time_input(config: dict, spec: MethodSpec, quiet: bool) -> None:
@@ -212,6 +221,7 @@ def resolve_run_config(config: dict, *, resumed: bool = False, quiet: bool = Fal
         d["name"] = str(Path(d["name"]).resolve())  # so eval finds it from any directory
     config = _resolve_classes(config, data, teacher)
     if not resumed:
+        _check_vp_network(config, spec)
         _check_time_input(config, spec, quiet)
     if images:
         _check_fingerprint(config, data, resumed)

@@ -31,6 +31,17 @@ class PseudoHuber:
         return (diff.pow(2).sum(1) + c**2).sqrt() - c
 
 
+class ElementwisePseudoHuber:
+    """d(a, b) = mean over elements of sqrt((a - b)^2 + c^2) - c: LCM's huber loss (diffusers'
+    consistency_distillation scripts, c = 0.001), per element rather than over the whole vector."""
+
+    def __init__(self, c: float | None = None):
+        self.c = 0.001 if c is None else c
+
+    def __call__(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return ((a - b).pow(2) + self.c**2).sqrt().sub(self.c).flatten(1).mean(1)
+
+
 def make_distance(name: str, huber_c: float | None = None):
     if name == "l2":
         return l2
@@ -38,4 +49,6 @@ def make_distance(name: str, huber_c: float | None = None):
         return l1
     if name == "pseudo_huber":
         return PseudoHuber(huber_c)
-    raise ValueError(f"unknown distance {name!r}; known: l2, l1, pseudo_huber")
+    if name == "elementwise_huber":
+        return ElementwisePseudoHuber(huber_c)
+    raise ValueError(f"unknown distance {name!r}; known: l2, l1, pseudo_huber, elementwise_huber")

@@ -21,8 +21,11 @@ from torch import nn
 
 from ..errors import CmkitError
 from ..noise import NoiseConfig
-from ..precond import ConsistencyFunction
+from ..precond import ConsistencyFunction, VPConsistencyFunction
 from .base import Objective
+
+
+CONSISTENCY_FUNCTIONS = (ConsistencyFunction, VPConsistencyFunction)  # the pipelines' parametrizations
 
 
 def _same(config: dict) -> dict:
@@ -50,6 +53,8 @@ class MethodSpec:
     starts_from_teacher  with a teacher and no ``--init``, start from the teacher's weights
     guided       can distill classifier-free guidance (``--guidance LO,HI``)
     time_derivative  differentiates the network along the noise level (JVP)
+    whole_table  from a VP (diffusers DDPM) teacher, trains on its whole noise table, as its
+                 grid is the table's own (otherwise students stop at discrete_vp.STUDENT_SIGMA_MAX)
     nullable     types of the method's config keys whose default is null
     config       the defaults file (default: the packaged ``configs/<name>.json``)
     """
@@ -67,6 +72,7 @@ class MethodSpec:
     starts_from_teacher: bool = False
     guided: bool = False
     time_derivative: bool = False
+    whole_table: bool = False
     nullable: dict = field(default_factory=dict)
     config: Path | None = None
 
@@ -88,7 +94,7 @@ class MethodSpec:
         ConsistencyModelPipeline for those with its boundary-condition parametrization."""
         if self.diffusion:
             return ()
-        return ("diffusers", "onnx") if issubclass(self.wrapper, ConsistencyFunction) else ("onnx",)
+        return ("diffusers", "onnx") if issubclass(self.wrapper, CONSISTENCY_FUNCTIONS) else ("onnx",)
 
     def defaults_file(self) -> str:
         """The method's defaults as text."""

@@ -1,0 +1,79 @@
+"""Latent consistency distillation, LCM (Luo et al. 2023), on any discrete-time VP teacher.
+
+CD on the teacher's own timesteps: the skipping grid t in {k - 1, 2k - 1, ..., T - 1} (k = T / 50),
+one DDIM step of the (guided) teacher from t to t - k (clamped at 0), the target network (an EMA
+of the student) at t - k, and LCM's boundary scalings (`cmkit.precond.LCMFunction`). In cmkit's
+sigma a DDIM step is an Euler step of the PF-ODE and the LCM guidance form c + w (c - u) is
+classifier-free guidance at scale w + 1, cmkit's (and the pipelines' ``guidance_scale``)
+convention; both are checked against a transcription of diffusers' reference script
+(tests/test_lcm.py). Latents are data like any other: the method is the same in pixel space.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..batch_rng import batch_rng
+from ..condition import as_condition
+from ..errors import CmkitError
+from ..noise import NoiseConfig
+from ..precond import LCMFunction
+from .consistency import ConsistencyDistillationLoss
+from .registry import MethodSpec, noise_config, objective_options, register
+
+
+def skipping_grid(num_train_timesteps: int, num_ddim_timesteps: int) -> tuple[torch.Tensor, int]:
+    """(the DDIM timesteps LCM starts from, the skip k): ``(arange(1, N + 1) * k).round() - 1``
+    with k = T // N, as the reference's ``DDIMSolver`` builds them ([19, 39, ..., 999] for 1000, 50)."""
+    if not 1 <= num_ddim_timesteps <= num_train_timesteps:
+        raise ValueError(f"objective.num_ddim_timesteps must be in [1, {num_train_timesteps}], got {num_ddim_timesteps}")
+    k = num_train_timesteps // num_ddim_timesteps
+    return torch.from_numpy((np.arange(1, num_ddim_timesteps + 1) * k).round().astype(np.int64) - 1), k
+
+
+class LatentConsistencyDistillationLoss(ConsistencyDistillationLoss):
+    """d(f(x_t, t), stopgrad f-(DDIM_{t -> t-k}(x_t), t - k)) on the teacher's timestep grid."""
+
+    def __init__(self, teacher, noise: NoiseConfig = NoiseConfig(), num_ddim_timesteps: int = 50,
+                 target_ema: float = 0.95, guidance: list[float] | None = None, distance: str = "l2",
+                 huber_c: float | None = None):
+        super().__init__(teacher, noise, num_levels=2, target_ema=target_ema, solver="euler", guidance=guidance,
+                         distance=distance, huber_c=huber_c)
+        table = getattr(teacher, "table", None)
+        if table is None:
+            raise ValueError("lcm needs a discrete-time teacher")
+        self.starts, self.skip = skipping_grid(len(table.sigmas), num_ddim_timesteps)
+        self.sigmas = table.sigmas.float()  # the scheduler's float32 levels: t(sigma) is their index exactly
+
+    def num_levels(self, step):
+        return len(self.starts)
+
+    def draw(self, x0: torch.Tensor, *, step: int = 0, generator=None, condition=None):
+        B = x0.shape[0]
+        t_hi = self.starts[batch_rng(generator).randint(len(self.starts), B)]
+        t_lo = (t_hi - self.skip).clamp(min=0)
+        draws = {"sigma_hi": self.sigmas[t_hi].to(x0), "sigma_lo": self.sigmas[t_lo].to(x0),
+                 "z": batch_rng(generator).randn(x0.shape).to(x0)}
+        scales = self.guidance_scales(as_condition(condition), B, generator)
+        if scales is not None:
+            draws["guidance"] = scales
+        return draws
+
+
+def _build(config: dict, teacher):
+    if getattr(teacher, "table", None) is None:
+        raise CmkitError("lcm distils a discrete-time teacher (a diffusers DDPM-family folder: its grid is the "
+                         "scheduler's timesteps); distil a cmkit edm teacher with cd")
+    return LatentConsistencyDistillationLoss(teacher, noise_config(config),
+                                             **objective_options(config, "init_from_teacher"))
+
+
+register(MethodSpec(
+    name="lcm", summary="latent consistency distillation from a diffusers DDPM-family --teacher (DDIM steps on "
+                        "its timestep grid, LCM's boundary, guidance as an input)",
+    source="Luo et al. 2023, 'Latent consistency models'",
+    objective=LatentConsistencyDistillationLoss, wrapper=LCMFunction, teacher=True, starts_from_teacher=True,
+    guided=True, whole_table=True,
+    nullable={"objective.huber_c": float, "objective.guidance": list},
+    build=_build))

@@ -1,0 +1,195 @@
+"""`--method lcm` against a plain transcription of LCM as diffusers' reference script
+(examples/consistency_distillation/train_lcm_distill_sd_wds.py) computes it, on tiny DDPM teachers
+built here: the skipping grid, add_noise, the guided teacher's DDIM step, the boundary scalings,
+the target at t - k, the loss and its gradients; then a run that trains, resumes, exports as an
+LCMScheduler pipeline and samples as diffusers does."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import cmkit
+from cmkit.condition import Condition
+from cmkit.config import build_config
+from cmkit.objectives import skipping_grid
+from cmkit.training import Trainer
+from helpers import cli, tree_digest
+from test_diffusers_teachers import DIGITS, save_ddpm, tiny_unet
+
+
+# ------------------------------------------------------------------ the reference, transcribed
+
+
+def ref_scalings(timestep, sigma_data=0.5, timestep_scaling=10.0):
+    scaled = timestep_scaling * timestep
+    return sigma_data**2 / (scaled**2 + sigma_data**2), scaled / (scaled**2 + sigma_data**2) ** 0.5
+
+
+def ref_x0(output, timesteps, sample, prediction_type, alphas, sigmas):
+    if prediction_type == "epsilon":
+        return (sample - sigmas[timesteps] * output) / alphas[timesteps]
+    return alphas[timesteps] * sample - sigmas[timesteps] * output  # v_prediction
+
+
+def ref_eps(output, timesteps, sample, prediction_type, alphas, sigmas):
+    if prediction_type == "epsilon":
+        return output
+    return alphas[timesteps] * output + sigmas[timesteps] * sample
+
+
+def expand(v):
+    return v[:, None, None, None]
+
+
+def reference_lcm_loss(student, target, teacher, scheduler, x0, noise, index, w, labels, null, prediction_type,
+                       loss_type="l2", huber_c=0.001, num_ddim_timesteps=50):
+    """The reference's training step, in its own terms (VP states x_t, integer timesteps)."""
+    T = scheduler.config.num_train_timesteps
+    k = T // num_ddim_timesteps
+    ddim_timesteps = torch.from_numpy((np.arange(1, num_ddim_timesteps + 1) * k).round().astype(np.int64) - 1)
+    alphas = scheduler.alphas_cumprod.sqrt()
+    sigmas = (1 - scheduler.alphas_cumprod).sqrt()
+    start = ddim_timesteps[index]
+    timesteps = (start - k).clamp(min=0)
+    c_skip_start, c_out_start = (expand(c) for c in ref_scalings(start))
+    c_skip, c_out = (expand(c) for c in ref_scalings(timesteps))
+    noisy = scheduler.add_noise(x0, noise, start)
+    alphas4, sigmas4 = alphas[:, None, None, None], sigmas[:, None, None, None]
+    pred = student(noisy, start, labels, w)
+    model_pred = c_skip_start * noisy + c_out_start * ref_x0(pred, start, noisy, prediction_type, alphas4, sigmas4)
+    with torch.no_grad():
+        cond = teacher(noisy, start, labels)
+        cond_x0 = ref_x0(cond, start, noisy, prediction_type, alphas4, sigmas4)
+        cond_eps = ref_eps(cond, start, noisy, prediction_type, alphas4, sigmas4)
+        uncond = teacher(noisy, start, null)
+        uncond_x0 = ref_x0(uncond, start, noisy, prediction_type, alphas4, sigmas4)
+        uncond_eps = ref_eps(uncond, start, noisy, prediction_type, alphas4, sigmas4)
+        x0_w = cond_x0 + expand(w) * (cond_x0 - uncond_x0)
+        eps_w = cond_eps + expand(w) * (cond_eps - uncond_eps)
+        x_prev = alphas4[timesteps] * x0_w + sigmas4[timesteps] * eps_w  # DDIMSolver.ddim_step
+        target_out = target(x_prev, timesteps, labels, w)
+        target_x0 = ref_x0(target_out, timesteps, x_prev, prediction_type, alphas4, sigmas4)
+        goal = c_skip * x_prev + c_out * target_x0
+    if loss_type == "l2":
+        return torch.nn.functional.mse_loss(model_pred.float(), goal.float(), reduction="mean")
+    return torch.mean(torch.sqrt((model_pred.float() - goal.float()) ** 2 + huber_c**2) - huber_c)
+
+
+# ------------------------------------------------------------------ cmkit against it
+
+
+def guided_teacher(folder, prediction_type):
+    save_ddpm(folder, tiny_unet(classes=11), prediction_type=prediction_type)
+    (folder / "cmkit.json").write_text(json.dumps({"num_classes": 10, "has_null_label": True}))
+    return folder
+
+
+def _perturb(module, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=g))
+
+
+@pytest.mark.parametrize("prediction_type, loss_type", [("epsilon", "l2"), ("v_prediction", "elementwise_huber")])
+def test_lcm_loss_and_gradients_equal_the_reference(tmp_path, prediction_type, loss_type):
+    from diffusers import DDPMScheduler
+    folder = guided_teacher(tmp_path / "teacher", prediction_type)
+    trainer = Trainer(build_config("lcm", teacher=str(folder), **{
+        "data.name": "digits", "objective.guidance": [2.0, 8.0], "objective.distance": loss_type}))
+    net, target, objective = trainer.net, trainer.target, trainer.objective
+    teacher = objective.teacher
+    _perturb(net, 1)  # three different networks, as after some training
+    _perturb(target, 2)
+    scheduler = DDPMScheduler.from_pretrained(str(folder), subfolder="scheduler")
+    B = 6
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(B, 1, 8, 8, generator=g).clamp(-1, 1), torch.randn(B, 1, 8, 8, generator=g)
+    index = torch.tensor([0, 1, 7, 25, 48, 49])  # includes t_n = 0 (the clamp) and the top, 999
+    w = torch.tensor([1.0, 5.0, 2.5, 7.0, 4.0, 3.0])  # the paper's w; cmkit's scale is w + 1
+    labels, null = torch.tensor([1, 2, 3, 4, 5, 9]), torch.full((B,), 10)
+    starts, k = skipping_grid(1000, 50)
+    assert k == 20 and starts[0] == 19 and starts[-1] == 999
+    sigmas = ((1 - scheduler.alphas_cumprod) / scheduler.alphas_cumprod).sqrt()
+    draws = {"sigma_hi": sigmas[starts[index]], "sigma_lo": sigmas[(starts[index] - k).clamp(min=0)], "z": noise,
+             "guidance": w + 1}
+    ours = objective.loss(net, x0, draws, target=target, condition=Condition(labels=labels))[0].mean()
+    ours_grads = torch.autograd.grad(ours, list(net.parameters()))
+
+    def unet(module):  # the raw network, as the reference calls its UNets: (x_t, t, labels, w)
+        return lambda x_t, t, y, w=None: module.backbone(x_t, t.float(), Condition(
+            labels=y, guidance=None if w is None else w + 1))
+
+    reference = reference_lcm_loss(unet(net), unet(target), unet(teacher), scheduler, x0, noise, index, w, labels,
+                                   null, prediction_type, loss_type)
+    reference_grads = torch.autograd.grad(reference, list(net.parameters()))
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-7)
+    # All gradients as one vector: float32 rounding through the UNet, either way round, is ~1e-5 of
+    # the largest (and all there is in the gradients of biases that a GroupNorm cancels).
+    ours_grads, reference_grads = (torch.cat([g.flatten() for g in gs]) for gs in (ours_grads, reference_grads))
+    torch.testing.assert_close(ours_grads, reference_grads, rtol=1e-4, atol=1e-4 * float(reference_grads.abs().max()))
+    assert ours > 0 and any(g.abs().sum() > 0 for g in ours_grads)
+
+
+def test_lcm_draws_its_pairs_from_the_skipping_grid(tmp_path):
+    folder = tmp_path / "teacher"
+    save_ddpm(folder, tiny_unet())
+    trainer = Trainer(build_config("lcm", teacher=str(folder), **{"data.name": "digits"}))
+    table = trainer.objective.teacher.table.sigmas.float()
+    draws = trainer.objective.draw(torch.zeros(4000, 1, 8, 8), generator=torch.Generator().manual_seed(0))
+    hi = (draws["sigma_hi"][:, None] == table).float().argmax(1)
+    lo = (draws["sigma_lo"][:, None] == table).float().argmax(1)
+    assert set(hi.tolist()) == set(range(19, 1000, 20))  # every start, nothing else
+    assert torch.equal(lo, (hi - 20).clamp(min=0))
+    # The student covers the teacher's whole table (its grid reaches t = 999), as published.
+    assert trainer.config["noise"]["sigma_max"] == pytest.approx(float(table[-1]), rel=1e-6)
+
+
+def test_lcm_refuses_a_cmkit_edm_teacher(tmp_path, capsys):
+    assert cli("train", "--method", "edm", *DIGITS, "--set", "model.preset=tiny", "--steps", 1,
+               "--out", tmp_path / "edm") == 0
+    assert cli("train", "--method", "lcm", "--teacher", tmp_path / "edm", *DIGITS, "--steps", 1,
+               "--out", tmp_path / "x") == 2
+    err = capsys.readouterr().err
+    assert "lcm distils a discrete-time teacher" in err and len(err.strip().splitlines()) == 1
+
+
+def test_an_lcm_run_resumes_exports_and_samples_as_the_lcm_pipeline_does(tmp_path):
+    from diffusers import DDPMPipeline, LCMScheduler
+    folder = tmp_path / "teacher"
+    save_ddpm(folder, tiny_unet(), prediction_type="v_prediction")
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert cli("train", "--method", "lcm", "--teacher", folder, *DIGITS, "--steps", 4, "--out", whole) == 0
+    assert cli("train", "--method", "lcm", "--teacher", folder, *DIGITS, "--steps", 2, "--out", split) == 0
+    assert cli("train", "--resume", "--out", split, "--steps", 4, "--quiet") == 0
+    digest = lambda p: {k: v for k, v in tree_digest(p).items() if "step-0000004" in k}  # noqa: E731
+    assert digest(whole) == digest(split) and digest(whole)
+    assert cli("export", "diffusers", "--checkpoint", whole, "--out", tmp_path / "pipe", "--quiet") == 0
+    pipe = DDPMPipeline.from_pretrained(str(tmp_path / "pipe"))
+    assert isinstance(pipe.scheduler, LCMScheduler) and pipe.scheduler.config.num_train_timesteps == 1000
+    run = cmkit.load_run(whole)
+    for steps in (1, 4):
+        pipe.scheduler.set_timesteps(steps)
+        levels = ((1 - pipe.scheduler.alphas_cumprod) / pipe.scheduler.alphas_cumprod).sqrt()[pipe.scheduler.timesteps]
+        z = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(steps))
+        # diffusers' LCM loop, fed the same noise at every step as cmkit's sampler draws it
+        gen = torch.Generator().manual_seed(7)
+        x = z.clone()
+        with torch.no_grad():
+            for t in pipe.scheduler.timesteps:
+                x = pipe.scheduler.step(pipe.unet(x, t).sample, t, x, generator=gen).prev_sample
+        gen = torch.Generator().manual_seed(7)
+        ours = z * (1 + levels[0] ** 2).sqrt()
+        with torch.no_grad():
+            for i, sigma in enumerate(levels.tolist()):
+                x0 = run.model(ours, torch.tensor(sigma))
+                if i + 1 < len(levels):
+                    fresh = torch.randn(x0.shape, generator=gen)
+                    ours = x0 + levels[i + 1] * fresh  # the scheduler's re-noising, in sigma units
+                else:
+                    ours = x0
+        torch.testing.assert_close(ours, x, rtol=1e-4, atol=1e-4)
+    back = cmkit.load_run(tmp_path / "pipe")
+    assert back.method == "lcm" and back.noise_range == run.noise_range
