@@ -49,6 +49,18 @@ def save_ddpm(folder, unet, layout: str = "pipeline", **scheduler):
     return sched
 
 
+def train_and_resume(method: str, teacher, tmp_path):
+    """A 4-step run of ``method`` from ``teacher``, and one stopped at 2 and resumed to 4: equal
+    bit for bit. Returns the first."""
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert cli("train", "--method", method, "--teacher", teacher, *DIGITS, "--steps", 4, "--out", whole) == 0
+    assert cli("train", "--method", method, "--teacher", teacher, *DIGITS, "--steps", 2, "--out", split) == 0
+    assert cli("train", "--resume", "--out", split, "--steps", 4, "--quiet") == 0
+    digest = lambda p: {k: v for k, v in tree_digest(p).items() if "step-0000004" in k}  # noqa: E731
+    assert digest(whole) == digest(split) and digest(whole)
+    return whole
+
+
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
     """An unconditional epsilon DDPM folder (linear betas, 1000 steps)."""
@@ -154,12 +166,7 @@ def test_cd_from_a_ddpm_folder_trains_resumes_samples_and_exports(tmp_path, teac
     x = torch.randn(2, 1, 8, 8)
     torch.testing.assert_close(trainer.net(x, trainer.net.table.sigma_min), x, rtol=0, atol=0)
     # Trains, and resumes bit for bit.
-    whole, split = tmp_path / "whole", tmp_path / "split"
-    assert cli("train", "--method", "cd", "--teacher", teacher, *DIGITS, "--steps", 4, "--out", whole) == 0
-    assert cli("train", "--method", "cd", "--teacher", teacher, *DIGITS, "--steps", 2, "--out", split) == 0
-    assert cli("train", "--resume", "--out", split, "--steps", 4, "--quiet") == 0
-    digest = lambda p: {k: v for k, v in tree_digest(p).items() if "step-0000004" in k}  # noqa: E731
-    assert digest(whole) == digest(split) and digest(whole)
+    whole = train_and_resume("cd", teacher, tmp_path)
     # Samples, and exports: diffusers' LCMScheduler computes the student's f at its timesteps.
     assert cli("sample", "--checkpoint", whole, "--n", 4, "--steps", 2, "--out", tmp_path / "s.png", "--quiet") == 0
     assert cli("export", "diffusers", "--checkpoint", whole, "--out", tmp_path / "pipe", "--quiet") == 0
