@@ -9,8 +9,8 @@ the FD of CD and ECT students distilled from it, side by side in one run.
 2. Scores it sampled by diffusers (its DDIMPipeline, 50 steps, eta 0, with and without its
    default x0 clipping; its HeunDiscreteScheduler on an 18-level Karras grid) and by cmkit's Heun
    on the converted denoiser (18 steps, 35 NFE).
-3. Distils CD (--teacher FOLDER) and tunes ECT (--init FOLDER) from the folder with cmkit and
-   scores both at 1 and 2 steps. Targets: the teacher's FD with the same sampler in diffusers and in
+3. Distils CD and LCM (--teacher FOLDER) and tunes ECT (--init FOLDER) from the folder with cmkit
+   and scores them at 1, 2 and 4 steps (LCM at LCMScheduler's timesteps). Targets: the teacher's FD with the same sampler in diffusers and in
    cmkit within 5%; CD within 2x the teacher at 1 step and 1.5x at 2 steps.
 
 FD is `cmkit eval`'s (the packaged classifier's features, n samples against n held-out images).
@@ -139,24 +139,24 @@ def main():
     rows.append(("teacher, cmkit", "Heun 18 steps", 35, scorer.score(run.sample(n, steps=18, seed=args.seed))["fd"]))
     common = {**data_cfg, "train.steps": args.student_steps, "train.batch_size": args.batch,
               "train.device": args.device, "train.sample_every": 0}
-    for method, source in (("cd", "teacher"), ("ect", "init")):
+    for method, source in (("cd", "teacher"), ("ect", "init"), ("lcm", "teacher")):
         print(f"{method} from the folder ({args.student_steps} steps) ...", flush=True)
         start = time.perf_counter()
         cmkit.train(cmkit.build_config(method, **{source: str(teacher)}, **common), out / method, force=True,
                     progress=False)
         seconds[method] = time.perf_counter() - start
         student = cmkit.load_run(out / method, device=args.device)
-        for steps in (1, 2):
+        for steps in (1, 2, 4):
             fd = scorer.score(student.sample(n, steps=steps, seed=args.seed))["fd"]
             rows.append((f"{method} student", f"{steps} step" + "s" * (steps > 1), steps, fd))
 
-    heun = rows[-5][3]
+    heun = rows[4][3]
     print(f"\n{args.data}, {n} samples against {n} held-out images; training seconds: "
           + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()) + "\n")
     print("| model | sampler | NFE | FD | FD / teacher (Heun) |\n|---|---|---|---|---|")
     for name, sampler, nfe, fd in rows:
         print(f"| {name} | {sampler} | {nfe} | {fd:.2f} | {fd / heun:.2f} |")
-    theirs, cd1, cd2 = rows[3][3], rows[-4][3], rows[-3][3]
+    theirs, cd1, cd2 = rows[3][3], rows[5][3], rows[6][3]
     gap = abs(theirs - heun) / min(theirs, heun)
     print(f"\nteacher FDs (Heun, diffusers vs cmkit) within 5%: {gap <= 0.05} ({gap:.1%}); "
           f"CD 1 step within 2x: {cd1 <= 2 * heun}; CD 2 steps within 1.5x: {cd2 <= 1.5 * heun}")

@@ -13,7 +13,7 @@ import torch
 import cmkit
 from cmkit.condition import Condition
 from cmkit.config import build_config
-from cmkit.objectives import skipping_grid
+from cmkit.discrete_vp import lcm_timesteps, skipping_grid
 from cmkit.training import Trainer
 from helpers import cli
 from test_diffusers_teachers import DIGITS, save_ddpm, tiny_unet, train_and_resume
@@ -156,6 +156,15 @@ def test_lcm_refuses_a_cmkit_edm_teacher(tmp_path, capsys):
     assert "lcm distils a discrete-time teacher" in err and len(err.strip().splitlines()) == 1
 
 
+def test_lcm_schedules_are_lcm_schedulers():
+    from diffusers import LCMScheduler
+    scheduler = LCMScheduler(num_train_timesteps=1000)
+    for steps in (1, 2, 3, 4, 8, 50):
+        scheduler.set_timesteps(steps)
+        assert lcm_timesteps(1000, steps).tolist() == scheduler.timesteps.tolist(), steps
+    assert lcm_timesteps(1000, 4).tolist() == [999, 759, 499, 259]
+
+
 def test_an_lcm_run_resumes_exports_and_samples_as_the_lcm_pipeline_does(tmp_path):
     from diffusers import DDPMPipeline, LCMScheduler
     folder = tmp_path / "teacher"
@@ -164,27 +173,16 @@ def test_an_lcm_run_resumes_exports_and_samples_as_the_lcm_pipeline_does(tmp_pat
     assert cli("export", "diffusers", "--checkpoint", whole, "--out", tmp_path / "pipe", "--quiet") == 0
     pipe = DDPMPipeline.from_pretrained(str(tmp_path / "pipe"))
     assert isinstance(pipe.scheduler, LCMScheduler) and pipe.scheduler.config.num_train_timesteps == 1000
-    run = cmkit.load_run(whole)
     for steps in (1, 4):
-        pipe.scheduler.set_timesteps(steps)
-        levels = ((1 - pipe.scheduler.alphas_cumprod) / pipe.scheduler.alphas_cumprod).sqrt()[pipe.scheduler.timesteps]
-        z = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(steps))
-        # diffusers' LCM loop, fed the same noise at every step as cmkit's sampler draws it
-        gen = torch.Generator().manual_seed(7)
-        x = z.clone()
-        with torch.no_grad():
-            for t in pipe.scheduler.timesteps:
-                x = pipe.scheduler.step(pipe.unet(x, t).sample, t, x, generator=gen).prev_sample
-        gen = torch.Generator().manual_seed(7)
-        ours = z * (1 + levels[0] ** 2).sqrt()
-        with torch.no_grad():
-            for i, sigma in enumerate(levels.tolist()):
-                x0 = run.model(ours, torch.tensor(sigma))
-                if i + 1 < len(levels):
-                    fresh = torch.randn(x0.shape, generator=gen)
-                    ours = x0 + levels[i + 1] * fresh  # the scheduler's re-noising, in sigma units
-                else:
-                    ours = x0
-        torch.testing.assert_close(ours, x, rtol=1e-4, atol=1e-4)
-    back = cmkit.load_run(tmp_path / "pipe")
+        # `cmkit sample` and the pipeline, from the same seed: one generator draws the start and each
+        # re-noising in both (cmkit re-noises by sqrt(s^2 - sigma_0^2), the scheduler by s: 1e-4 apart).
+        out = tmp_path / f"s{steps}.npy"
+        assert cli("sample", "--checkpoint", whole, "--n", 3, "--steps", steps, "--seed", 5, "--out", out,
+                   "--quiet") == 0
+        ours = np.load(out).astype(int)[..., 0]
+        theirs = pipe(batch_size=3, generator=torch.Generator().manual_seed(5), num_inference_steps=steps,
+                      output_type="np").images[..., 0]
+        assert np.abs(ours - np.round(theirs * 255)).max() <= 2, steps
+    run, back = cmkit.load_run(whole), cmkit.load_run(tmp_path / "pipe")
     assert back.method == "lcm" and back.noise_range == run.noise_range
+    assert torch.equal(run.sigmas_for(4), back.sigmas_for(4))

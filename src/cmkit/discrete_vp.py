@@ -14,6 +14,7 @@ a function of sigma: the table converts at this edge and nowhere else.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 # diffusers' discrete-time schedulers that share DDPMScheduler's betas and prediction types: a
@@ -102,6 +103,25 @@ def lcm_boundary(t: torch.Tensor, timestep_scaling: float = 10.0, sigma_data: fl
     c_out = s t / sqrt((s t)^2 + sd^2), so c_skip(0) = 1 and c_out(0) = 0."""
     scaled = t * timestep_scaling
     return sigma_data**2 / (scaled**2 + sigma_data**2), scaled / (scaled**2 + sigma_data**2).sqrt()
+
+
+def skipping_grid(num_train_timesteps: int, num_ddim_timesteps: int) -> tuple[torch.Tensor, int]:
+    """(LCM's timesteps, the skip k): ``arange(1, N + 1) * k - 1`` with k = T // N ([19, 39, ...,
+    999] for 1000, 50), the grid its distillation starts from (the reference's ``DDIMSolver``) and
+    ``LCMScheduler``'s ``lcm_origin_timesteps``."""
+    if not 1 <= num_ddim_timesteps <= num_train_timesteps:
+        raise ValueError(f"the number of DDIM timesteps must be in [1, {num_train_timesteps}], got {num_ddim_timesteps}")
+    k = num_train_timesteps // num_ddim_timesteps
+    return torch.arange(1, num_ddim_timesteps + 1, dtype=torch.int64) * k - 1, k
+
+
+def lcm_timesteps(num_train_timesteps: int, steps: int, original_steps: int = 50) -> torch.Tensor:
+    """The timesteps ``LCMScheduler.set_timesteps(steps)`` samples at: ``steps`` evenly spaced
+    indices into the reversed skipping grid (4 steps of 1000, 50: [999, 759, 499, 259])."""
+    if not 1 <= steps <= original_steps:
+        raise ValueError(f"an LCM samples in 1 to {original_steps} steps, got {steps}")
+    grid = skipping_grid(num_train_timesteps, original_steps)[0].flip(0)
+    return grid[np.floor(np.linspace(0, len(grid), num=steps, endpoint=False)).astype(np.int64)]
 
 
 class SigmaTable:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .condition import Condition
-from .discrete_vp import SigmaTable, lcm_boundary, sigma_table, vp_scalings
+from .discrete_vp import SigmaTable, lcm_boundary, lcm_timesteps, sigma_table, vp_scalings
 from .noise import (C_NOISE, FLOW_TIME_SCALES, NoiseConfig, broadcast_to_batch, consistency_scalings, edm_scalings,
                     flow_from_sigma, flow_state, sigma_from_trigflow)
 
@@ -143,6 +143,11 @@ class LCMFunction(VPConsistencyFunction):
         c_skip, c_out, c_in = vp_scalings(sigma, self.prediction_type)
         b_skip, b_out = lcm_boundary(self.table.timestep(sigma), self.timestep_scaling)
         return b_skip * c_in + b_out * c_skip, b_out * c_out, c_in
+
+    def default_levels(self, steps: int) -> torch.Tensor:
+        """The noise levels of ``LCMScheduler``'s ``steps``-step schedule (`lcm_timesteps`)."""
+        timesteps = lcm_timesteps(len(self.table.sigmas), steps)
+        return self.table.sigmas[timesteps].float()
 
 
 # The wrapper a method names (for EDM-parametrized networks), and its counterpart for a VP network.

@@ -246,6 +246,12 @@ class Run:
         tuned = self.config.get("sampling", {}).get("sigmas", {}).get(str(steps))
         if tuned is not None and not self.is_diffusion:  # chosen by cmkit tune-sigmas
             return self._on_table(torch.tensor(tuned, dtype=torch.float32))
+        own = getattr(self.model, "default_levels", None)  # a network with its own schedule (an LCM's)
+        if own is not None and not self.is_diffusion:
+            try:
+                return own(1 if steps is None else steps)
+            except ValueError as e:
+                raise CmkitError(str(e)) from None
         return self._on_table(default_levels(self.is_diffusion, self.noise_range, steps))
 
     def _on_table(self, levels: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ from .ict import ImprovedConsistencyTrainingLoss, ict_num_levels, lognormal_pair
 from .ect import EasyConsistencyTuningLoss, ect_r
 from .scm import ContinuousConsistencyLoss, teacher_velocity, trigflow_F
 from .meanflow import MeanFlowLoss
-from .lcm import LatentConsistencyDistillationLoss, skipping_grid
+from .lcm import LatentConsistencyDistillationLoss
 from .registry import MethodSpec, get_method, method_names, methods, register, unregister
 
 __all__ = ["ConsistencyDistillationLoss", "ConsistencyTrainingLoss", "ContinuousConsistencyLoss",
@@ -20,4 +20,4 @@ __all__ = ["ConsistencyDistillationLoss", "ConsistencyTrainingLoss", "Continuous
            "MeanFlowLoss",
            "MethodSpec", "Objective", "PseudoHuber", "ct_num_levels", "ct_target_rate", "ect_r", "get_method",
            "ict_num_levels", "l1", "l2", "lognormal_pair_probs", "make_distance", "method_names", "methods",
-           "register", "skipping_grid", "teacher_step", "teacher_velocity", "trigflow_F", "unregister"]
+           "register", "teacher_step", "teacher_velocity", "trigflow_F", "unregister"]

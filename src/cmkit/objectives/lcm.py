@@ -11,25 +11,16 @@ convention; both are checked against a transcription of diffusers' reference scr
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from ..batch_rng import batch_rng
 from ..condition import as_condition
+from ..discrete_vp import skipping_grid
 from ..errors import CmkitError
 from ..noise import NoiseConfig
 from ..precond import LCMFunction
 from .consistency import ConsistencyDistillationLoss
 from .registry import MethodSpec, noise_config, objective_options, register
-
-
-def skipping_grid(num_train_timesteps: int, num_ddim_timesteps: int) -> tuple[torch.Tensor, int]:
-    """(the DDIM timesteps LCM starts from, the skip k): ``(arange(1, N + 1) * k).round() - 1``
-    with k = T // N, as the reference's ``DDIMSolver`` builds them ([19, 39, ..., 999] for 1000, 50)."""
-    if not 1 <= num_ddim_timesteps <= num_train_timesteps:
-        raise ValueError(f"objective.num_ddim_timesteps must be in [1, {num_train_timesteps}], got {num_ddim_timesteps}")
-    k = num_train_timesteps // num_ddim_timesteps
-    return torch.from_numpy((np.arange(1, num_ddim_timesteps + 1) * k).round().astype(np.int64) - 1), k
 
 
 class LatentConsistencyDistillationLoss(ConsistencyDistillationLoss):
