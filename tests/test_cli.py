@@ -214,6 +214,32 @@ def test_bad_noise_files(tmp_path, teacher, capsys):
         assert message in _error_line(capsys)
 
 
+def test_noise_file_gives_the_sample_count(tmp_path, teacher, capsys):
+    z = np.random.default_rng(0).standard_normal((5, 2)).astype(np.float32)
+    np.save(tmp_path / "z.npy", z)
+    assert cli("sample", "--checkpoint", teacher, "--noise", tmp_path / "z.npy", "--out", tmp_path / "a.npy",
+               "--quiet") == 0
+    assert cli("sample", "--checkpoint", teacher, "--n", 5, "--noise", tmp_path / "z.npy", "--out",
+               tmp_path / "b.npy", "--quiet") == 0
+    assert np.load(tmp_path / "a.npy").shape == (5, 2)
+    assert np.array_equal(np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy"))
+    assert cli("sample", "--checkpoint", teacher, "--n", 4, "--noise", tmp_path / "z.npy", "--out",
+               tmp_path / "c.npy") == 2
+    assert "holds 5 rows but --n is 4" in _error_line(capsys)
+    assert cli("sample", "--checkpoint", teacher, "--out", tmp_path / "d.npy") == 2
+    assert "--n is required" in _error_line(capsys)
+
+
+def test_eval_tables_keep_a_space_before_every_column():
+    from cmkit.evaluate import format_results
+    row = {"steps": 1, "nfe": 1, "seconds": 0.5, "fd": 12.0, "precision": 0.5, "recall": 0.25,
+           "class_accuracy": 0.75, "a_rather_long_metric_name": 1.0}
+    table = format_results({"method": "cd", "data": "x", "n": 10, "floor": {"fd": 1.0}, "results": [row]})
+    head = table.splitlines()[1].split()
+    assert head == ["NFE", "seconds", "fd", "precision", "recall", "class_accuracy", "a_rather_long_metric_name"]
+    assert len(table.splitlines()[3].split()) == 2 + 1 + 1 + 5  # "1 step", NFE, seconds, five values
+
+
 def test_unwritable_output_is_one_line(tmp_path, teacher, capsys):
     (tmp_path / "dir.npy").mkdir()
     assert cli("sample", "--checkpoint", teacher, "--n", 4, "--out", tmp_path / "dir.npy") == 2
@@ -243,6 +269,7 @@ def test_top_level_help_does_not_import_torch():
     (["train", "--data", "moons", "--out", "x"], "--method is required"),
     (["train", "--method", "edm", "--data", "moons"], "--out is required"),
     (["sample", "--checkpoint", "no/such/run", "--n", "1", "--out", "x.npy"], "no/such/run does not exist"),
+    (["data", "check", "s/train-000000.tar", "s/train-000001.tar"], "quote a shard pattern"),  # bash's braces
 ])
 def test_mistakes_get_helpful_one_line_errors(argv, words, capsys):
     assert main(argv) == 2

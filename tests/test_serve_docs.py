@@ -12,7 +12,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 
@@ -39,7 +38,8 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def fm_model(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fm")
-    small = ["--data", "fashion-mnist", "--batch-size", "8", "--quiet", "--set", "train.sample_every=0"]
+    small = ["--data", "fashion-mnist", "--set", "data.resolution=32", "--batch-size", "8", "--quiet", "--set",
+             "train.sample_every=0"]  # the README's fm-cd, at 2 steps
     assert cli("train", "--method", "edm", *small, "--set", "model.preset=tiny", "--steps", 2, "--out", tmp / "edm") == 0
     assert cli("train", "--method", "cd", *small, "--teacher", tmp / "edm", "--steps", 2, "--out", tmp / "fm-cd") == 0
     return tmp / "fm-cd"
@@ -73,30 +73,22 @@ def _is_png(path: Path) -> tuple[int, int]:
 
 
 def test_serve_docs_curl_examples_run_against_a_class_conditional_model(fm_model, tmp_path):
-    import cmkit
-    from cmkit.data import load_dataset
     env = {**os.environ, "HOME": str(tmp_path), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     start, local, (token_setup, network), remote = doc_commands()[:4]
     assert start[1].startswith("cmkit serve --checkpoint runs/fm-cd") and local[0].startswith("curl")
-    # The files the edit example uploads: a held-out shirt and a mask of its lower half.
-    images = load_dataset(cmkit.load_run(fm_model).config["data"])
-    shirt = int(np.flatnonzero(images.holdout_labels.numpy() == images.class_names.index("shirt"))[0])
-    Image.fromarray(images.holdout[shirt, 0].numpy()).save(tmp_path / "shirt.png")
-    mask = np.zeros(images.holdout.shape[2:], np.uint8)
-    mask[mask.shape[0] // 2:] = 255
-    Image.fromarray(mask).save(tmp_path / "mask.png")
-
     port = _free_port()
     server = _serve(start[1], fm_model, port, tmp_path, env)
     try:
-        for command in local:
-            done = subprocess.run(command.replace(":8000", f":{port}"), shell=True, cwd=tmp_path, env=env,
-                                  capture_output=True, text=True, timeout=120)
+        for command in local:  # the edit's files are made by the block's own lines
+            command = command.replace(":8000", f":{port}").replace("runs/fm-cd", str(fm_model))
+            done = subprocess.run(command, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True,
+                                  timeout=300)
             assert done.returncode == 0, done.stderr
         _is_png(tmp_path / "grid.png")
         _is_png(tmp_path / "filled.png")
         # Without its class field the edit is refused in words an HTTP client can act on.
-        no_class = re.sub(r"-F class=\S+ ", "", local[1]).replace(":8000", f":{port}").replace("filled.png", "refused.json")
+        inpaint = next(c for c in local if "/api/edit/inpaint" in c)
+        no_class = re.sub(r"-F class=\S+ ", "", inpaint).replace(":8000", f":{port}").replace("filled.png", "refused.json")
         subprocess.run(no_class, shell=True, cwd=tmp_path, env=env, check=True, timeout=120)
         error = (tmp_path / "refused.json").read_text()
         assert "send the class field" in error and "--class" not in error, error

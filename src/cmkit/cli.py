@@ -81,6 +81,8 @@ def _suggest_options(parser: argparse.ArgumentParser, parsed, unknown: list[str]
             hints.append(f"{token} is an option of {named}, not of {command}")
         elif close:
             hints.append(f"did you mean {close[0]}?")
+    if any("{" not in t and t.endswith(".tar") for t in unknown):  # the shell expanded a shard pattern
+        hints.append("quote a shard pattern, 'train-{000000..000009}.tar', or the shell expands it")
     return f" ({'; '.join(hints)})" if hints else ""
 
 
@@ -229,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sample", help=COMMAND_HELP["sample"])
     p.add_argument("--checkpoint", required=True, help="run directory")
-    p.add_argument("--n", type=int, required=True, help="number of samples")
+    p.add_argument("--n", type=int, help="number of samples (required, except with --noise: its rows)")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--steps", type=int, help="consistency steps, or Heun/Euler steps for a teacher")
     group.add_argument("--sigmas", type=_sigma_list, help="explicit decreasing noise levels s1,s2,...")
@@ -425,13 +427,20 @@ def cmd_sample(args) -> None:
     out = Path(args.out)
     if out.suffix not in (".npy", ".npz", ".png"):
         raise CmkitError(f"--out must end in .npy, .npz or .png, got {out.name!r}")
+    noise = _load_noise(args.noise) if args.noise else None
+    if args.n is None:
+        if noise is None:
+            raise CmkitError("--n is required: the number of samples (or --noise FILE.npy, one per row)")
+        args.n = len(noise)
     if args.n < 1:
         raise CmkitError(f"--n must be positive, got {args.n}")
+    if noise is not None and len(noise) != args.n:
+        raise CmkitError(f"--noise {args.noise} holds {len(noise)} rows but --n is {args.n}; drop --n to take "
+                         "one sample per row")
     refuse_to_clobber(out, args.checkpoint)
     run = load_run(args.checkpoint, device=_device(args.device))
     if args.sampler and not run.is_diffusion:
         raise CmkitError("--sampler applies to teacher (edm) runs; consistency runs use --steps or --sigmas")
-    noise = _load_noise(args.noise) if args.noise else None
     churn = {"s_churn": args.s_churn, "s_tmin": args.s_tmin, "s_tmax": args.s_tmax, "s_noise": args.s_noise}
     chunks = run.sample_chunks(args.n, steps=args.steps, sigmas=args.sigmas, seed=args.seed, noise=noise,
                                sampler=args.sampler or "heun", class_labels=args.class_spec, guidance=args.guidance,

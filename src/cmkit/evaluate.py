@@ -106,12 +106,14 @@ def format_results(result: dict) -> str:
     """An evaluation as a table: the floor, then one row per step count."""
     skip = {"steps", "nfe", "seconds", "class_accuracy_per_class", "sw1_range"}
     keys = [k for k in result["results"][0] if k not in skip] if result["results"] else []
-    head = f"{'':<16}{'NFE':>5}{'seconds':>9}" + "".join(f"{k:>14}" for k in keys)
-    fmt = lambda v: f"{v:>14.4g}" if isinstance(v, (int, float)) else f"{'-':>14}"  # noqa: E731
-    rows = [f"{'data (floor)':<16}{'-':>5}{'-':>9}" + "".join(fmt(result["floor"].get(k)) for k in keys)]
+    widths = [max(14, len(k) + 2) for k in keys]  # a space before every header, however long
+    head = f"{'':<16}{'NFE':>5}{'seconds':>9}" + "".join(f"{k:>{w}}" for k, w in zip(keys, widths))
+    fmt = lambda v, w: f"{v:>{w}.4g}" if isinstance(v, (int, float)) else f"{'-':>{w}}"  # noqa: E731
+    rows = [f"{'data (floor)':<16}{'-':>5}{'-':>9}" + "".join(fmt(result["floor"].get(k), w)
+                                                            for k, w in zip(keys, widths))]
     for r in result["results"]:
         rows.append(f"{str(r['steps']) + ' step' + ('s' if r['steps'] > 1 else ''):<16}{r['nfe']:>5}"
-                    f"{r['seconds']:>9.2f}" + "".join(fmt(r.get(k)) for k in keys))
+                    f"{r['seconds']:>9.2f}" + "".join(fmt(r.get(k), w) for k, w in zip(keys, widths)))
     title = f"{result['method']} on {result['data']}, {result['n']} samples against as many held-out ones"
     return "\n".join([title, head, *rows])
 
