@@ -93,7 +93,8 @@ def _perturb(module, seed):
             p.add_(0.02 * torch.randn(p.shape, generator=g))
 
 
-@pytest.mark.parametrize("prediction_type, loss_type", [("epsilon", "l2"), ("v_prediction", "elementwise_huber")])
+@pytest.mark.parametrize("prediction_type, loss_type", [
+    ("epsilon", "l2"), pytest.param("v_prediction", "elementwise_huber", marks=pytest.mark.slow)])
 def test_lcm_loss_and_gradients_equal_the_reference(tmp_path, prediction_type, loss_type):
     from diffusers import DDPMScheduler
     folder = guided_teacher(tmp_path / "teacher", prediction_type)
@@ -165,6 +166,7 @@ def test_lcm_schedules_are_lcm_schedulers():
     assert lcm_timesteps(1000, 4).tolist() == [999, 759, 499, 259]
 
 
+@pytest.mark.slow
 def test_an_lcm_run_resumes_exports_and_samples_as_the_lcm_pipeline_does(tmp_path):
     from diffusers import DDPMPipeline, LCMScheduler
     folder = tmp_path / "teacher"
