@@ -35,8 +35,8 @@ def scatter_panels(panels: list[tuple[str, np.ndarray]], path: str | Path, limit
         ax.set_xticks([])
         ax.set_yticks([])
     fig.tight_layout()
-    if caption:
-        fig.text(0.01, -0.02, caption, fontsize=8.5, va="top", ha="left", wrap=True)
+    if caption:  # just under the first panel (equal aspect leaves the figure's own bottom far below)
+        axes[0][0].text(0, -0.06, caption, transform=axes[0][0].transAxes, fontsize=8.5, va="top", ha="left")
     tmp = Path(path).with_name(Path(path).name + ".tmp.png")
     fig.savefig(tmp, dpi=120, bbox_inches="tight")
     plt.close(fig)
