@@ -35,3 +35,11 @@ def local_client(app, **kwargs):
     localhost, and the header that marks a request as not coming from a web form."""
     from fastapi.testclient import TestClient
     return TestClient(app, base_url="http://localhost", headers={"X-Cmkit-Client": "test"}, **kwargs)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a real server in a test)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -6,7 +6,6 @@ import asyncio
 import io
 import os
 import shutil
-import socket
 import statistics
 import threading
 import time
@@ -20,7 +19,7 @@ import cmkit
 from cmkit.serve.app import create_app
 from cmkit.serve.batcher import MicroBatcher
 from cmkit.serve.engine import Limits
-from helpers import cli, local_client
+from helpers import cli, free_port, local_client
 
 @pytest.fixture(scope="module")
 def client(image_run):
@@ -165,17 +164,12 @@ def test_requests_arriving_together_share_network_calls():
     assert calls[0] == 4  # four requests, one call
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def live_server(image_run):
     """A real uvicorn server on 127.0.0.1 in a thread."""
     import uvicorn
-    port = _free_port()
+    port = free_port()
     app = create_app(cmkit.load_run(image_run), limits=Limits(max_n=16), max_queue=16)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from helpers import cli
+from helpers import cli, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.fashion_mnist]
@@ -28,11 +28,6 @@ def doc_commands() -> list[list[str]]:
     return [[line.split("  #")[0].strip() for line in block.replace("\\\n", " ").splitlines() if line.strip()]
             for block in blocks]
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +71,7 @@ def test_serve_docs_curl_examples_run_against_a_class_conditional_model(fm_model
     env = {**os.environ, "HOME": str(tmp_path), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     start, local, (token_setup, network), remote = doc_commands()[:4]
     assert start[1].startswith("cmkit serve --checkpoint runs/fm-cd") and local[0].startswith("curl")
-    port = _free_port()
+    port = free_port()
     server = _serve(start[1], fm_model, port, tmp_path, env)
     try:
         for command in local:  # the edit's files are made by the block's own lines

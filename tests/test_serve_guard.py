@@ -26,7 +26,7 @@ import cmkit
 from cmkit.serve.app import create_app
 from cmkit.serve.engine import Limits
 from cmkit.serve.guard import Access
-from helpers import cli, local_client
+from helpers import cli, free_port, local_client
 
 TOKEN = "a-long-enough-test-token-0123"
 LIMITS = Limits(max_n=8, max_upload_bytes=20000, max_upload_pixels=4096, max_json_bytes=2048)
@@ -320,11 +320,6 @@ def test_metrics_count_requests_images_and_batches(run):
 # --- a real server: streamed limits, slow clients, SIGTERM ----------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _wait_up(port: int, process=None, timeout: float = 90) -> None:
     import httpx
@@ -365,7 +360,7 @@ def _status(sock: socket.socket) -> tuple[int, bytes]:
 def live(run):
     """A uvicorn server in this process (so the test can watch its temporary files)."""
     import uvicorn
-    port = _free_port()
+    port = free_port()
     app = create_app(run, limits=LIMITS, read_timeout=1.0, warmup=False)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -426,7 +421,7 @@ def test_a_stalled_body_times_out_and_does_not_delay_others(live):
 
 @pytest.mark.slow
 def test_sigterm_drains_and_exits_zero_while_a_slow_body_is_in_flight(image_run):
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "CMKIT_SERVE_TOKEN": TOKEN}
     process = subprocess.Popen([sys.executable, "-m", "cmkit", "serve", "--checkpoint", str(image_run), "--port",
                                 str(port), "--device", "cpu", "--drain-timeout", "2", "--read-timeout", "60"],

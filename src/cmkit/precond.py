@@ -124,10 +124,13 @@ class VPConsistencyFunction(VPDenoiser):
     its teacher starts as the teacher's denoiser wherever t >= 1. (LCMScheduler applies c_skip to
     the VP state x / sqrt(1 + sigma^2); the two differ by under 3e-7 x at t >= 1.)"""
 
+    skip_on_vp_state = False  # LCMFunction: True
+
     def scalings(self, sigma):
         c_skip, c_out, c_in = vp_scalings(sigma, self.prediction_type)
         b_skip, b_out = lcm_boundary(self.table.timestep(sigma), self.timestep_scaling)
-        return b_skip + b_out * c_skip, b_out * c_out, c_in
+        skipped = c_in if self.skip_on_vp_state else 1  # what the boundary's c_skip multiplies: z or x
+        return b_skip * skipped + b_out * c_skip, b_out * c_out, c_in
 
 
 class LCMFunction(VPConsistencyFunction):
@@ -139,10 +142,7 @@ class LCMFunction(VPConsistencyFunction):
     so f(x, sigma_0) = x sqrt(abar_0) (1 - 5e-5 for linear betas): `--method lcm` trains and
     exports this form, to agree with the reference algorithm and the pipeline to rounding."""
 
-    def scalings(self, sigma):
-        c_skip, c_out, c_in = vp_scalings(sigma, self.prediction_type)
-        b_skip, b_out = lcm_boundary(self.table.timestep(sigma), self.timestep_scaling)
-        return b_skip * c_in + b_out * c_skip, b_out * c_out, c_in
+    skip_on_vp_state = True
 
     def default_levels(self, steps: int) -> torch.Tensor:
         """The noise levels of ``LCMScheduler``'s ``steps``-step schedule (`lcm_timesteps`)."""

@@ -129,8 +129,8 @@ def generate_chunks(model: torch.nn.Module, shape: tuple[int, ...], levels: torc
 def generate(model: torch.nn.Module, shape: tuple[int, ...], levels: torch.Tensor, **kwargs) -> torch.Tensor:
     """``n`` samples in model units from a denoiser (Heun/Euler over ``levels``, which end in 0) or
     a consistency function (1 step or multistep over ``levels``), for ``condition`` (a
-    `cmkit.condition.Condition` of n rows) when given. One generator drives the starting noise, multistep re-noising and churn, so a seed
-    fixes the samples. Keywords as `generate_chunks`."""
+    `cmkit.condition.Condition` of n rows) when given. One generator drives the starting noise,
+    multistep re-noising and churn, so a seed fixes the samples. Keywords as `generate_chunks`."""
     return torch.cat(list(generate_chunks(model, shape, levels, **kwargs)))
 
 

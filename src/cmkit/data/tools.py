@@ -69,11 +69,10 @@ def check_source(name: str, *, limit: int | None = None, grid: str | Path | None
     chosen = set(np.random.default_rng(seed).permutation(n)[:64].tolist()) if grid is not None else set()
     shown = []
     for i in range(n):
-        problem = _unreadable(source, i)
-        if isinstance(problem, tuple):
-            report.bad.append(problem)
+        image = _decode_or_why(source, i)
+        if isinstance(image, tuple):
+            report.bad.append(image)
             continue
-        image = problem
         report.sizes[(image.shape[2], image.shape[1])] += 1
         report.modes["L" if image.shape[0] == 1 else "RGB"] += 1
         if i in chosen and (not shown or image.shape == shown[0].shape):
@@ -84,7 +83,7 @@ def check_source(name: str, *, limit: int | None = None, grid: str | Path | None
     return report
 
 
-def _unreadable(source, i: int):
+def _decode_or_why(source, i: int):
     """Image ``i`` of ``source`` decoded, or (where, why) if it does not decode: ``where`` the
     file's path (folders) or ``archive:member``, as the user can find it."""
     key = source.keys[i]
@@ -110,13 +109,15 @@ def pack_folder(folder: str | Path, out: str | Path, *, shard_size: int = 10000,
     out = Path(out)
     if out.exists() and any(out.glob(f"{prefix}-*.tar")):
         raise CmkitError(f"{out} already holds {prefix}-*.tar shards; pack into an empty folder")
-    checked = [(i, _unreadable(source, i)) for i in range(len(source))]
-    bad = [problem for _, problem in checked if isinstance(problem, tuple)]
+    # Each image is decoded here (and dropped: a large folder does not fit in memory decoded) to
+    # refuse or skip what does not decode; the shards then take the files' bytes as they are.
+    problems = {i: p for i in range(len(source)) if isinstance(p := _decode_or_why(source, i), tuple)}
+    bad = list(problems.values())
     if bad and not skip_bad:
         named = "; ".join(f"{where} ({why})" for where, why in bad[:5]) + (" ..." if len(bad) > 5 else "")
         raise CmkitError(f"{len(bad)} image(s) of {folder} do not decode: {named}; remove them, or pass "
                          "--skip-bad to pack the others")
-    keep = [i for i, problem in checked if not isinstance(problem, tuple)]
+    keep = [i for i in range(len(source)) if i not in problems]
     if not keep:
         raise CmkitError(f"no image of {folder} decodes")
     out.mkdir(parents=True, exist_ok=True)
