@@ -61,7 +61,8 @@ FLOOR_CACHE = "eval_floor.json"  # `cmkit eval`'s data-vs-data floor (cmkit.eval
 COMPILE_CACHE = "compile_cache"  # inductor's kernels for a compiled run (cmkit.compiled_step)
 RUN_ENTRIES = {"config.json", "config.json.tmp", "metrics.jsonl", "metrics.jsonl.tmp", CHECKPOINTS, LATEST,
                LATEST + ".tmp", "samples", "tensorboard", LEGACY, ".checkpoint.tmp", ".checkpoint.old",
-               FLOOR_CACHE, FLOOR_CACHE + ".tmp", COMPILE_CACHE}
+               FLOOR_CACHE, FLOOR_CACHE + ".tmp", COMPILE_CACHE,
+               "vae", "tokenizer", "text_encoder"}  # a latent run's decoder and prompt encoder (copies)
 
 
 def is_run_dir(path: Path) -> bool:

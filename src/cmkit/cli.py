@@ -241,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--s-tmax", type=float, default=float("inf"), help="churn only at sigma <= this")
     p.add_argument("--s-noise", type=float, default=1.0, help="churn noise scale (EDM S_noise)")
     p.add_argument("--class", dest="class_spec", type=_class_spec, help=CLASS_HELP)
+    p.add_argument("--prompt", action="append", help="text-conditioned runs: the prompt (repeat for several, "
+                   "cycled over the samples; default the empty prompt)")
     p.add_argument("--guidance", type=float, help=GUIDANCE_HELP)
     p.add_argument("--seed", type=_seed, default=0, help="fixes the samples (default 0)")
     p.add_argument("--noise", help=".npy of (n, *shape) standard-normal starting noise (replaces the seed's)")
@@ -275,6 +277,21 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--limit", type=int, help="decode only the first N images")
     q.add_argument("--grid", help="write a PNG grid of 64 of the images here")
     q.add_argument("--seed", type=_seed, default=0, help="which images the grid shows (default 0)")
+    q = data_sub.add_parser("encode", help="encode images (and captions) once into a latent data set with a "
+                            "pipeline's VAE (and text encoder)")
+    q.add_argument("source", help="images: a folder (captions in metadata.jsonl or .txt files), tar shards (.txt "
+                   "members), fashion-mnist, digits, ...")
+    q.add_argument("--pipeline", help="a diffusers pipeline folder: its vae/, tokenizer/ and text_encoder/")
+    q.add_argument("--vae", help="an AutoencoderKL folder alone (latents without captions)")
+    q.add_argument("--out", required=True, help="the latent data set's folder (new)")
+    q.add_argument("--caption-template", help="captions from class names, e.g. 'a photo of a {class}'")
+    q.add_argument("--no-captions", action="store_true", help="latents only, even with a text encoder at hand")
+    q.add_argument("--resolution", type=int, help="resize images to this side first")
+    q.add_argument("--fit", choices=("pad", "resize"), default="pad", help="how images reach --resolution")
+    q.add_argument("--holdout-fraction", type=float, default=0.1, help="held out for eval (default 0.1, as training)")
+    q.add_argument("--seed", type=_seed, default=0, help="the train/held-out split's seed (default 0, as training)")
+    q.add_argument("--batch-size", type=int, default=64, help="images per VAE batch (default 64)")
+    q.add_argument("--force", action="store_true", help="replace an existing latent data set in --out")
     q = data_sub.add_parser("pack", help="write a folder of images as WebDataset-style tar shards ({key}.png + {key}.cls)")
     q.add_argument("folder", help="folder of PNG/JPEG images (first-level sub-folders: classes)")
     q.add_argument("out", help="folder for the shards (empty or new)")
@@ -444,6 +461,7 @@ def cmd_sample(args) -> None:
     churn = {"s_churn": args.s_churn, "s_tmin": args.s_tmin, "s_tmax": args.s_tmax, "s_noise": args.s_noise}
     chunks = run.sample_chunks(args.n, steps=args.steps, sigmas=args.sigmas, seed=args.seed, noise=noise,
                                sampler=args.sampler or "heun", class_labels=args.class_spec, guidance=args.guidance,
+                               prompt=args.prompt,
                                batch_size=args.batch_size, bf16=args.bf16, compile=args.compile,
                                **(churn if args.s_churn else {}))
     from tqdm.auto import tqdm
@@ -453,7 +471,7 @@ def cmd_sample(args) -> None:
                 bar.update(len(x))
                 yield x
         if out.suffix == ".npy":
-            stream_samples(progress(chunks), args.n, run.shape, out, image=run.is_image)
+            stream_samples(progress(chunks), args.n, run.image_shape, out, image=run.is_image)
         else:
             labels = run.labels(args.class_spec, args.n, args.seed)  # as sample_chunks draws them
             write_samples(np.concatenate(list(progress(chunks))), out, image=run.is_image,
@@ -476,6 +494,8 @@ def _samples_title(run, args, labels) -> str:
         names = run.class_names or []
         name = lambda k: names[k] if k < len(names) else ("null" if k == run.num_classes else str(k))  # noqa: E731
         title += f", class {name(distinct[0])}" if len(distinct) == 1 else f", {len(distinct)} classes"
+    if args.prompt:
+        title += f", prompt {args.prompt[0][:40]!r}" + (f" and {len(args.prompt) - 1} more" if len(args.prompt) > 1 else "")
     if args.guidance is not None:
         title += f", guidance {args.guidance:g}"
     return f"{title}, seed {args.seed}"
@@ -626,6 +646,16 @@ def cmd_train_classifier(args) -> None:
 def cmd_data(args) -> None:
     from .data.tools import check_source, pack_folder
 
+    if args.data_command == "encode":
+        from .data.latent_cache import encode_source
+        if args.batch_size < 1:
+            raise CmkitError(f"--batch-size must be positive, got {args.batch_size}")
+        out = encode_source(args.source, args.out, pipeline=args.pipeline, vae=args.vae,
+                            captions=False if args.no_captions else None, caption_template=args.caption_template,
+                            resolution=args.resolution, fit=args.fit, holdout_fraction=args.holdout_fraction,
+                            seed=args.seed, batch_size=args.batch_size, force=args.force)
+        print(f"wrote the latent data set {out}")
+        return 0
     if args.data_command == "pack":
         shards, skipped = pack_folder(args.folder, args.out, shard_size=args.shard_size, prefix=args.prefix,
                                       skip_bad=args.skip_bad)

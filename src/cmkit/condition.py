@@ -11,8 +11,10 @@ objectives, samplers, editing, serving and export pass the value through, slice 
 swaps ``labels`` for the null label, a guided student's scale is ``guidance``). So a new kind of
 condition (text embeddings, an attribute) touches a backbone and the data, not every signature.
 
-The built-in kinds: ``labels`` (int64 class indices 0..K-1, K the null label) and ``guidance``
-(float guidance scales of a guided-distilled student).
+The built-in kinds: ``labels`` (int64 class indices 0..K-1, K the null label), ``guidance``
+(float guidance scales of a guided-distilled student) and ``text`` (float per-token prompt
+embeddings (n, L, D) from a pipeline's text encoder, `cmkit.text`; a text model's null condition
+is the empty prompt's embedding).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Iterable, Mapping
 
 import torch
 
-LABELS, GUIDANCE = "labels", "guidance"
+LABELS, GUIDANCE, TEXT = "labels", "guidance", "text"
 
 
 class Condition(Mapping):
@@ -54,6 +56,10 @@ class Condition(Mapping):
     @property
     def guidance(self) -> torch.Tensor | None:
         return self._values.get(GUIDANCE)
+
+    @property
+    def text(self) -> torch.Tensor | None:
+        return self._values.get(TEXT)
 
     def replace(self, **kinds) -> "Condition":
         """A copy with ``kinds`` set (None removes a kind)."""

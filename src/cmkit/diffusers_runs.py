@@ -27,9 +27,11 @@ from .objectives import get_method, methods
 from .precond import LCMFunction, build_wrapper
 from .safe_io import read_json
 
+LCM_GUIDANCE_RANGE = (1.0, 16.0)  # an LCM pipeline without cmkit's record: LCM's w in [0, 15], as scale w + 1
 SIDECAR = "cmkit.json"  # what diffusers' configs cannot say: class names, the null label, cmkit's noise
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 PIPELINES = ("ConsistencyModelPipeline", "DDPMPipeline", "DDIMPipeline", "PNDMPipeline")
+TEXT_PIPELINES = ("StableDiffusionPipeline", "LatentConsistencyModelPipeline")
 VE_SCHEDULERS = ("ScoreSdeVeScheduler", "KarrasVeScheduler")
 
 
@@ -90,14 +92,21 @@ def _find_scheduler(path: Path) -> dict | None:
     return None
 
 
-def _check_pipeline(path: Path) -> None:
+def _check_pipeline(path: Path) -> bool:
+    """Whether ``path`` is a text-to-image latent pipeline cmkit imports (else a pixel one)."""
     index = read_json(path / "model_index.json", "pipeline index")
     name = index.get("_class_name") if isinstance(index, dict) else None
+    if isinstance(index, dict) and ("text_encoder_2" in index or "XL" in str(name)):
+        raise CmkitError(f"{path} holds an SDXL-style pipeline ({name}: two text encoders and added time ids); "
+                         f"cmkit imports {', '.join(TEXT_PIPELINES)} folders")
     if isinstance(index, dict) and ("vae" in index or "text_encoder" in index):
-        raise CmkitError(f"{path} holds a latent pipeline ({name}); cmkit imports pixel-space UNet2DModel pipelines")
+        if name not in TEXT_PIPELINES:
+            raise CmkitError(f"{path} holds a {name!r}; cmkit imports the latent pipelines {', '.join(TEXT_PIPELINES)}")
+        return True
     if name not in PIPELINES:
         raise CmkitError(f"{path} holds a {name!r}; cmkit imports {', '.join(PIPELINES)} folders and UNet2DModel "
                          "folders")
+    return False
 
 
 def _check_weights(unet_dir: Path) -> None:
@@ -138,8 +147,8 @@ def load_diffusers(path: str | Path, device: str = "cpu") -> tuple[dict, nn.Modu
 
     path = Path(path)
     pipeline = (path / "model_index.json").is_file()
-    if pipeline:
-        _check_pipeline(path)
+    if pipeline and _check_pipeline(path):
+        return _load_text_pipeline(path, device)
     unet_dir = path / "unet" if pipeline else path
     _check_weights(unet_dir)
     scheduler = _find_scheduler(path)
@@ -205,3 +214,66 @@ def _vp_section(scheduler: dict, sidecar: dict) -> dict:
 def _default_cm_scheduler() -> dict:
     from diffusers import CMStochasticIterativeScheduler
     return dict(CMStochasticIterativeScheduler().config)  # the pipeline's defaults, as diffusers would use
+
+
+def _load_text_pipeline(path: Path, device: str) -> tuple[dict, nn.Module]:
+    """A ``StableDiffusionPipeline`` (a teacher) or ``LatentConsistencyModelPipeline`` (a student)
+    folder: its UNet2DConditionModel in EDM's sigma over the latents of its VAE, prompts through its
+    own tokenizer and text encoder (the empty prompt as the unconditional input)."""
+    from diffusers import UNet2DConditionModel
+
+    from .latents import LatentCodec, LatentScaler
+    from .nets.diffusers_text_unet import DiffusersTextUNet, text_unet_config
+    from .text import PromptEncoder, refuse_pickles
+
+    unet_dir = path / "unet"
+    config = read_json(unet_dir / "config.json", "UNet config") if (unet_dir / "config.json").is_file() else None
+    if not isinstance(config, dict) or config.get("_class_name") != "UNet2DConditionModel":
+        raise CmkitError(f"{unet_dir} holds no UNet2DConditionModel (config.json)")
+    refuse_pickles(unet_dir, WEIGHTS)
+    scheduler = _find_scheduler(path)
+    if scheduler is None:
+        raise CmkitError(f"{path} has no scheduler/scheduler_config.json: its noise levels are unknown")
+    kind = _kind(scheduler)
+    if kind == "consistency":
+        raise CmkitError(f"{path}: a latent pipeline with a CMStochasticIterativeScheduler is not a cmkit import")
+    sidecar = read_json(path / SIDECAR, "cmkit export record") if (path / SIDECAR).is_file() else {}
+    codec = LatentCodec.from_folder(path / "vae", image_channels=sidecar.get("image_channels"))
+    prompts = PromptEncoder.from_folder(path)
+    try:
+        vp = _vp_section(scheduler, sidecar)
+        unet = UNet2DConditionModel.from_pretrained(str(unet_dir), use_safetensors=True, low_cpu_mem_usage=False)
+    except ValueError as e:
+        raise CmkitError(f"{path}: {str(e).splitlines()[0]}") from None
+    except (OSError, KeyError, TypeError, RuntimeError) as e:
+        raise CmkitError(f"cannot load the UNet in {unet_dir}: {str(e).splitlines()[0]}") from None
+    if unet.config.addition_embed_type is not None or unet.config.class_embed_type is not None:
+        added = unet.config.addition_embed_type or unet.config.class_embed_type
+        raise CmkitError(f"{unet_dir} takes added embeddings ({added}); cmkit imports prompt-only UNets")
+    vp["time_input"] = time_input_for(dict(unet.config))
+    guided = unet.config.time_cond_proj_dim is not None
+    try:
+        backbone = DiffusersTextUNet(unet, prompts.shape, guidance=guided)
+    except ValueError as e:
+        raise CmkitError(f"{path}: {e}") from None
+    backbone.null_text.copy_(prompts.null())
+    latent_shape = (backbone.image_channels, backbone.resolution, backbone.resolution)
+    image_shape = codec.image_shape(latent_shape)
+    model_section = {"backbone": "diffusers-text", "unet": text_unet_config(unet), "text_shape": list(prompts.shape),
+                     "guidance": guided, "num_classes": 0, "image_channels": latent_shape[0],
+                     "resolution": latent_shape[1], "c_noise": "timestep", "vp": vp}
+    table = sigma_table(vp["table"])
+    noise = NoiseConfig(**sidecar["noise"]) if "noise" in sidecar else NoiseConfig(
+        sigma_min=float(table[0]), sigma_max=float(table[-1]))
+    method = _teacher_method() if kind == "vp" else sidecar.get("method", _lcm_method())
+    objective = {"guidance": sidecar.get("guidance", list(LCM_GUIDANCE_RANGE))} if guided else {}
+    config = {"method": method, "source": "diffusers", "noise": noise.__dict__.copy(), "model": model_section,
+              "standardizer": LatentScaler.state_for(codec, latent_shape, image_shape),
+              "train": {"label_dropout": 0.1},  # Stable Diffusion dropped 10% of captions: the empty prompt means something
+              "objective": objective, "class_names": None,
+              "data": {**base_section("data"), "name": None, "resolution": image_shape[1]}}
+    model = build_wrapper(get_method(method).wrapper, backbone, noise, model_section)
+    model = model.to(device).eval().requires_grad_(False)
+    # Not submodules: the run's decoder and prompt encoder (`cmkit.run.Run`), not weights of the model.
+    model.components = {"codec": codec.to(device), "prompts": prompts.to(device)}
+    return config, model

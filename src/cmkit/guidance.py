@@ -3,8 +3,10 @@
     D_w(x, sigma, c) = D(x, sigma, null) + w (D(x, sigma, c) - D(x, sigma, null))
 
 w = 1 is the plain conditional denoiser, w = 0 the unconditional one, w > 1 sharpens toward the
-class. The null label is index K of a K-class model (see `cmkit.nets.conditioning`); a teacher must
-be trained with label dropout (``--label-dropout``) for it to mean anything.
+class or prompt. The null condition is the null label K of a K-class model (see
+`cmkit.nets.conditioning`), or the empty prompt's embedding of a text-conditioned one (its
+backbone's ``null_text``); a teacher must be trained with condition dropout (``--label-dropout``)
+for it to mean anything.
 
 Guided distillation (as in latent consistency models) trains a student on the ODE of D_w with w
 drawn per sample from a range, and gives w to the student as an input: `GuidanceInput` binds a
@@ -22,6 +24,33 @@ from .batch_rng import batch_rng
 from .condition import Condition, as_condition
 from .nets.conditioning import labels_or_null
 
+NEEDS_CONDITION = "classifier-free guidance needs class labels or a prompt"
+
+
+def is_conditional(denoiser) -> bool:
+    """Whether ``denoiser`` takes a condition that guidance can drop (class labels or a prompt)."""
+    return bool(getattr(denoiser, "num_classes", 0)) or null_text(denoiser) is not None
+
+
+def null_text(denoiser) -> torch.Tensor | None:
+    """The empty prompt's embedding (1, L, D) of a text-conditioned denoiser (None otherwise)."""
+    while denoiser is not None and not hasattr(denoiser, "null_text"):
+        denoiser = getattr(denoiser, "backbone", None) or getattr(denoiser, "model", None) \
+            or getattr(denoiser, "denoiser", None)
+    return None if denoiser is None else denoiser.null_text
+
+
+def unconditional(denoiser, condition: Condition, batch: int, device) -> Condition:
+    """``condition`` with what guidance drops replaced by its null: the null label for class
+    labels, the empty prompt for text."""
+    if condition.labels is None and condition.text is None:
+        raise ValueError(NEEDS_CONDITION)
+    if condition.labels is not None:
+        condition = condition.replace(labels=labels_or_null(None, denoiser.num_classes, batch, device))
+    if condition.text is not None:
+        condition = condition.replace(text=null_text(denoiser).to(device).expand(batch, -1, -1))
+    return condition
+
 
 def guided_denoise(denoiser, x: torch.Tensor, sigma, condition, scale) -> torch.Tensor:
     """D_w(x, sigma, c) for a scalar or per-sample scale w, in one batched call of the denoiser
@@ -32,12 +61,15 @@ def guided_denoise(denoiser, x: torch.Tensor, sigma, condition, scale) -> torch.
     scale = torch.as_tensor(scale, dtype=x.dtype, device=x.device)
     if scale.ndim == 0 and float(scale) == 1.0:
         return denoiser(x, sigma, condition)
-    if condition.labels is None:
-        raise ValueError("classifier-free guidance needs class labels")
+    if condition.labels is None and condition.text is None:
+        raise ValueError(NEEDS_CONDITION)
     sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
     sigma = sigma.expand(B) if sigma.ndim == 0 else sigma
-    cond = condition.replace(labels=condition.labels.to(x.device).long()).expand(B)
-    null = cond.replace(labels=labels_or_null(None, denoiser.num_classes, B, x.device))
+    cond = condition.to(x.device)
+    if cond.labels is not None:
+        cond = cond.replace(labels=cond.labels.long())
+    cond = cond.expand(B)
+    null = unconditional(denoiser, cond, B, x.device)
     both = denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), Condition.cat([cond, null], [B, B]))
     cond, uncond = both[:B], both[B:]
     w = scale.reshape(-1, *[1] * (x.ndim - 1)) if scale.ndim else scale
@@ -50,8 +82,8 @@ class GuidedDenoiser(nn.Module):
 
     def __init__(self, denoiser: nn.Module, scale):
         super().__init__()
-        if not getattr(denoiser, "num_classes", 0):
-            raise ValueError("classifier-free guidance needs a class-conditional denoiser")
+        if not is_conditional(denoiser):
+            raise ValueError("classifier-free guidance needs a class- or text-conditional denoiser")
         self.denoiser, self.scale = denoiser, scale
 
     @property
@@ -60,8 +92,8 @@ class GuidedDenoiser(nn.Module):
 
     def forward(self, x, sigma, condition=None):
         condition = as_condition(condition)
-        if condition.labels is None:
-            raise ValueError("classifier-free guidance needs class labels")
+        if condition.labels is None and condition.text is None:
+            raise ValueError(NEEDS_CONDITION)
         scale = self.scale if condition.guidance is None else condition.guidance
         return guided_denoise(self.denoiser, x, sigma, condition.replace(guidance=None), scale)
 

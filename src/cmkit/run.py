@@ -13,17 +13,20 @@ import torch
 
 from . import checkpoint
 from .data import scaler_from_state
+from .data.latent_cache import latent_scaler
 from .classes import resolve_labels
 from .condition import Condition, as_condition
 from .diffusers_runs import is_diffusers_folder, load_diffusers
 from .errors import CmkitError
 from .guidance import GuidanceInput, GuidedDenoiser, check_guidance_scale, default_guidance
+from .latents import LatentScaler
 from .nets import build_backbone
 from .noise import NoiseConfig, append_zero, check_sigmas, karras_sigmas
 from .objectives import MethodSpec, get_method
 from .objectives.registry import noise_config
 from .precond import build_wrapper
 from .sampling import SAMPLERS, sample_levels
+from .text import PromptEncoder, check_prompt
 
 
 def build_model(config: dict) -> torch.nn.Module:
@@ -140,18 +143,28 @@ class Run:
     def __init__(self, path: str | Path, weights: str = "ema", device: str = "cpu"):
         self.path = Path(path)
         self.device = device
+        self.codec = self.prompts = None  # a latent run's VAE; a text-conditioned run's prompt encoder
         if is_diffusers_folder(self.path):  # a ConsistencyModelPipeline or UNet2DModel folder
             self.config, self.model = load_diffusers(self.path, device)
             self.method, self.noise_range = self.config["method"], noise_config(self.config)
             self.spec = get_method(self.method)
-            self.scaler = scaler_from_state(self.config["standardizer"])
+            components = getattr(self.model, "components", {})
+            self.codec, self.prompts = components.get("codec"), components.get("prompts")
+            self.scaler = (LatentScaler(self.config["standardizer"], self.codec) if self.codec is not None
+                           else scaler_from_state(self.config["standardizer"]))
             return
         self.config = checkpoint.read_run_config(self.path)
         try:
             self.method = self.config["method"]
             self.spec: MethodSpec = get_method(self.method)
             self.noise_range = noise_config(self.config)
-            self.scaler = scaler_from_state(self.config["standardizer"])
+            if self.config["standardizer"].get("kind") == "latent":
+                self.scaler = latent_scaler(self.config["standardizer"], self.path)
+                self.codec = self.scaler.codec.to(device)
+            else:
+                self.scaler = scaler_from_state(self.config["standardizer"])
+            if "text_shape" in self.config["model"]:
+                self.prompts = PromptEncoder.from_folder(self.path).to(device)
             self.model = build_model(self.config)
         except (KeyError, ValueError, TypeError) as e:
             raise CmkitError(f"{self.path}/config.json is incomplete or invalid ({type(e).__name__}: {e})") from None
@@ -182,6 +195,28 @@ class Run:
         scales = self.config.get("objective", {}).get("guidance")
         return None if scales is None else tuple(scales)
 
+    @property
+    def takes_text(self) -> bool:
+        """A text-conditioned run: it takes prompts (`text_condition`)."""
+        return "text_shape" in self.config["model"]
+
+    def text_condition(self, prompts, n: int) -> Condition:
+        """The ``text`` condition of ``n`` samples for ``prompts`` (one prompt for all, or a list
+        cycled over the samples); an empty condition for None (the empty prompt)."""
+        if prompts is None:
+            return Condition()
+        if not self.takes_text:
+            raise CmkitError("--prompt needs a text-conditioned run; this one takes no prompts")
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts:
+            raise CmkitError("pass at least one prompt")
+        try:
+            prompts = [check_prompt(p) for p in prompts]
+        except ValueError as e:
+            raise CmkitError(f"--prompt: {e}") from None
+        table = self.prompts(prompts).cpu()
+        return Condition(text=table[torch.arange(n) % len(prompts)])
+
     def labels(self, spec, n: int, seed: int = 0) -> torch.Tensor | None:
         """(n,) labels for a ``--class`` spec (`cmkit.classes`); None for an unconditional run."""
         return resolve_labels(spec, n, num_classes=self.num_classes, class_names=self.class_names,
@@ -204,12 +239,12 @@ class Run:
             return GuidanceInput(self.model, scale)
         if guidance is None:
             return self.model
-        if not self.num_classes:
-            raise CmkitError("--guidance needs a class-conditional run; this one is unconditional")
+        if not self.num_classes and not self.takes_text:
+            raise CmkitError("--guidance needs a class- or text-conditional run; this one is unconditional")
         if not self.is_diffusion:
             raise CmkitError(f"this {self.method} run was not distilled with guidance (train it with "
                              "--guidance LO,HI from a guided teacher); only teachers take any --guidance")
-        if not self.has_null_label:
+        if not self.has_null_label and not self.takes_text:
             raise CmkitError("classifier-free guidance needs a teacher trained with --label-dropout > 0")
         if labels is not None and bool((labels == self.num_classes).any()):
             raise CmkitError("--guidance needs real classes, not the null label")
@@ -222,7 +257,17 @@ class Run:
 
     @property
     def is_image(self) -> bool:
-        return self.config["standardizer"].get("kind") == "image"
+        """Samples are images (of pixels, or of latents decoded by the run's VAE)."""
+        return self.config["standardizer"].get("kind") in ("image", "latent")
+
+    @property
+    def is_latent(self) -> bool:
+        return self.config["standardizer"].get("kind") == "latent"
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        """The shape of one sample in data units: the decoded image's for a latent run."""
+        return tuple(self.scaler.image_shape) if self.is_latent else self.shape
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -294,14 +339,15 @@ class Run:
     def sample_chunks(self, n: int, *, steps: int | None = None, sigmas: list[float] | None = None,
                       seed: int = 0, noise: np.ndarray | torch.Tensor | None = None, sampler: str = "heun",
                       batch_size: int | None = None, class_labels=None, guidance: float | None = None,
-                      condition=None,
+                      condition=None, prompt=None,
                       bf16: bool = False, compile: bool = False, **churn):
         """`sample`, one batch (``batch_size``; default 256 images or 100,000 vectors) at a time.
         ``noise`` (n, *shape) standard normal replaces the seed's. ``class_labels`` is a class spec
         (`cmkit.classes`; default: random classes of a conditional run), ``guidance`` a
         classifier-free guidance scale (teachers, and students distilled with guidance). ``bf16``
         and ``compile`` speed up inference (`fast_inference`). ``churn`` (s_churn, s_tmin, s_tmax,
-        s_noise) goes to the Heun sampler of a teacher run. ``condition``: kinds other than the
+        s_noise) goes to the Heun sampler of a teacher run. ``prompt``: a prompt, or prompts
+        cycled over the samples, of a text-conditioned run. ``condition``: kinds other than the
         class and guidance scale a network takes, n rows each (`cmkit.condition.Condition`)."""
         levels = self.sigmas_for(steps, sigmas)
         if sampler not in SAMPLERS:
@@ -315,11 +361,16 @@ class Run:
         if churn.get("s_churn", 0) < 0 or churn.get("s_noise", 1) < 0:
             raise CmkitError(f"s_churn and s_noise must be >= 0, got {churn.get('s_churn')}, {churn.get('s_noise')}")
         labels = self.labels(class_labels, n, seed)
+        condition = as_condition(condition)
+        if prompt is not None:
+            condition = condition.replace(text=self.text_condition(prompt, n).text)
+        if guidance is not None and self.takes_text and condition.text is None and self.is_diffusion:
+            raise CmkitError("--guidance needs a prompt (--prompt TEXT)")
         model = fast_inference(self.network(guidance, labels), bf16=bf16, compile=compile)
         chunks = generate_chunks(model, self.shape, levels, is_diffusion=self.is_diffusion, n=n, seed=seed,
                                  noise=noise, sampler=sampler, sigma_min=self.noise_range.sigma_min,
                                  batch_size=batch_size or (256 if self.is_image else 100_000),
-                                 condition=as_condition(condition).replace(labels=labels), **churn)
+                                 condition=condition.replace(labels=labels), **churn)
         return (self.scaler.to_data(x) for x in chunks)  # arguments checked above, not at the first batch
 
 

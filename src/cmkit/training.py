@@ -32,10 +32,12 @@ from .condition import Condition
 from .config import base_section, check_config, default_config
 from .distributed import World, sum_gradients, close, world_from_env
 from .devices import resolve_device
-from .data import ImageData, ImageScaler, Standardizer, is_builtin, is_image_source, load_dataset, random_hflip
+from .data import ImageData, ImageScaler, LatentData, Standardizer, is_builtin, is_image_source, load_dataset, random_hflip
+from .data.latent_cache import copy_components
 from .data.loader import PlannedBatches, default_workers
 from .data.streams import StreamedImages
-from .errors import CmkitError, Stopped
+from .errors import CmkitError, Stopped, warn
+from .latents import LatentCodec, file_sha256
 from .guidance import GuidanceInput, default_guidance
 from .nets import load_backbone_weights
 from .objectives import MethodSpec, get_method, methods
@@ -43,7 +45,7 @@ from .plotting import save_image_grid
 from .run import Run, build_model, default_levels, generate, noise_config
 from .precond import VPDenoiser
 
-IMAGE_BACKBONES = ("unet", "diffusers")  # cmkit's UNet presets, or a diffusers teacher's own UNet2DModel
+IMAGE_BACKBONES = ("unet", "diffusers", "diffusers-text")  # cmkit's UNet presets, or a diffusers teacher's own UNet2DModel
 GRID_SAMPLES = 64  # images in each progress grid (8 x 8)
 VOLATILE_METRICS = ("images_per_s", "max_memory_mb")  # measured, so no two runs share them
 GRID_SEED = 0  # the same noise every time, so grids show the model changing, not the noise
@@ -174,14 +176,16 @@ def _resolve_classes(config: dict, data, teacher: Run | None) -> dict:
     p = train.get("label_dropout", 0.0)
     if not 0 <= p < 1:
         raise CmkitError(f"--label-dropout must be in [0, 1), got {p}")
-    if p and not K:
-        raise CmkitError("--label-dropout needs class labels, and this run is unconditional")
+    text = "text_shape" in model
+    if p and not K and not text:
+        raise CmkitError("--label-dropout needs class labels or captions, and this run is unconditional")
     if K:
         names = data.class_names or []
         config.setdefault("class_names", list(names[:K]) + [str(i) for i in range(len(names), K)])
     if obj.get("guidance") is not None:
-        if not K:
-            raise CmkitError("guided distillation (--guidance) needs a class-conditional teacher and labelled data")
+        if not K and not text:
+            raise CmkitError("guided distillation (--guidance) needs a class- or text-conditional teacher and "
+                             "labelled or captioned data")
         if not teacher.config["train"].get("label_dropout", 0.0):
             raise CmkitError(f"--guidance needs a teacher trained with --label-dropout > 0; {config['teacher']} was not")
         model["guidance"] = True
@@ -210,8 +214,8 @@ def resolve_run_config(config: dict, *, resumed: bool = False, quiet: bool = Fal
         raise CmkitError("the run's config.json has no standardizer: it is incomplete")
     d = config["data"]
     data = load_dataset(d)
-    images = isinstance(data, ImageData)
-    shape = data.shape if images else (data.dim,)
+    images, latent = isinstance(data, ImageData), isinstance(data, LatentData)
+    shape = data.shape if images or latent else (data.dim,)
     for source, what in ((teacher, "teacher"), (init, "--init run")):
         if source is not None and source.shape != shape:
             raise CmkitError(f"data has shape {shape} but the {what} was trained on {source.shape}")
@@ -223,11 +227,13 @@ def resolve_run_config(config: dict, *, resumed: bool = False, quiet: bool = Fal
     if not resumed:
         _check_vp_network(config, spec)
         _check_time_input(config, spec, quiet)
-    if images:
+    if latent:
+        _check_latent_sources(config, data, teacher or init)
+    if images or latent:
         _check_fingerprint(config, data, resumed)
         if config["model"]["backbone"] not in IMAGE_BACKBONES:
             raise CmkitError(f"image data needs the unet backbone, not {config['model']['backbone']!r}")
-        config.setdefault("standardizer", ImageScaler(shape).state())
+        config.setdefault("standardizer", data.scaler_state() if latent else ImageScaler(shape).state())
         config["model"].update(image_channels=shape[0], resolution=shape[1])
     else:
         if "standardizer" not in config:
@@ -237,16 +243,36 @@ def resolve_run_config(config: dict, *, resumed: bool = False, quiet: bool = Fal
     return config, Sources(data, teacher, init)
 
 
-def _check_fingerprint(config: dict, data: ImageData, resumed: bool) -> None:
+def _check_latent_sources(config: dict, data: LatentData, source: Run | None) -> None:
+    """A latent data set against the run it trains from: the same VAE (and text encoder), captions
+    exactly when the model takes prompts."""
+    text = "text_shape" in config["model"]
+    if text and data.text_table is None:
+        raise CmkitError(f"the model takes prompts, but {data.name} was encoded without captions (cmkit data encode "
+                         "--pipeline with a captioned source, or --caption-template)")
+    if not text and data.text_table is not None and config["model"]["backbone"] != "diffusers-text":
+        warn(f"{data.name} has captions, but this model takes no prompts: it trains unconditionally on them")
+    if source is None:
+        return
+    if not source.is_latent:
+        raise CmkitError(f"{data.name} holds latents, but {source.path} is a pixel-space model")
+    if LatentCodec.fingerprint(source.path / "vae") != data.meta["vae_sha256"]:
+        raise CmkitError(f"{data.name} was encoded by another VAE than {source.path}'s: encode the images with its "
+                         f"(cmkit data encode IMAGES --pipeline {source.path})")
+    if text and file_sha256(source.path / "text_encoder" / "model.safetensors") != data.meta["text_encoder_sha256"]:
+        raise CmkitError(f"{data.name}'s captions were encoded by another text encoder than {source.path}'s")
+
+
+def _check_fingerprint(config: dict, data: ImageData | LatentData, resumed: bool) -> None:
     """Record the source's fingerprint in ``config``; a resumed run's must still match."""
     now = data.fingerprint()
     if now is None:
         return
     before = config.get("data_fingerprint")
     if resumed and before is not None and before != now:
-        raise CmkitError(f"{data.name} changed since this run started ({before['images']} images then, {now['images']} "
-                         "now, or other held-out images): its held-out split would leak into training; restore "
-                         "the data or start a new run")
+        raise CmkitError(f"{data.name} changed since this run started ({before.get('images')} images then, "
+                         f"{now.get('images')} now, or other held-out images or latents): its held-out split would "
+                         "leak into training; restore the data or start a new run")
     config["data_fingerprint"] = now
 
 
@@ -308,6 +334,7 @@ class Trainer:
         _check_machine(self.config, world)
         self.spec = get_method(self.config["method"])
         self.images = isinstance(sources.data, ImageData)
+        self.latent = isinstance(sources.data, LatentData)
         self.num_classes = self.config["model"]["num_classes"]
         name = self.config["data"]["name"]
         self.protected = [p for p in (self.config.get("teacher"), None if is_builtin(name) else name) if p]
@@ -335,7 +362,8 @@ class Trainer:
         self.extra_modules = {name: m.to(self.device) for name, m in self.objective.modules.items()}
         self.ema = copy.deepcopy(self.net).eval().requires_grad_(False)
         self.target = copy.deepcopy(self.net).requires_grad_(False) if self.objective.needs_target else None
-        self.memory_format = torch.channels_last if train_cfg["channels_last"] and self.images else torch.contiguous_format
+        self.memory_format = (torch.channels_last if train_cfg["channels_last"] and (self.images or self.latent)
+                              else torch.contiguous_format)
         self.net.to(memory_format=self.memory_format)
         params = list(self.net.parameters()) + [p for m in self.extra_modules.values() for p in m.parameters()]
         self.optimizer = build_optimizer(params, train_cfg)
@@ -343,8 +371,13 @@ class Trainer:
         # A streamed set (StreamedImages) stays on disk: batches come decoded from a PlannedBatches.
         self.streamed = isinstance(data.train, StreamedImages)
         self.loader, self.bad_images, self.images_read = None, 0, 0
-        self.x_train = (data.train if self.streamed else data.train.to(self.device) if self.images
+        self.x_train = (data.train if self.streamed else data.train.to(self.device) if self.images or self.latent
                         else Standardizer.from_state(config["standardizer"]).to_model(data.train))
+        # Prompts: a caption index per latent and one embedding per distinct caption (and the empty one).
+        self.text_ids = self.text_table = self.null_text = None
+        if "text_shape" in config["model"]:
+            self.text_ids, self.text_table = data.train_text_ids.to(self.device), data.text_table.to(self.device)
+            self.null_text = data.null_text.to(self.device)
         self.y_train = data.train_labels.to(self.device) if self.num_classes else None
         # Kinds of condition other than the class label that the data carries, one row per sample.
         self.c_train = Condition(getattr(data, "train_conditions", None)).to(self.device)
@@ -444,13 +477,18 @@ class Trainer:
             if self.config["data"]["hflip"]:
                 batch = random_hflip(batch, rng)
             batch = ImageScaler.to_model(batch).contiguous(memory_format=self.memory_format)
-        labels = None
+        labels = text = None
         if self.y_train is not None:
             labels = self.y_train[index]
             if train_cfg.get("label_dropout"):  # classifier-free guidance training: some labels become null
                 drop = (rng.rand(size) < train_cfg["label_dropout"]).to(self.device)
                 labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
-        return batch.to(self.device), self.c_train.select(index).replace(labels=labels)
+        if self.text_ids is not None:
+            text = self.text_table[self.text_ids[index]]
+            if train_cfg.get("label_dropout"):  # caption dropout: some prompts become the empty one
+                drop = (rng.rand(size) < train_cfg["label_dropout"]).to(self.device)
+                text = torch.where(drop[:, None, None], self.null_text, text)
+        return batch.to(self.device), self.c_train.select(index).replace(labels=labels, text=text)
 
     def step(self, step: int) -> dict:
         """One optimisation step on the global batch: this rank's micro-batches, gradients averaged
@@ -665,6 +703,8 @@ def _train(config: dict, out: Path, world: World, *, resume: bool, force: bool, 
         world.barrier()  # every rank checked before rank 0 creates (or replaces) the directory
         if world.is_main:
             checkpoint.prepare_run_dir(out, resume=False, force=force, protect=tuple(trainer.protected))
+            if trainer.latent:  # the decoder and prompt encoder the run samples with, from its data
+                copy_components(Path(config["data"]["name"]), out)
     if world.is_main:
         checkpoint.atomic_write_text(out / "config.json", json.dumps(config, indent=2) + "\n")
     world.barrier()

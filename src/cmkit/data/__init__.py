@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from ..errors import CmkitError
+from .latent_cache import LatentData, is_latent_cache, load_latent_cache
 from .files import SUFFIXES, holdout_split, load_array, load_labelled_array, validate_array
 from .images import (FASHION_MNIST_CLASSES, IMAGE_SETS, STREAM_ABOVE_MB, ImageData, ImageScaler, check_stream_settings,
                      count_classes, is_image_source, load_images, random_hflip, read_idx)
@@ -37,11 +38,15 @@ def is_builtin(name: str) -> bool:
     return name in TOY_SETS or name in IMAGE_SETS
 
 
-def load_dataset(d: dict, name: str | None = None) -> VectorData | ImageData:
+def load_dataset(d: dict, name: str | None = None) -> VectorData | ImageData | LatentData:
     """The data a run's ``data`` config section names (or ``name`` with that section's settings)."""
     name = name or d["name"]
     if not name:  # an imported model (a diffusers folder) records no training data
         raise CmkitError("this model has no data on record: pass --data (e.g. fashion-mnist, a folder of images)")
+    if is_latent_cache(name):
+        if d["hflip"]:
+            raise CmkitError("data.hflip cannot flip latents: flip the images before cmkit data encode")
+        return load_latent_cache(name)
     if is_image_source(name):
         # Runs from before streaming have no stream keys: "auto" with the default threshold.
         return load_images(name, resolution=d["resolution"], fit=d["fit"], root=d["root"],
@@ -122,6 +127,6 @@ class Standardizer:
         return cls(state["mean"], state["std"], state["sigma_data"])
 
 
-__all__ = ["FASHION_MNIST_CLASSES", "IMAGE_SETS", "ImageData", "ImageScaler", "Standardizer", "check_stream_settings", "TOY_SETS", "TOY_TRUTH", "VectorData",
+__all__ = ["FASHION_MNIST_CLASSES", "IMAGE_SETS", "ImageData", "ImageScaler", "LatentData", "is_latent_cache", "Standardizer", "check_stream_settings", "TOY_SETS", "TOY_TRUTH", "VectorData",
            "is_builtin", "is_image_source", "load_array", "load_dataset", "load_images", "load_vectors",
            "random_hflip", "read_idx", "scaler_from_state", "validate_array"]

@@ -37,6 +37,7 @@ INDEX_NAME = ".cmkit-index.json"  # next to tar shards
 CLASSES_NAME = "classes.json"  # next to tar shards, optional: {"classes": [name of label 0, ...]}
 MAX_MEMBER_BYTES = 64 * 2**20  # an encoded training image is far smaller; larger is refused unread
 MAX_LABEL_BYTES = 4096
+MAX_CAPTION_BYTES = 65536  # a caption (.txt member or file) larger than this is refused unread
 
 
 class BadSample(Exception):
@@ -184,6 +185,7 @@ class TarSource(ImageSource):
         index = self._cached_index() or self._build_index()
         self.keys = index["keys"]
         self.locations = index["locations"]
+        self.captions = index["captions"]  # per image: text, None, or {"bad": why} (`cmkit.data.captions`)
         labels = index["labels"]
         if not self.keys:
             raise CmkitError(f"{name}: the tar shards hold no .png/.jpg/.jpeg images")
@@ -214,7 +216,7 @@ class TarSource(ImageSource):
             cached = json.loads(self._index_path().read_text())
         except (OSError, ValueError):
             return None
-        if not isinstance(cached, dict) or cached.get("shards") != self._stamps():
+        if not isinstance(cached, dict) or cached.get("shards") != self._stamps() or "captions" not in cached:
             return None  # another set of shards, or one changed since: rebuild
         return cached
 
@@ -234,13 +236,21 @@ class TarSource(ImageSource):
                         if suffix in IMAGE_SUFFIXES:
                             entry["image"] = [number, member.offset_data, member.size]
                         elif suffix in (".cls", ".json") and member.size <= MAX_LABEL_BYTES:
-                            entry["label"] = _parse_label(archive.extractfile(member).read(), suffix)
+                            raw = archive.extractfile(member).read()
+                            entry["label"] = _parse_label(raw, suffix)
+                            if suffix == ".json":
+                                entry["caption"] = _parse_caption(raw, suffix)
+                        elif suffix == ".txt":
+                            entry["caption"] = (_parse_caption(archive.extractfile(member).read(), suffix)
+                                                if member.size <= MAX_CAPTION_BYTES else
+                                                {"bad": f"larger than {MAX_CAPTION_BYTES} bytes"})
             except (tarfile.TarError, *READ_ERRORS) as e:
                 raise CmkitError(f"cannot read tar shard {shard}: {str(e).splitlines()[0]}") from None
         images = sorted((key, entry) for (number, key), entry in entries.items() if "image" in entry)
         index = {"shards": self._stamps(), "keys": [key for key, _ in images],
                  "locations": [entry["image"] for _, entry in images],
-                 "labels": [entry.get("label") for _, entry in images]}
+                 "labels": [entry.get("label") for _, entry in images],
+                 "captions": [entry.get("caption") for _, entry in images]}
         if len(set(index["keys"])) != len(index["keys"]):
             raise CmkitError(f"{self.name}: two shards hold images with the same key")
         try:
@@ -272,6 +282,22 @@ class TarSource(ImageSource):
         if len(data) != size:
             raise BadSample(f"{self.keys[i]} is truncated in {self.shards[number]}")
         return data
+
+
+def _parse_caption(raw: bytes, suffix: str):
+    """A member's caption: text, None (a .json without one), or {"bad": why}."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return {"bad": "not UTF-8 text"}
+    if suffix == ".txt":
+        return text.strip()
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    caption = value.get("text", value.get("caption")) if isinstance(value, dict) else None
+    return caption.strip() if isinstance(caption, str) else None
 
 
 def _parse_label(raw: bytes, suffix: str) -> int | None:

@@ -56,13 +56,18 @@ def export_diffusers(run, out: str | Path, *, levels: int | None = None, clip_de
         raise CmkitError(f"export diffusers takes a consistency model with the boundary-condition "
                          f"parametrization ({', '.join(exportable)}); this is a {run.method} run")
     backbone = run.model.backbone
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise CmkitError(f"{out} already exists and is not empty")
+    if run.takes_text:
+        return _export_text_lcm(run, out)
+    if run.is_latent:
+        raise CmkitError("a latent run without prompts has no diffusers pipeline to export to (diffusers' latent "
+                         "consistency pipeline takes prompts); use the run with cmkit itself")
     if (getattr(backbone, "combined", False) or getattr(backbone, "guidance_input", False)
             or getattr(backbone, "time_inputs", 1) != 1):
         raise CmkitError("this run's UNet takes a guidance scale or a second time input, which "
                          "diffusers' pipelines cannot pass")
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise CmkitError(f"{out} already exists and is not empty")
     if "vp" in run.config["model"]:
         if levels is not None or clip_denoised:
             raise CmkitError("--levels and --clip-denoised apply to ConsistencyModelPipeline exports; a student of "
@@ -85,7 +90,36 @@ def _export_lcm(run, out: Path) -> Path:
     scheduler's boundary scalings are the student's
     (`cmkit.precond.VPConsistencyFunction`), so ``DDPMPipeline.from_pretrained(out)(num_inference_steps=k)``
     samples it in k steps, and cmkit loads the folder back as the same run."""
-    from diffusers import DDPMPipeline, DDPMScheduler, LCMScheduler
+    from diffusers import DDPMPipeline
+
+    DDPMPipeline(unet=run.model.backbone.unet, scheduler=_lcm_scheduler(run)).save_pretrained(
+        str(out), safe_serialization=True)
+    _write_sidecar(run, out)
+    return out
+
+
+def _export_text_lcm(run, out: Path) -> Path:
+    """A text-conditioned latent student as a ``LatentConsistencyModelPipeline`` folder: its UNet
+    (the guidance scale through ``time_cond_proj_dim``), the run's VAE, tokenizer and text encoder,
+    and an ``LCMScheduler``; ``pipe(prompt, num_inference_steps=k, guidance_scale=w)`` samples what
+    ``cmkit sample --prompt ... --steps k --guidance w`` does."""
+    from diffusers import LatentConsistencyModelPipeline
+
+    if "vp" not in run.config["model"]:
+        raise CmkitError("LatentConsistencyModelPipeline steps an LCMScheduler: this run is not a student of a "
+                         "discrete-time (DDPM-family) teacher")
+    pipe = LatentConsistencyModelPipeline(vae=run.codec.vae, text_encoder=run.prompts.text_encoder,
+                                          tokenizer=run.prompts.tokenizer, unet=run.model.backbone.unet,
+                                          scheduler=_lcm_scheduler(run), safety_checker=None, feature_extractor=None,
+                                          requires_safety_checker=False)
+    pipe.save_pretrained(str(out), safe_serialization=True)
+    _write_sidecar(run, out)
+    return out
+
+
+def _lcm_scheduler(run):
+    """An ``LCMScheduler`` on the teacher's betas, cut to the levels the student covers."""
+    from diffusers import DDPMScheduler, LCMScheduler
 
     vp = run.config["model"]["vp"]
     table = dict(vp["table"])
@@ -96,17 +130,18 @@ def _export_lcm(run, out: Path) -> Path:
     if levels < table["num_train_timesteps"]:
         betas = DDPMScheduler(**table).betas[:levels].tolist()
         table.update(num_train_timesteps=levels, trained_betas=betas)
-    scheduler = LCMScheduler(**table, prediction_type=vp["prediction_type"], clip_sample=False,
-                             timestep_scaling=vp.get("timestep_scaling", 10.0))
-    DDPMPipeline(unet=run.model.backbone.unet, scheduler=scheduler).save_pretrained(str(out), safe_serialization=True)
-    _write_sidecar(run, out)
-    return out
+    return LCMScheduler(**table, prediction_type=vp["prediction_type"], clip_sample=False,
+                        timestep_scaling=vp.get("timestep_scaling", 10.0))
 
 
 def _write_sidecar(run, out: Path) -> None:
     sidecar = {"method": run.method, "noise": run.config["noise"], "num_classes": run.num_classes,
                "class_names": run.class_names, "has_null_label": run.has_null_label,
                "source": str(run.path)}
+    if run.is_latent:
+        sidecar["image_channels"] = run.image_shape[0]
+    if run.guidance_range is not None:
+        sidecar["guidance"] = list(run.guidance_range)
     (out / SIDECAR).write_text(json.dumps(sidecar, indent=2) + "\n")
 
 

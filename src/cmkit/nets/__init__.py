@@ -13,6 +13,7 @@ from typing import Protocol
 import torch
 
 from ..condition import Condition
+from .diffusers_text_unet import DiffusersTextUNet
 from .diffusers_unet import DiffusersUNet
 from .mlp import ResidualMLP
 from .unet import PRESETS as UNET_PRESETS, UNet
@@ -22,7 +23,7 @@ class Backbone(Protocol):
     def __call__(self, x: torch.Tensor, c_noise: torch.Tensor, condition: Condition | None = None) -> torch.Tensor: ...
 
 
-BACKBONES = {"mlp": ResidualMLP, "unet": UNet, "diffusers": DiffusersUNet}
+BACKBONES = {"mlp": ResidualMLP, "unet": UNet, "diffusers": DiffusersUNet, "diffusers-text": DiffusersTextUNet}
 
 
 def build_backbone(config: dict) -> torch.nn.Module:
@@ -49,9 +50,9 @@ def load_backbone_weights(target: torch.nn.Module, source: torch.nn.Module) -> N
     wanted = target.state_dict()
     state = {(_RENAMED.get(k, k) if k not in wanted else k): v for k, v in state.items()}
     missing, unexpected = target.load_state_dict(state, strict=False)
-    new = [k for k in missing if "guidance" not in k]
+    new = [k for k in missing if "guidance" not in k and "cond_proj" not in k]  # cond_proj: LCM's w input
     if new or unexpected:
         raise ValueError(f"the networks differ: missing {new[:3]}, unexpected {unexpected[:3]}")
 
 
-__all__ = ["Backbone", "BACKBONES", "DiffusersUNet", "ResidualMLP", "UNET_PRESETS", "UNet", "build_backbone", "load_backbone_weights"]
+__all__ = ["Backbone", "BACKBONES", "DiffusersTextUNet", "DiffusersUNet", "ResidualMLP", "UNET_PRESETS", "UNet", "build_backbone", "load_backbone_weights"]

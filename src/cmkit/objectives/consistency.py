@@ -122,9 +122,10 @@ class ConsistencyDistillationLoss(ConsistencyLoss):
     def guidance_scales(self, condition, batch, generator):
         if self.guidance is None:
             return None
-        if condition.labels is None:
-            raise ValueError("guided distillation needs class labels")
-        return draw_scales(self.guidance, batch, generator).to(condition.labels.device)
+        if condition.labels is None and condition.text is None:
+            raise ValueError("guided distillation needs class labels or prompts")
+        device = (condition.labels if condition.labels is not None else condition.text).device
+        return draw_scales(self.guidance, batch, generator).to(device)
 
     def lower(self, x_hi, x0, z, sigma_hi, sigma_lo, condition=None, guidance=None):
         teacher = bind_condition(self.teacher, condition, guidance)

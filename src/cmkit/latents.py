@@ -1,0 +1,122 @@
+"""A diffusers ``AutoencoderKL`` as the map between images and a latent model's units.
+
+    codec = LatentCodec.from_folder("sd15/vae")
+    z = codec.encode(images_uint8)       # (N, 4, H/8, W/8): (mean latent - shift) * scaling_factor
+    images = codec.decode(z)             # (N, C, H, W) uint8
+
+Latents are scaled by the VAE's ``scaling_factor`` (and shifted by ``shift_factor`` where the
+config has one), as the pipelines do, so a latent model sees data of about unit scale. A cache is
+encoded once, so it stores the posterior's mean: a sampled latent would freeze one draw of the
+encoder's noise into every epoch anyway. The VAE runs in float32 unless the caller casts it.
+Grey images through a colour VAE are repeated to three channels and decoded back to their mean.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import CmkitError
+from .text import refuse_pickles
+
+VAE_WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class LatentCodec(nn.Module):
+    """images (uint8, C channels) <-> latents (model units) through ``vae``."""
+
+    def __init__(self, vae: nn.Module, image_channels: int | None = None):
+        super().__init__()
+        self.vae = vae.eval().requires_grad_(False)
+        config = vae.config
+        self.scaling_factor = float(config.scaling_factor)
+        self.shift_factor = float(getattr(config, "shift_factor", None) or 0.0)
+        self.vae_channels = int(config.in_channels)
+        self.image_channels = image_channels or self.vae_channels
+        if self.image_channels != self.vae_channels and not (self.image_channels == 1 and self.vae_channels == 3):
+            raise CmkitError(f"the VAE takes {self.vae_channels}-channel images, not {self.image_channels}-channel ones")
+        self.factor = 2 ** (len(config.block_out_channels) - 1)
+        self.latent_channels = int(config.latent_channels)
+
+    @classmethod
+    def from_folder(cls, folder: str | Path, image_channels: int | None = None) -> "LatentCodec":
+        from diffusers import AutoencoderKL
+
+        folder = Path(folder)
+        if not (folder / "config.json").is_file():
+            raise CmkitError(f"{folder} has no config.json: not a diffusers AutoencoderKL folder")
+        refuse_pickles(folder, VAE_WEIGHTS)
+        try:
+            vae = AutoencoderKL.from_pretrained(str(folder), use_safetensors=True, low_cpu_mem_usage=False)
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+            raise CmkitError(f"cannot load the VAE in {folder}: {str(e).splitlines()[0]}") from None
+        return cls(vae.float(), image_channels)
+
+    @staticmethod
+    def fingerprint(folder: str | Path) -> str:
+        """What identifies a VAE: the SHA-256 of its weights (a cache made with another is refused)."""
+        return file_sha256(Path(folder) / VAE_WEIGHTS)
+
+    def latent_shape(self, image_shape) -> tuple[int, int, int]:
+        C, H, W = image_shape
+        if H % self.factor or W % self.factor:
+            raise CmkitError(f"the VAE downsamples by {self.factor}: images of {H}x{W} pixels do not divide; pass "
+                             f"--resolution with a multiple of {self.factor}")
+        return self.latent_channels, H // self.factor, W // self.factor
+
+    def image_shape(self, latent_shape) -> tuple[int, int, int]:
+        _, h, w = latent_shape
+        return self.image_channels, h * self.factor, w * self.factor
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+        """(N, C, H, W) uint8 -> (N, c, h, w) float32 latents in model units."""
+        device = next(self.vae.parameters()).device
+        out = []
+        for start in range(0, len(images), batch_size):
+            x = images[start:start + batch_size].to(device).float() / 127.5 - 1
+            if x.shape[1] != self.vae_channels:
+                x = x.expand(-1, self.vae_channels, -1, -1)
+            mean = self.vae.encode(x).latent_dist.mean
+            out.append(((mean - self.shift_factor) * self.scaling_factor).float().cpu())
+        return torch.cat(out) if out else torch.zeros(0, self.latent_channels, 1, 1)
+
+    @torch.no_grad()
+    def decode_tensor(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> images in [-1, 1] (float, the data's channels)."""
+        dtype = next(self.vae.parameters()).dtype
+        x = self.vae.decode((latents / self.scaling_factor + self.shift_factor).to(dtype)).sample.float()
+        return x.mean(1, keepdim=True) if self.image_channels != self.vae_channels else x
+
+
+class LatentScaler:
+    """A latent run's data <-> model map (the ``standardizer`` of its config): model units are
+    latents, data are the decoded images, (N, C, H, W) uint8."""
+
+    def __init__(self, state: dict, codec: LatentCodec):
+        self.shape = tuple(state["shape"])  # the latents', what the model generates
+        self.image_shape = tuple(state["image_shape"])
+        self.codec = codec
+
+    def to_data(self, x: torch.Tensor, batch_size: int = 64) -> np.ndarray:
+        parts = [self.codec.decode_tensor(x[i:i + batch_size].to(next(self.codec.parameters()).device))
+                 for i in range(0, len(x), batch_size)]
+        images = torch.cat(parts).cpu()
+        return ((images + 1) * 127.5).clamp(0, 255).round().to(torch.uint8).numpy()
+
+    @staticmethod
+    def state_for(codec: LatentCodec, latent_shape, image_shape) -> dict:
+        return {"kind": "latent", "shape": list(latent_shape), "image_shape": list(image_shape),
+                "scaling_factor": codec.scaling_factor, "shift_factor": codec.shift_factor}
