@@ -65,6 +65,9 @@ class PromptEncoder(nn.Module):
     def from_folder(cls, folder: str | Path) -> "PromptEncoder":
         """The ``tokenizer/`` and ``text_encoder/`` of a pipeline (or run) folder."""
         from transformers import AutoTokenizer, CLIPTextModel
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()  # cmkit reports its own progress; a bar per load is noise
 
         folder = Path(folder)
         for sub in ("tokenizer", "text_encoder"):

@@ -1,0 +1,251 @@
+"""Text-conditioned latent pipelines against diffusers itself, with tiny components built here.
+
+- A StableDiffusionPipeline folder is a teacher: its prompt embeddings are the pipeline's
+  ``encode_prompt`` (the empty prompt the unconditional one), and its guided denoiser on the
+  scheduler's levels is the textbook formula with the raw UNet.
+- ``--method lcm`` on a latent data set: loss and gradients equal a transcription of diffusers'
+  reference script (train_lcm_distill_sd_wds.py) on identical inputs, epsilon and v-prediction.
+- The run resumes bit for bit, exports a LatentConsistencyModelPipeline that samples what
+  ``cmkit sample --prompt`` does from the same seed, and loads back as the same model.
+- Latent caches: never re-encoded by training, refused when their source changed; hostile
+  captions and folders are refused in one line with nothing written.
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import cmkit
+from cmkit.condition import Condition
+from cmkit.config import build_config
+from cmkit.discrete_vp import skipping_grid
+from cmkit.training import Trainer
+from helpers import cli, tree_digest
+from test_lcm import _perturb, expand, ref_eps, ref_x0, reference_lcm_loss
+from tiny_sd import captioned_folder, save_sd
+
+PROMPT = "a photo of a digit two"
+FAST = ["--batch-size", "4", "--quiet", "--set", "train.sample_every=0"]
+
+
+@pytest.fixture(scope="module")
+def sd(tmp_path_factory):
+    """(a StableDiffusionPipeline folder, a latent data set of captioned digits encoded by it)."""
+    root = tmp_path_factory.mktemp("sd")
+    folder = save_sd(root / "sd")
+    images = captioned_folder(root / "images")
+    assert cli("data", "encode", images, "--pipeline", folder, "--out", root / "latents") == 0
+    return folder, root / "latents"
+
+
+def ref_guidance_embedding(w, embedding_dim=512):
+    """guidance_scale_embedding of the reference script (VDM's sinusoidal embedding of 1000 w)."""
+    w = w * 1000.0
+    half_dim = embedding_dim // 2
+    emb = torch.log(torch.tensor(10000.0)) / (half_dim - 1)
+    emb = torch.exp(torch.arange(half_dim, dtype=torch.float32) * -emb)
+    emb = w.float()[:, None] * emb[None, :]
+    return torch.cat([torch.sin(emb), torch.cos(emb)], dim=1)
+
+
+def test_the_guidance_embedding_is_the_pipelines():
+    from diffusers import LatentConsistencyModelPipeline
+    from cmkit.nets.diffusers_text_unet import guidance_embedding
+    w = torch.tensor([0.0, 1.0, 3.5, 7.0])
+    ours = guidance_embedding(w, 256)
+    theirs = LatentConsistencyModelPipeline.get_guidance_scale_embedding(None, w, embedding_dim=256)
+    torch.testing.assert_close(ours, theirs.float())
+    torch.testing.assert_close(ours, ref_guidance_embedding(w, 256))
+
+
+def test_a_stable_diffusion_folder_is_a_guided_teacher(sd):
+    from diffusers import StableDiffusionPipeline
+    folder, _ = sd
+    run = cmkit.load_run(folder)
+    assert run.is_diffusion and run.takes_text and run.shape == (4, 4, 4) and run.image_shape == (1, 8, 8)
+    pipe = StableDiffusionPipeline.from_pretrained(str(folder))
+    cond, uncond = pipe.encode_prompt(PROMPT, "cpu", 1, True, negative_prompt=None)
+    text = run.text_condition(PROMPT, 2).text
+    torch.testing.assert_close(text, cond.expand(2, -1, -1))
+    torch.testing.assert_close(run.model.backbone.null_text, uncond)
+    # The guided denoiser on a table level is the formula with the raw UNet (epsilon prediction).
+    abar = pipe.scheduler.alphas_cumprod
+    t = torch.tensor([10, 500])
+    sigma = ((1 - abar[t]) / abar[t]).sqrt()
+    x = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(0)) * sigma[:, None, None, None]
+    w = 3.0
+    ours = run.network(guidance=w)(x, sigma, Condition(text=text))
+    vp = x / (1 + sigma**2).sqrt()[:, None, None, None]
+    eps_c = pipe.unet(vp, t, encoder_hidden_states=text).sample
+    eps_u = pipe.unet(vp, t, encoder_hidden_states=uncond.expand(2, -1, -1)).sample
+    eps = eps_u + w * (eps_c - eps_u)
+    theirs = (vp - expand((1 - abar[t]).sqrt()) * eps) / expand(abar[t].sqrt())
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("prediction_type, loss_type", [
+    ("epsilon", "l2"), pytest.param("v_prediction", "elementwise_huber", marks=pytest.mark.slow)])
+def test_lcm_on_prompts_equals_the_reference(tmp_path, sd, prediction_type, loss_type):
+    from diffusers import DDPMScheduler
+    _, latents = sd
+    folder = save_sd(tmp_path / "teacher", prediction_type=prediction_type)
+    if prediction_type != "epsilon":  # a latent set must come from the teacher's own VAE: re-encode
+        latents = tmp_path / "latents"
+        assert cli("data", "encode", captioned_folder(tmp_path / "images"), "--pipeline", folder, "--out",
+                   latents) == 0
+    trainer = Trainer(build_config("lcm", teacher=str(folder), **{
+        "data.name": str(latents), "objective.guidance": [2.0, 8.0], "objective.distance": loss_type}))
+    net, target, teacher = trainer.net, trainer.target, trainer.objective.teacher
+    _perturb(net, 1)  # the w projection (zero at the start) moves too
+    _perturb(target, 2)
+    scheduler = DDPMScheduler.from_pretrained(str(folder), subfolder="scheduler")
+    B = 5
+    g = torch.Generator().manual_seed(0)
+    x0, noise = trainer.x_train[:B], torch.randn(B, 4, 4, 4, generator=g)
+    text = trainer.text_table[trainer.text_ids[:B]]
+    null = trainer.null_text.expand(B, -1, -1)
+    index = torch.tensor([0, 1, 20, 48, 49])
+    w = torch.tensor([1.0, 5.0, 2.5, 7.0, 4.0])  # LCM's w; cmkit's scale is w + 1
+    starts, k = skipping_grid(1000, 50)
+    sigmas = ((1 - scheduler.alphas_cumprod) / scheduler.alphas_cumprod).sqrt()
+    draws = {"sigma_hi": sigmas[starts[index]], "sigma_lo": sigmas[(starts[index] - k).clamp(min=0)], "z": noise,
+             "guidance": w + 1}
+    ours = trainer.objective.loss(net, x0, draws, target=target, condition=Condition(text=text))[0].mean()
+    ours_grads = torch.autograd.grad(ours, list(net.parameters()))
+
+    def unet(module):  # the raw UNet2DConditionModel, as the reference calls it
+        def call(x_t, t, prompt_embeds, w=None):
+            cond = None if w is None else ref_guidance_embedding(w, 256)
+            return module.backbone.unet(x_t, t, encoder_hidden_states=prompt_embeds, timestep_cond=cond).sample
+        return call
+
+    reference = reference_lcm_loss(unet(net), unet(target), unet(teacher), scheduler, x0, noise, index, w, text,
+                                   null, prediction_type, loss_type)
+    reference_grads = torch.autograd.grad(reference, list(net.parameters()))
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-7)
+    ours_grads, reference_grads = (torch.cat([g.flatten() for g in gs]) for gs in (ours_grads, reference_grads))
+    torch.testing.assert_close(ours_grads, reference_grads, rtol=1e-4, atol=1e-4 * float(reference_grads.abs().max()))
+    assert ours > 0 and float(ours_grads.abs().sum()) > 0
+
+
+def test_ref_x0_and_eps_are_consistent():  # the transcription's own helpers agree with each other
+    alphas, sigmas = torch.tensor([0.8]), torch.tensor([0.6])
+    x0, eps = torch.randn(1, 4), torch.randn(1, 4)
+    x_t = alphas * x0 + sigmas * eps
+    torch.testing.assert_close(ref_x0(eps, 0, x_t, "epsilon", alphas, sigmas), x0)
+    v = alphas * eps - sigmas * x0
+    torch.testing.assert_close(ref_eps(v, 0, x_t, "v_prediction", alphas, sigmas), eps)
+
+
+@pytest.mark.slow
+def test_an_lcm_run_on_prompts_resumes_exports_and_samples_as_the_pipeline_does(tmp_path, sd, monkeypatch):
+    from diffusers import LatentConsistencyModelPipeline
+    from cmkit.latents import LatentCodec
+    folder, latents = sd
+
+    def never(*args, **kwargs):
+        raise AssertionError("training encoded images: the latent cache should have been read")
+
+    monkeypatch.setattr(LatentCodec, "encode", never)
+    args = ["--method", "lcm", "--teacher", folder, "--data", latents, "--guidance", "2,8", *FAST]
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert cli("train", *args, "--steps", 4, "--out", whole) == 0
+    assert cli("train", *args, "--steps", 2, "--out", split) == 0
+    assert cli("train", "--resume", "--out", split, "--steps", 4, "--quiet") == 0
+    digest = lambda p: {k: v for k, v in tree_digest(p).items() if "step-0000004" in k}  # noqa: E731
+    assert digest(whole) == digest(split) and digest(whole)
+    assert cli("export", "diffusers", "--checkpoint", whole, "--out", tmp_path / "pipe", "--quiet") == 0
+    pipe = LatentConsistencyModelPipeline.from_pretrained(str(tmp_path / "pipe"))
+    for steps in (1, 4):
+        out = tmp_path / f"s{steps}.npy"
+        assert cli("sample", "--checkpoint", whole, "--n", 3, "--steps", steps, "--prompt", PROMPT, "--guidance",
+                   5, "--seed", 7, "--out", out, "--quiet") == 0
+        ours = np.load(out).astype(int)[..., 0]
+        theirs = pipe(PROMPT, num_images_per_prompt=3, num_inference_steps=steps, guidance_scale=5.0,
+                      generator=torch.Generator().manual_seed(7), output_type="np").images[..., 0]
+        assert np.abs(ours - np.round(theirs * 255)).max() <= 2, steps
+    run, back = cmkit.load_run(whole), cmkit.load_run(tmp_path / "pipe")
+    assert back.method == "lcm" and back.guidance_range == run.guidance_range == (2.0, 8.0)
+    x = torch.randn(2, 4, 4, 4) * 3
+    cond = run.text_condition(PROMPT, 2).replace(guidance=torch.full((2,), 5.0))
+    torch.testing.assert_close(run.model(x, torch.tensor(3.0), cond), back.model(x, torch.tensor(3.0), cond),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_captions_from_metadata_and_txt_files_agree(tmp_path, sd):
+    folder, latents = sd
+    other = tmp_path / "jsonl"
+    assert cli("data", "encode", captioned_folder(tmp_path / "images", layout="jsonl"), "--pipeline", folder,
+               "--out", other) == 0
+    a, b = (json.loads((p / "latents.json").read_text()) for p in (latents, other))
+    assert a["captions"] == b["captions"] == [f"a photo of a digit {n}" for n in ("one", "three", "two", "zero")]
+    from safetensors.torch import load_file
+    ta, tb = (load_file(str(p / "latents.safetensors")) for p in (latents, other))
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def test_a_changed_source_is_refused(tmp_path, sd, capsys):
+    folder, _ = sd
+    images = captioned_folder(tmp_path / "images")
+    assert cli("data", "encode", images, "--pipeline", folder, "--out", tmp_path / "latents") == 0
+    (images / "99999.png").write_bytes((images / "00000.png").read_bytes())
+    (images / "99999.txt").write_text("a photo of a digit zero")
+    capsys.readouterr()
+    assert cli("train", "--method", "lcm", "--teacher", folder, "--data", tmp_path / "latents", "--steps", 1,
+               "--out", tmp_path / "run", *FAST) == 2
+    err = capsys.readouterr().err.strip()
+    assert "changed since this latent cache was encoded" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+def _refused(capsys, *args) -> str:
+    capsys.readouterr()
+    assert cli(*args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_hostile_captions_and_folders_are_refused_in_one_line(tmp_path, sd, capsys):
+    folder, _ = sd
+    images = captioned_folder(tmp_path / "images")
+    out = tmp_path / "latents"
+    (images / "00003.txt").write_bytes("a photo of a caf\xe9".encode("latin-1"))
+    assert "not UTF-8" in _refused(capsys, "data", "encode", images, "--pipeline", folder, "--out", out)
+    (images / "00003.txt").unlink()
+    assert "00003.png has no caption" in _refused(capsys, "data", "encode", images, "--pipeline", folder, "--out", out)
+    assert not out.exists()
+    # A pipeline folder whose weights are pickles only is never unpickled.
+    pickled = tmp_path / "pickled"
+    save_sd(pickled)
+    weights = pickled / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.rename(weights.with_suffix(".bin"))
+    assert "pickled weights" in _refused(capsys, "sample", "--checkpoint", pickled, "--n", 1, "--out",
+                                         tmp_path / "x.npy")
+    (images / "00003.txt").write_text("a photo of a digit three")
+    weights = pickled / "text_encoder" / "model.safetensors"
+    weights.rename(weights.with_suffix(".bin"))
+    assert "pickled weights" in _refused(capsys, "data", "encode", images, "--pipeline", pickled, "--out", out)
+    assert not out.exists() and not (tmp_path / "x.npy").exists()
+    # SDXL-style folders are refused with the reason.
+    index = json.loads((folder / "model_index.json").read_text())
+    sdxl = tmp_path / "sdxl"
+    sdxl.mkdir()
+    (sdxl / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusionXLPipeline",
+                                                        "text_encoder_2": ["transformers", "CLIPTextModel"]}))
+    assert "SDXL" in _refused(capsys, "sample", "--checkpoint", sdxl, "--n", 1, "--out", tmp_path / "x.npy")
+
+
+def test_an_over_long_prompt_is_truncated_with_a_warning(sd, capsys):
+    folder, _ = sd
+    run = cmkit.load_run(folder)
+    capsys.readouterr()
+    long = run.text_condition("a photo of a digit two two two two two", 1).text
+    assert "truncated" in capsys.readouterr().err
+    assert long.shape == (1, 8, 16)
+    with pytest.raises(cmkit.CmkitError, match="control"):
+        run.text_condition("a photo\x00", 1)
+    with pytest.raises(cmkit.CmkitError, match="at most"):
+        run.text_condition("a" * 5000, 1)
