@@ -26,7 +26,19 @@ NOT_FILES = ("src/cmkit/objectives/lcm.py", "src/cmkit/configs/lcm.json", "bench
 
 
 def _blocks(text: str, languages: str) -> list[str]:
-    return re.findall(rf"```(?:{languages})\n(.*?)```", text, flags=re.S)
+    """The fenced code blocks whose language matches ``languages`` (a regex; "" for none), opening
+    and closing fences paired in order."""
+    blocks, language, lines = [], None, []
+    for line in text.splitlines():
+        if not line.startswith("```"):
+            lines.append(line)
+        elif language is None:
+            language, lines = line[3:].strip(), []
+        else:
+            if re.fullmatch(languages, language):
+                blocks.append("\n".join(lines) + "\n")
+            language = None
+    return blocks
 
 
 def doc_commands(text: str) -> list[str]:

@@ -15,7 +15,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "cmkit"
 LAYERS = [
     ("base", ["errors", "validate", "batch_rng", "noise", "discrete_vp", "condition", "safe_io", "plotting", "classes", "devices", "distributed",
               "checkpoint"]),
-    ("networks and samplers", ["nets", "sampling", "analytic", "metrics.frechet", "metrics.precision_recall",
+    ("networks and samplers", ["nets", "text", "latents", "sampling", "analytic", "metrics.frechet", "metrics.precision_recall",
                                "metrics.vectors", "metrics", "editing.operators"]),
     ("preconditioning", ["precond", "guidance"]),
     ("objectives and data", ["objectives", "data", "metrics.classifier", "metrics.inception"]),

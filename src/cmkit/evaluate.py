@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .checkpoint import FLOOR_CACHE, atomic_write_text
-from .data import TOY_TRUTH, ImageData, load_dataset, load_vectors
+from .data import TOY_TRUTH, ImageData, LatentData, load_dataset, load_vectors
 from .errors import CmkitError, warn
 from .metrics import energy_distance, sliced_wasserstein
 from .run import Run, load_run
@@ -235,8 +235,9 @@ def evaluate_image_run(run: Run, *, data: str | None, steps: list[int] | None, n
                        progress: bool = False) -> dict:
     d = run.config["data"]
     images = load_dataset(d, name=data)
-    if not isinstance(images, ImageData) or images.shape != run.shape:
-        got = images.shape if isinstance(images, ImageData) else f"vectors of {images.dim} dimensions"
+    latent = isinstance(images, LatentData)
+    if not isinstance(images, (ImageData, LatentData)) or images.shape != run.shape:
+        got = images.shape if isinstance(images, (ImageData, LatentData)) else f"vectors of {images.dim} dimensions"
         raise CmkitError(f"reference data has shape {got} but the run generates {run.shape}")
     recorded = run.config.get("data_fingerprint")
     if (data is None or data == d["name"]) and recorded is not None and images.fingerprint() != recorded:
@@ -244,8 +245,12 @@ def evaluate_image_run(run: Run, *, data: str | None, steps: list[int] | None, n
                          "split): its held-out images may have been trained on; pass --data for other reference data")
     rng = np.random.default_rng([seed, 4])
     index = torch.from_numpy(rng.permutation(len(images.holdout))[:n])
-    reference = images.holdout[index]
+    # A latent set: samples are decoded and compared with the held-out images themselves.
+    reference = images.holdout_images[index] if latent else images.holdout[index]
     labels = reference_labels(run, images.holdout_labels, index)
+    prompts = None
+    if latent and run.takes_text:  # the held-out images' own captions
+        prompts = [images.captions[int(i)] for i in images.holdout_text_ids[index]]
     n = len(reference)
     if n < 4:
         raise CmkitError(f"{images.name} holds out only {n} images; image metrics need more")
@@ -253,8 +258,11 @@ def evaluate_image_run(run: Run, *, data: str | None, steps: list[int] | None, n
     steps = steps or ([18] if run.is_diffusion else [1, 2])
     stages = _Stages(len(steps) + 1, progress)
     with stages.stage("reference features and floor"):
-        scorer = ImageScorer(reference, metrics, images.native_size, inception_weights, run.device)
+        native_size = None if latent else images.native_size
+        scorer = ImageScorer(reference, metrics, native_size, inception_weights, run.device)
         train = images.train[torch.from_numpy(rng.permutation(len(images.train))[:n])]
+        if latent:  # the floor: training latents through the decoder (what a perfect latent model reaches)
+            train = torch.from_numpy(run.scaler.to_data(train))
         key = {"data": images.name, "n": n, "seed": seed, "metrics": sorted(metrics),
                "content": _digest(np.asarray(train), np.asarray(reference))}
         floor = cached_floor(run, key, lambda: scorer.score(train))
@@ -267,17 +275,24 @@ def evaluate_image_run(run: Run, *, data: str | None, steps: list[int] | None, n
         warn(small_n)
     if guidance is not None:
         result["guidance"] = guidance
-    # The feature classifier knows Fashion-MNIST's classes only.
-    judge_classes = labels is not None and images.name == "fashion-mnist" and scorer.classifier is not None
+    # The feature classifier knows Fashion-MNIST's classes only. A text run's prompts name the class of
+    # the held-out image they caption: the classifier's agreement with it is prompt agreement.
+    source = images.meta.get("source") if latent else images.name
+    if prompts is not None and images.holdout_labels is not None:
+        judged = images.holdout_labels[index]
+    else:
+        judged = labels
+    judge_classes = judged is not None and source == "fashion-mnist" and scorer.classifier is not None
     for s in steps:
         with stages.stage(f"{s} step(s)"):
             start = time.perf_counter()
-            samples = run.sample(n, steps=s, seed=seed, class_labels=labels, guidance=guidance)
+            samples = run.sample(n, steps=s, seed=seed, class_labels=labels, guidance=guidance, prompt=prompts)
             seconds = time.perf_counter() - start
             nfe = 2 * s - 1 if run.is_diffusion else s
             row = {"steps": s, "nfe": nfe, "seconds": round(seconds, 4), **scorer.score(samples)}
             if judge_classes:
-                row.update(class_accuracy(scorer.classifier, samples, labels, images.native_size, run.num_classes))
+                row.update(class_accuracy(scorer.classifier, samples, judged, native_size,
+                                          run.num_classes or len(images.class_names or []) or 10))
             result["results"].append(row)
     stages.close()
     return result

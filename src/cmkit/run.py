@@ -214,8 +214,10 @@ class Run:
             prompts = [check_prompt(p) for p in prompts]
         except ValueError as e:
             raise CmkitError(f"--prompt: {e}") from None
-        table = self.prompts(prompts).cpu()
-        return Condition(text=table[torch.arange(n) % len(prompts)])
+        distinct = sorted(set(prompts))  # each prompt encoded once (eval passes one per sample)
+        table = self.prompts(distinct).cpu()
+        rows = torch.tensor([distinct.index(p) for p in prompts])
+        return Condition(text=table[rows[torch.arange(n) % len(prompts)]])
 
     def labels(self, spec, n: int, seed: int = 0) -> torch.Tensor | None:
         """(n,) labels for a ``--class`` spec (`cmkit.classes`); None for an unconditional run."""
