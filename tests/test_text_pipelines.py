@@ -249,3 +249,42 @@ def test_an_over_long_prompt_is_truncated_with_a_warning(sd, capsys):
         run.text_condition("a photo\x00", 1)
     with pytest.raises(cmkit.CmkitError, match="at most"):
         run.text_condition("a" * 5000, 1)
+
+
+@pytest.mark.slow
+def test_cmkit_methods_train_on_a_vae_only_latent_set(tmp_path, sd, capsys):
+    """--vae: latents without captions (the digits' labels kept) are data for cmkit's own UNet; the
+    cache holds the VAE's posterior mean times its scaling factor, and samples decode through it."""
+    from diffusers import AutoencoderKL
+    from safetensors.torch import load_file
+    folder, _ = sd
+    latents = tmp_path / "latents"
+    assert cli("data", "encode", "digits", "--vae", folder / "vae", "--out", latents) == 0
+    meta = json.loads((latents / "latents.json").read_text())
+    assert meta["captions"] is None and meta["shape"] == [4, 4, 4] and meta["image_shape"] == [1, 8, 8]
+    cached = load_file(str(latents / "latents.safetensors"))
+    vae = AutoencoderKL.from_pretrained(str(folder / "vae"))
+    with torch.no_grad():
+        mean = vae.encode(cached["holdout_images"][:5].float() / 127.5 - 1).latent_dist.mean
+    torch.testing.assert_close(cached["holdout"][:5], mean * vae.config.scaling_factor, rtol=1e-4, atol=1e-5)
+    run_dir = tmp_path / "edm"
+    assert cli("train", "--method", "edm", "--data", latents, "--steps", 2, "--out", run_dir, "--set",
+               "model.preset=tiny", *FAST) == 0
+    assert sorted(p.name for p in run_dir.iterdir() if p.is_dir()) == ["checkpoints", "vae"]
+    run = cmkit.load_run(run_dir)
+    assert run.num_classes == 10 and run.shape == (4, 4, 4) and run.image_shape == (1, 8, 8)
+    noise = np.random.default_rng(0).standard_normal((2, 4, 4, 4)).astype(np.float32)
+    images = run.sample(2, steps=2, noise=noise, class_labels=3)
+    z = cmkit.run.generate(run.model, run.shape, run.sigmas_for(2), is_diffusion=True, n=2, noise=noise,
+                           condition=Condition(labels=torch.tensor([3, 3])))
+    with torch.no_grad():
+        decoded = vae.decode(z / vae.config.scaling_factor).sample
+    assert np.abs(images.astype(int) - ((decoded + 1) * 127.5).clamp(0, 255).round().numpy()).max() <= 1
+    assert cli("train", "--method", "ect", "--init", run_dir, "--data", latents, "--steps", 2, "--out",
+               tmp_path / "ect", *FAST) == 0
+    # Not built yet, so refused in one line: ONNX export and serving of latent runs.
+    assert cli("export", "onnx", "--checkpoint", tmp_path / "ect", "--out", tmp_path / "m.onnx", "--quiet") == 2
+    assert "latent run" in capsys.readouterr().err
+    from cmkit.serve.app import create_app
+    with pytest.raises(cmkit.CmkitError, match="pixel-space runs"):
+        create_app(run)

@@ -69,6 +69,9 @@ def export_onnx(run, out: str | Path, *, with_f: bool = False, guidance: float |
     if "onnx" not in run.spec.export_formats:
         raise CmkitError("export onnx takes a consistency model (one network call per step); this is an "
                          f"{run.method} teacher")
+    if getattr(run, "is_latent", False):
+        raise CmkitError("export onnx writes pixel-space generators; a latent run's decoder and prompt encoder are "
+                         "not exported yet (export diffusers writes a LatentConsistencyModelPipeline)")
     out = Path(out)
     if out.suffix != ".onnx":
         raise CmkitError(f"--out must end in .onnx, got {out.name!r}")

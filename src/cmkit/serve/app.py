@@ -159,6 +159,9 @@ def _validation_message(errors: list) -> str:
 def create_app(run, *, limits: Limits = Limits(), access: Access = Access(), window: float = 0.005,
                max_queue: int = 64, read_timeout: float = 30.0, docs: bool = False, warmup: bool = True) -> FastAPI:
     """The ASGI app serving ``run`` (see the module docstring)."""
+    if getattr(run, "is_latent", False):
+        raise CmkitError("cmkit serve takes pixel-space runs; serving latent and text-conditioned runs (a prompt "
+                         "box) is not built yet: use cmkit sample --prompt or the exported diffusers pipeline")
     engine, metrics = Engine(run, limits), ServeMetrics()
     generations = MicroBatcher(engine.run_group, window=window, max_batch=limits.max_n, max_queue=max_queue,
                                on_batch=metrics.batch_size.labels("generate").observe)
