@@ -288,3 +288,94 @@ def test_cmkit_methods_train_on_a_vae_only_latent_set(tmp_path, sd, capsys):
     from cmkit.serve.app import create_app
     with pytest.raises(cmkit.CmkitError, match="pixel-space runs"):
         create_app(run)
+
+
+LORA = ["--set", "objective.lora_rank=4", "--set", "objective.lora_alpha=8"]  # alpha != rank: the scale travels
+
+
+def test_lcm_lora_equals_the_reference_and_keeps_one_copy_of_the_unet(sd):
+    """LCM-LoRA's step as diffusers' train_lcm_distill_lora_sd_wds.py takes it: the teacher is the UNet
+    with its adapters disabled, the target the student itself under no_grad, no w embedding."""
+    from diffusers import DDPMScheduler
+    folder, latents = sd
+    trainer = Trainer(build_config("lcm-lora", teacher=str(folder), **{
+        "data.name": str(latents), "objective.guidance": [2.0, 8.0], "objective.lora_rank": 4,
+        "objective.lora_alpha": 8}))
+    net, unet = trainer.net, trainer.net.backbone.unet
+    # One copy: the teacher is a view of the student's UNet, the EMA shares its frozen base, and only
+    # the adapters train.
+    assert trainer.objective.teacher.backbone is net.backbone and trainer.target is None
+    base = [(n, p) for n, p in net.named_parameters() if not p.requires_grad]
+    ema = dict(trainer.ema.named_parameters())
+    assert base and all(ema[n] is p for n, p in base)
+    trained = trainer.optimizer.param_groups[0]["params"]
+    assert trained and all(".lora_" in n for n, p in net.named_parameters() if any(p is q for q in trained))
+    _perturb(net, 1)  # the adapters (and, harmlessly, the frozen base) move: teacher != student
+    scheduler = DDPMScheduler.from_pretrained(str(folder), subfolder="scheduler")
+    B = 5
+    x0, noise = trainer.x_train[:B], torch.randn(B, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    text, null = trainer.text_table[trainer.text_ids[:B]], trainer.null_text.expand(B, -1, -1)
+    index, w = torch.tensor([0, 3, 20, 48, 49]), torch.tensor([1.0, 5.0, 2.5, 7.0, 4.0])
+    starts, k = skipping_grid(1000, 50)
+    sigmas = ((1 - scheduler.alphas_cumprod) / scheduler.alphas_cumprod).sqrt()
+    draws = {"sigma_hi": sigmas[starts[index]], "sigma_lo": sigmas[(starts[index] - k).clamp(min=0)], "z": noise,
+             "guidance": w + 1}
+    ours = trainer.objective.loss(net, x0, draws, target=trainer.target, condition=Condition(text=text))[0].mean()
+    ours_grads = torch.autograd.grad(ours, trained)
+
+    def student(x_t, t, prompt_embeds, w=None):
+        return unet(x_t, t, encoder_hidden_states=prompt_embeds).sample
+
+    def teacher(x_t, t, prompt_embeds):
+        unet.disable_adapters()
+        try:
+            return unet(x_t, t, encoder_hidden_states=prompt_embeds).sample
+        finally:
+            unet.enable_adapters()
+
+    reference = reference_lcm_loss(student, student, teacher, scheduler, x0, noise, index, w, text, null, "epsilon")
+    reference_grads = torch.autograd.grad(reference, trained)
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-7)
+    ours_grads, reference_grads = (torch.cat([g.flatten() for g in gs]) for gs in (ours_grads, reference_grads))
+    torch.testing.assert_close(ours_grads, reference_grads, rtol=1e-4, atol=1e-4 * float(reference_grads.abs().max()))
+    assert float(ours_grads.abs().sum()) > 0
+
+
+@pytest.mark.slow
+def test_an_lcm_lora_run_resumes_and_its_lora_file_loads_into_the_base_pipeline(tmp_path, sd):
+    from diffusers import LCMScheduler, StableDiffusionPipeline
+    folder, latents = sd
+    args = ["--method", "lcm-lora", "--teacher", folder, "--data", latents, "--guidance", "2,8", *LORA,
+            "--set", "train.lr=0.01", *FAST]
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert cli("train", *args, "--steps", 4, "--out", whole) == 0
+    assert cli("train", *args, "--steps", 2, "--out", split) == 0
+    assert cli("train", "--resume", "--out", split, "--steps", 4, "--quiet") == 0
+    digest = lambda p: {k: v for k, v in tree_digest(p).items() if "step-0000004" in k}  # noqa: E731
+    assert digest(whole) == digest(split) and digest(whole)
+    from safetensors import safe_open
+    files = []
+    for run in (whole, split):  # the same adapters and config (safetensors orders its header freely)
+        with safe_open(str(run / "pytorch_lora_weights.safetensors"), "pt") as f:
+            files.append(({k: f.get_tensor(k) for k in f.keys()}, f.metadata()))
+    assert files[0][1] == files[1][1] and files[0][0].keys() == files[1][0].keys()
+    assert all(torch.equal(files[0][0][k], files[1][0][k]) for k in files[0][0])
+    assert cli("export", "diffusers", "--checkpoint", whole, "--out", tmp_path / "lora", "--quiet") == 0
+    for source in (whole, tmp_path / "lora"):
+        pipe = StableDiffusionPipeline.from_pretrained(str(folder))
+        pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+        pipe.load_lora_weights(str(source))
+        for steps in (1, 4):
+            out = tmp_path / f"{source.name}-{steps}.npy"
+            assert cli("sample", "--checkpoint", whole, "--n", 3, "--steps", steps, "--prompt", PROMPT, "--seed", 7,
+                       "--out", out, "--quiet") == 0
+            ours = np.load(out).astype(int)[..., 0]
+            theirs = pipe(PROMPT, num_images_per_prompt=3, num_inference_steps=steps, guidance_scale=1.0,
+                          generator=torch.Generator().manual_seed(7), output_type="np").images[..., 0]
+            assert np.abs(ours - np.round(theirs * 255)).max() <= 2, (source, steps)
+    # The adapters moved the network: without them the pipeline samples something else.
+    plain = StableDiffusionPipeline.from_pretrained(str(folder))
+    plain.scheduler = LCMScheduler.from_config(plain.scheduler.config)
+    theirs = plain(PROMPT, num_images_per_prompt=3, num_inference_steps=4, guidance_scale=1.0,
+                   generator=torch.Generator().manual_seed(7), output_type="np").images[..., 0]
+    assert np.abs(ours - np.round(theirs * 255)).max() > 2

@@ -57,12 +57,24 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' LoRA file name (lcm-lora runs)
 FLOOR_CACHE = "eval_floor.json"  # `cmkit eval`'s data-vs-data floor (cmkit.evaluate)
 COMPILE_CACHE = "compile_cache"  # inductor's kernels for a compiled run (cmkit.compiled_step)
 RUN_ENTRIES = {"config.json", "config.json.tmp", "metrics.jsonl", "metrics.jsonl.tmp", CHECKPOINTS, LATEST,
                LATEST + ".tmp", "samples", "tensorboard", LEGACY, ".checkpoint.tmp", ".checkpoint.old",
                FLOOR_CACHE, FLOOR_CACHE + ".tmp", COMPILE_CACHE,
-               "vae", "tokenizer", "text_encoder"}  # a latent run's decoder and prompt encoder (copies)
+               "vae", "tokenizer", "text_encoder",  # a latent run's decoder and prompt encoder (copies)
+               LORA_FILE, LORA_FILE + ".tmp"}
+
+
+def save_lora_file(run_dir: Path, write) -> None:
+    """A LoRA run's adapters in diffusers' format at ``run_dir``/`LORA_FILE`, replaced atomically at
+    every checkpoint (``write(folder, name)`` writes them), so ``pipe.load_lora_weights(run_dir)``
+    loads the latest."""
+    tmp = run_dir / (LORA_FILE + ".tmp")
+    write(run_dir, tmp.name)
+    _fsync(tmp)
+    os.replace(tmp, run_dir / LORA_FILE)
 
 
 def is_run_dir(path: Path) -> bool:

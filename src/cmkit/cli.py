@@ -494,8 +494,9 @@ def _samples_title(run, args, labels) -> str:
         names = run.class_names or []
         name = lambda k: names[k] if k < len(names) else ("null" if k == run.num_classes else str(k))  # noqa: E731
         title += f", class {name(distinct[0])}" if len(distinct) == 1 else f", {len(distinct)} classes"
-    if args.prompt:
-        title += f", prompt {args.prompt[0][:40]!r}" + (f" and {len(args.prompt) - 1} more" if len(args.prompt) > 1 else "")
+    prompts = getattr(args, "prompt", None)
+    if prompts:
+        title += f", prompt {prompts[0][:40]!r}" + (f" and {len(prompts) - 1} more" if len(prompts) > 1 else "")
     if args.guidance is not None:
         title += f", guidance {args.guidance:g}"
     return f"{title}, seed {args.seed}"

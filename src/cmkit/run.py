@@ -193,7 +193,7 @@ class Run:
     def guidance_range(self) -> tuple[float, float] | None:
         """The guidance scales a guided-distilled student was trained for (None otherwise)."""
         scales = self.config.get("objective", {}).get("guidance")
-        return None if scales is None else tuple(scales)
+        return None if scales is None or not self.config["model"].get("guidance") else tuple(scales)
 
     @property
     def takes_text(self) -> bool:

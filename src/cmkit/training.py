@@ -12,6 +12,7 @@ rounding. The optimizer, EMA and target network are in every checkpoint.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import os
@@ -40,6 +41,7 @@ from .errors import CmkitError, Stopped, warn
 from .latents import LatentCodec, file_sha256
 from .guidance import GuidanceInput, default_guidance
 from .nets import load_backbone_weights
+from .nets.diffusers_text_unet import save_lora
 from .objectives import MethodSpec, get_method, methods
 from .plotting import save_image_grid
 from .run import Run, build_model, default_levels, generate, noise_config
@@ -116,7 +118,7 @@ def _check_time_input(config: dict, spec: MethodSpec, quiet: bool) -> None:
 def _comparable(section: dict) -> dict:
     """A config section as a resumed run compares it with its source: less a guided student's
     guidance input (which its teacher lacks), with runs from before class conditioning unconditional."""
-    section = {k: v for k, v in section.items() if k != "guidance"}
+    section = {k: v for k, v in section.items() if k not in ("guidance", "lora")}
     if "backbone" in section:
         section.setdefault("num_classes", 0)
     return section
@@ -188,7 +190,8 @@ def _resolve_classes(config: dict, data, teacher: Run | None) -> dict:
                              "labelled or captioned data")
         if not teacher.config["train"].get("label_dropout", 0.0):
             raise CmkitError(f"--guidance needs a teacher trained with --label-dropout > 0; {config['teacher']} was not")
-        model["guidance"] = True
+        # The student takes the scale as an input, unless its method gives it none (LCM-LoRA's).
+        model["guidance"] = getattr(get_method(config["method"]).objective, "student_sees_guidance", True)
     return config
 
 
@@ -299,6 +302,15 @@ def ema_update(ema: torch.nn.Module, online: torch.nn.Module, rate: float) -> No
         torch._foreach_copy_(buffers, list(online.buffers()))
 
 
+def share_frozen(copy_: torch.nn.Module, source: torch.nn.Module) -> None:
+    """Make ``copy_``'s parameters that are frozen in ``source`` the very tensors of ``source``:
+    an EMA of constant weights is those weights, and a LoRA run then holds its base once."""
+    for (name, mine), (_, theirs) in zip(copy_.named_parameters(), source.named_parameters()):
+        if not theirs.requires_grad:
+            module_name, _, leaf = name.rpartition(".")
+            copy_.get_submodule(module_name)._parameters[leaf] = theirs
+
+
 def ema_rate(rate: float, step: int) -> float:
     """The sampling EMA's rate, warmed up as min(rate, (1 + step) / (10 + step)) so that early
     random weights do not linger in short runs (the warm-up k-diffusion and EDM use too)."""
@@ -351,21 +363,25 @@ class Trainer:
         torch.manual_seed(train_cfg["seed"])  # initialisation: the same on every rank
         self.generator = torch.Generator()  # batches and noise, reseeded every step
         self.net = build_model(config)
-        # After the seed: an objective may own weights (sCM's adaptive weighting).
-        self.objective = self.spec.build(config, None if teacher is None else teacher.model)
-        if teacher is not None:
-            teacher.model.to(self.device)
+        # After the seed: an objective may own weights (sCM's adaptive weighting). A method whose
+        # teacher is a view of the student's network (LCM-LoRA's base UNet) keeps one copy of it.
+        if teacher is not None and self.spec.teacher_view is not None:
+            teacher_model = self.spec.teacher_view(self.net, config)
+        else:
+            teacher_model = None if teacher is None else teacher.model.to(self.device)
+        self.objective = self.spec.build(config, teacher_model)
         init = sources.init
         if init is not None:
             load_backbone_weights(self.net.backbone, init.model.backbone)
         self.net.to(self.device).train()
         self.extra_modules = {name: m.to(self.device) for name, m in self.objective.modules.items()}
         self.ema = copy.deepcopy(self.net).eval().requires_grad_(False)
+        share_frozen(self.ema, self.net)  # frozen weights (a LoRA run's base) are their own average
         self.target = copy.deepcopy(self.net).requires_grad_(False) if self.objective.needs_target else None
         self.memory_format = (torch.channels_last if train_cfg["channels_last"] and (self.images or self.latent)
                               else torch.contiguous_format)
         self.net.to(memory_format=self.memory_format)
-        params = list(self.net.parameters()) + [p for m in self.extra_modules.values() for p in m.parameters()]
+        params = [p for m in (self.net, *self.extra_modules.values()) for p in m.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(params, train_cfg)
         # Vectors are standardised once; images stay uint8 (on the device) until a batch is drawn.
         # A streamed set (StreamedImages) stays on disk: batches come decoded from a PlannedBatches.
@@ -568,6 +584,8 @@ class Trainer:
             checkpoint.save_checkpoint(out, modules=self.modules, optimizer=self.optimizer, step=step,
                                        rng={"skipped_steps": torch.tensor([self.skipped_steps])},
                                        keep=self.train_cfg["keep_checkpoints"])
+            if getattr(self.ema.backbone, "lora", None):  # what pipe.load_lora_weights(RUN) reads
+                checkpoint.save_lora_file(out, functools.partial(save_lora, self.ema.backbone.unet))
 
     def restore(self, out: Path) -> int:
         """Load the latest checkpoint of ``out``; return its step."""

@@ -59,6 +59,8 @@ def export_diffusers(run, out: str | Path, *, levels: int | None = None, clip_de
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise CmkitError(f"{out} already exists and is not empty")
+    if getattr(backbone, "lora", None):
+        return _export_lora(run, out)
     if run.takes_text:
         return _export_text_lcm(run, out)
     if run.is_latent:
@@ -113,6 +115,18 @@ def _export_text_lcm(run, out: Path) -> Path:
                                           scheduler=_lcm_scheduler(run), safety_checker=None, feature_extractor=None,
                                           requires_safety_checker=False)
     pipe.save_pretrained(str(out), safe_serialization=True)
+    _write_sidecar(run, out)
+    return out
+
+
+def _export_lora(run, out: Path) -> Path:
+    """An lcm-lora run's adapters as a diffusers LoRA folder (``pytorch_lora_weights.safetensors``),
+    for ``pipe.load_lora_weights(out)`` on its base pipeline with an ``LCMScheduler``."""
+    from ..checkpoint import LORA_FILE
+    from ..nets.diffusers_text_unet import save_lora
+
+    out.mkdir(parents=True, exist_ok=True)
+    save_lora(run.model.backbone.unet, out, LORA_FILE)
     _write_sidecar(run, out)
     return out
 

@@ -44,13 +44,17 @@ _RENAMED = {"unet.class_embedding.weight": "unet.class_embedding.labels.weight"}
 
 def load_backbone_weights(target: torch.nn.Module, source: torch.nn.Module) -> None:
     """Copy ``source``'s weights into ``target``, the same network except that ``target`` may add a
-    guidance-scale input (a guided student started from its teacher): those new weights keep their
-    initialisation, whose zero last layer makes the student equal the teacher at every scale."""
+    guidance-scale input (a guided student started from its teacher) or LoRA adapters: those new
+    weights keep their initialisation, whose zero last layer makes the student equal the teacher."""
     state = source.state_dict()
     wanted = target.state_dict()
     state = {(_RENAMED.get(k, k) if k not in wanted else k): v for k, v in state.items()}
+    # A layer LoRA adapts keeps its weights under ``base_layer`` (peft).
+    adapted = {k.replace(".base_layer.", "."): k for k in wanted if ".base_layer." in k}
+    state = {adapted.get(k, k): v for k, v in state.items()}
     missing, unexpected = target.load_state_dict(state, strict=False)
-    new = [k for k in missing if "guidance" not in k and "cond_proj" not in k]  # cond_proj: LCM's w input
+    new = [k for k in missing if "guidance" not in k and "cond_proj" not in k  # cond_proj: LCM's w input
+           and ".lora_" not in k]
     if new or unexpected:
         raise ValueError(f"the networks differ: missing {new[:3]}, unexpected {unexpected[:3]}")
 

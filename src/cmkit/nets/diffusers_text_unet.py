@@ -35,6 +35,33 @@ def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
     return nn.functional.pad(emb, (0, 1)) if dim % 2 else emb
 
 
+def add_lora(unet, rank: int, alpha: float, dropout: float, target_modules: list[str]) -> None:
+    """Freeze ``unet`` and add LoRA adapters (peft, through diffusers' adapter API) to the modules
+    named ``target_modules``; their B matrices start at zero, so the network is unchanged."""
+    from peft import LoraConfig
+
+    unet.requires_grad_(False)
+    names = [name for name, _ in unet.named_modules()]
+    targets = [t for t in target_modules if any(n == t or n.endswith("." + t) for n in names)]
+    if not targets:
+        raise ValueError(f"no module of the UNet is named like the LoRA targets {target_modules}")
+    unet.add_adapter(LoraConfig(r=int(rank), lora_alpha=alpha, lora_dropout=dropout, target_modules=targets))
+
+
+def save_lora(unet, folder, weight_name: str) -> None:
+    """The adapters as a diffusers LoRA file (``folder``/``weight_name``), written by
+    ``StableDiffusionPipeline.save_lora_weights`` itself with the adapter's config as metadata (its
+    alpha included), so ``pipe.load_lora_weights(folder)`` rebuilds exactly these adapters."""
+    from diffusers import StableDiffusionPipeline
+    from peft.utils import get_peft_model_state_dict
+
+    state = {k: v.detach().contiguous().cpu() for k, v in get_peft_model_state_dict(unet).items()}
+    metadata = unet.peft_config["default"].to_dict()
+    metadata["target_modules"] = sorted(metadata["target_modules"])
+    StableDiffusionPipeline.save_lora_weights(str(folder), unet_lora_layers=state, weight_name=weight_name,
+                                              unet_lora_adapter_metadata=metadata, safe_serialization=True)
+
+
 def text_unet_config(unet) -> dict:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(unet.config).items() if k not in _PRIVATE}
 
@@ -43,12 +70,13 @@ class DiffusersTextUNet(nn.Module):
     """``unet``: a UNet2DConditionModel or its config (random weights). ``text_shape``: (L, D) of
     the prompt embeddings. ``guidance``: take a guidance scale through ``time_cond_proj_dim``
     (added at `LCM_TIME_COND_DIM` when the UNet lacks it, its projection starting at zero so a
-    student equals its teacher at every scale when training starts)."""
+    student equals its teacher at every scale when training starts). ``lora``: LoRA adapters
+    (`add_lora`'s keywords) on a frozen UNet: only they train."""
 
     num_classes = 0
 
     def __init__(self, unet, text_shape, guidance: bool = False, image_channels: int | None = None,
-                 resolution: int | None = None, num_classes: int = 0):
+                 resolution: int | None = None, num_classes: int = 0, lora: dict | None = None):
         super().__init__()
         from diffusers import UNet2DConditionModel
 
@@ -81,6 +109,9 @@ class DiffusersTextUNet(nn.Module):
                              f"makes {self.text_shape[1]}-wide ones")
         self.guidance_input = bool(guidance)
         self.register_buffer("null_text", torch.zeros(1, *self.text_shape))
+        self.lora = dict(lora) if lora else None
+        if self.lora:
+            add_lora(unet, **self.lora)
 
     def forward(self, x: torch.Tensor, time: torch.Tensor, condition=None) -> torch.Tensor:
         condition = as_condition(condition)

@@ -33,6 +33,7 @@ class ConsistencyLoss(Objective):
     """lambda(sigma_hi) d(f(x_hi, sigma_hi), stopgrad f-(x_lo, sigma_lo)), per sample."""
 
     needs_target = True
+    student_sees_guidance = True
 
     def __init__(self, noise: NoiseConfig = NoiseConfig(), distance: str = "l2",
                  huber_c: float | None = None, weighting: str = "uniform"):
@@ -83,7 +84,8 @@ class ConsistencyLoss(Objective):
             target = net  # iCT: stopgrad of the online network
         sigma_hi, sigma_lo, z, scales = draws["sigma_hi"], draws["sigma_lo"], draws["z"], draws.get("guidance")
         condition = as_condition(condition)
-        student = condition.replace(guidance=scales)  # a guided student also sees the scale
+        # A guided student also sees the scale (LCM-LoRA's does not: its UNet has no input for it).
+        student = condition.replace(guidance=scales if self.student_sees_guidance else None)
         x_hi = x0 + broadcast_to_batch(sigma_hi, x0) * z
         with torch.no_grad():
             x_lo = self.lower(x_hi, x0, z, sigma_hi, sigma_lo, condition, scales)

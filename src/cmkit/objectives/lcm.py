@@ -18,9 +18,9 @@ from ..condition import as_condition
 from ..discrete_vp import skipping_grid
 from ..errors import CmkitError
 from ..noise import NoiseConfig
-from ..precond import LCMFunction
+from ..precond import LCMFunction, VPDenoiser
 from .consistency import ConsistencyDistillationLoss
-from .registry import MethodSpec, noise_config, objective_options, register
+from .registry import MethodSpec, noise_config, objective_options, register, with_objective
 
 
 class LatentConsistencyDistillationLoss(ConsistencyDistillationLoss):
@@ -68,3 +68,76 @@ register(MethodSpec(
     guided=True, whole_table=True,
     nullable={"objective.huber_c": float, "objective.guidance": list},
     build=_build))
+
+
+# LCM-LoRA (Luo et al. 2023b, "LCM-LoRA: a universal Stable-Diffusion acceleration module"): the same
+# distillation training LoRA adapters only. As diffusers' train_lcm_distill_lora_sd_wds.py does, the
+# teacher is the base UNet with the adapters off, the target is the student itself (no EMA target,
+# stop-gradient) and the student takes no guidance input: its scale is fixed by the training range.
+
+LORA_KEYS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules")
+
+
+class AdaptersOff(torch.nn.Module):
+    """``model`` (a denoiser over a LoRA-adapted backbone) with its adapters disabled while it runs:
+    the base network, computed from the same weights."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    table = property(lambda self: self.model.table)
+    noise = property(lambda self: self.model.noise)
+    backbone = property(lambda self: self.model.backbone)
+    num_classes = property(lambda self: self.model.num_classes)
+
+    def forward(self, x, sigma, condition=None):
+        unet = self.model.backbone.unet
+        unet.disable_adapters()
+        try:
+            return self.model(x, sigma, condition)
+        finally:
+            unet.enable_adapters()
+
+
+class LatentConsistencyLoRALoss(LatentConsistencyDistillationLoss):
+    needs_target = False  # the target is the online network, under stop-gradient
+    student_sees_guidance = False
+
+
+def _teacher_view(student: torch.nn.Module, config: dict) -> torch.nn.Module:
+    """LCM-LoRA's teacher: the student's backbone as the teacher's denoiser, adapters off."""
+    model = config["model"]
+    return AdaptersOff(VPDenoiser(student.backbone, noise_config(config), c_noise="timestep", vp=model["vp"]))
+
+
+def _resolve_lora(config: dict) -> dict:
+    """The adapters' settings (objective.lora_*) as the model section's ``lora``, which builds them."""
+    obj = config["objective"]
+    if "text_shape" not in config["model"]:
+        raise CmkitError("lcm-lora adapts a Stable-Diffusion-family UNet (a text-conditioned --teacher folder)")
+    rank, alpha, dropout, targets = (obj[k] for k in LORA_KEYS)
+    if not (isinstance(rank, int) and rank >= 1) or not alpha > 0 or not 0 <= dropout < 1:
+        raise CmkitError(f"objective.lora_rank must be a positive integer, lora_alpha positive and lora_dropout in "
+                         f"[0, 1); got {rank}, {alpha}, {dropout}")
+    if not (isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets)):
+        raise CmkitError("objective.lora_target_modules must be a list of module names")
+    out = with_objective(config)
+    out["model"] = {**out["model"], "lora": {"rank": rank, "alpha": alpha, "dropout": dropout,
+                                             "target_modules": targets}}
+    return out
+
+
+def _build_lora(config: dict, teacher):
+    return LatentConsistencyLoRALoss(teacher, noise_config(config),
+                                     **objective_options(config, "init_from_teacher", *LORA_KEYS))
+
+
+register(MethodSpec(
+    name="lcm-lora", summary="LCM with LoRA adapters on a Stable-Diffusion-family --teacher (the base UNet with the "
+                             "adapters off is the teacher; saves pytorch_lora_weights.safetensors)",
+    source="Luo et al. 2023, 'LCM-LoRA: a universal Stable-Diffusion acceleration module'",
+    objective=LatentConsistencyLoRALoss, wrapper=LCMFunction, teacher=True, starts_from_teacher=True,
+    guided=True, whole_table=True, teacher_view=_teacher_view, resolve=_resolve_lora,
+    nullable={"objective.huber_c": float, "objective.guidance": list},
+    build=_build_lora))

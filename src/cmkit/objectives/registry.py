@@ -73,6 +73,9 @@ class MethodSpec:
     guided: bool = False
     time_derivative: bool = False
     whole_table: bool = False
+    # The teacher as a view of the student's own network (LCM-LoRA: the base UNet with its adapters
+    # off), built from (student, config) instead of loaded: one copy of the weights in memory.
+    teacher_view: Callable | None = None
     nullable: dict = field(default_factory=dict)
     config: Path | None = None
 
