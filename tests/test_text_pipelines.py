@@ -40,6 +40,17 @@ def sd(tmp_path_factory):
     return folder, root / "latents"
 
 
+def train_and_resume(args, tmp_path):
+    """(a 4-step run of ``args``, one stopped at 2 and resumed to 4), their checkpoints equal bit for bit."""
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert cli("train", *args, "--steps", 4, "--out", whole) == 0
+    assert cli("train", *args, "--steps", 2, "--out", split) == 0
+    assert cli("train", "--resume", "--out", split, "--steps", 4, "--quiet") == 0
+    digest = lambda p: {k: v for k, v in tree_digest(p).items() if "step-0000004" in k}  # noqa: E731
+    assert digest(whole) == digest(split) and digest(whole)
+    return whole, split
+
+
 def ref_guidance_embedding(w, embedding_dim=512):
     """guidance_scale_embedding of the reference script (VDM's sinusoidal embedding of 1000 w)."""
     w = w * 1000.0
@@ -150,12 +161,7 @@ def test_an_lcm_run_on_prompts_resumes_exports_and_samples_as_the_pipeline_does(
 
     monkeypatch.setattr(LatentCodec, "encode", never)
     args = ["--method", "lcm", "--teacher", folder, "--data", latents, "--guidance", "2,8", *FAST]
-    whole, split = tmp_path / "whole", tmp_path / "split"
-    assert cli("train", *args, "--steps", 4, "--out", whole) == 0
-    assert cli("train", *args, "--steps", 2, "--out", split) == 0
-    assert cli("train", "--resume", "--out", split, "--steps", 4, "--quiet") == 0
-    digest = lambda p: {k: v for k, v in tree_digest(p).items() if "step-0000004" in k}  # noqa: E731
-    assert digest(whole) == digest(split) and digest(whole)
+    whole, split = train_and_resume(args, tmp_path)
     assert cli("export", "diffusers", "--checkpoint", whole, "--out", tmp_path / "pipe", "--quiet") == 0
     pipe = LatentConsistencyModelPipeline.from_pretrained(str(tmp_path / "pipe"))
     for steps in (1, 4):
@@ -347,12 +353,7 @@ def test_an_lcm_lora_run_resumes_and_its_lora_file_loads_into_the_base_pipeline(
     folder, latents = sd
     args = ["--method", "lcm-lora", "--teacher", folder, "--data", latents, "--guidance", "2,8", *LORA,
             "--set", "train.lr=0.01", *FAST]
-    whole, split = tmp_path / "whole", tmp_path / "split"
-    assert cli("train", *args, "--steps", 4, "--out", whole) == 0
-    assert cli("train", *args, "--steps", 2, "--out", split) == 0
-    assert cli("train", "--resume", "--out", split, "--steps", 4, "--quiet") == 0
-    digest = lambda p: {k: v for k, v in tree_digest(p).items() if "step-0000004" in k}  # noqa: E731
-    assert digest(whole) == digest(split) and digest(whole)
+    whole, split = train_and_resume(args, tmp_path)
     from safetensors import safe_open
     files = []
     for run in (whole, split):  # the same adapters and config (safetensors orders its header freely)
