@@ -380,3 +380,22 @@ def test_an_lcm_lora_run_resumes_and_its_lora_file_loads_into_the_base_pipeline(
     theirs = plain(PROMPT, num_images_per_prompt=3, num_inference_steps=4, guidance_scale=1.0,
                    generator=torch.Generator().manual_seed(7), output_type="np").images[..., 0]
     assert np.abs(ours - np.round(theirs * 255)).max() > 2
+
+
+def test_gradient_checkpointing_changes_memory_not_gradients(sd):
+    folder, latents = sd
+    grads = []
+    for checkpointing in (False, True):
+        trainer = Trainer(build_config("lcm", teacher=str(folder), **{
+            "data.name": str(latents), "objective.guidance": [2.0, 8.0],
+            "train.gradient_checkpointing": checkpointing}))
+        assert trainer.net.backbone.unet.is_gradient_checkpointing == checkpointing
+        rng = trainer._batch_rng(0, 0, torch.Generator())
+        batch, condition = trainer._draw(rng, 4)
+        draws = trainer.objective.draw(batch, generator=rng, condition=condition)
+        loss, _ = trainer._loss(batch, condition, draws)
+        grads.append(torch.cat([g.flatten() for g in torch.autograd.grad(loss, list(trainer.net.parameters()))]))
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-7)
+    assert float(grads[0].abs().sum()) > 0
+    with pytest.raises(cmkit.CmkitError, match="image runs"):
+        Trainer(build_config("edm", **{"data.name": "moons", "train.gradient_checkpointing": True}))

@@ -302,6 +302,17 @@ def ema_update(ema: torch.nn.Module, online: torch.nn.Module, rate: float) -> No
         torch._foreach_copy_(buffers, list(online.buffers()))
 
 
+def _checkpoint_gradients(net: torch.nn.Module) -> None:
+    """Recompute a UNet's block activations in the backward pass instead of keeping them
+    (``train.gradient_checkpointing``; every image backbone is a diffusers UNet): less memory for
+    about a third more compute."""
+    unet = getattr(net.backbone, "unet", None)
+    if unet is None or not getattr(unet, "_supports_gradient_checkpointing", False):
+        raise CmkitError("train.gradient_checkpointing applies to image runs (a UNet); this network keeps its "
+                         "activations")
+    unet.enable_gradient_checkpointing()
+
+
 def share_frozen(copy_: torch.nn.Module, source: torch.nn.Module) -> None:
     """Make ``copy_``'s parameters that are frozen in ``source`` the very tensors of ``source``:
     an EMA of constant weights is those weights, and a LoRA run then holds its base once."""
@@ -363,6 +374,8 @@ class Trainer:
         torch.manual_seed(train_cfg["seed"])  # initialisation: the same on every rank
         self.generator = torch.Generator()  # batches and noise, reseeded every step
         self.net = build_model(config)
+        if train_cfg.get("gradient_checkpointing"):
+            _checkpoint_gradients(self.net)
         # After the seed: an objective may own weights (sCM's adaptive weighting). A method whose
         # teacher is a view of the student's network (LCM-LoRA's base UNet) keeps one copy of it.
         if teacher is not None and self.spec.teacher_view is not None:
