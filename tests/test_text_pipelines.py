@@ -399,3 +399,30 @@ def test_gradient_checkpointing_changes_memory_not_gradients(sd):
     assert float(grads[0].abs().sum()) > 0
     with pytest.raises(cmkit.CmkitError, match="image runs"):
         Trainer(build_config("edm", **{"data.name": "moons", "train.gradient_checkpointing": True}))
+
+
+def test_tar_shards_carry_captions_as_txt_or_json_members(tmp_path, sd):
+    import io
+    import tarfile
+    folder, latents = sd
+    images = captioned_folder(tmp_path / "images")
+    shard = tmp_path / "train-000000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for i, png in enumerate(sorted(images.glob("*.png"))):
+            caption = png.with_suffix(".txt").read_text()
+            members = [(png.name, png.read_bytes())]
+            if i % 2:  # half as .txt, half as .json {"text": ...}
+                members.append((png.stem + ".txt", caption.encode()))
+            else:
+                members.append((png.stem + ".json", json.dumps({"text": caption}).encode()))
+            for name, data in members:
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    assert cli("data", "encode", shard, "--pipeline", folder, "--out", tmp_path / "from-tar") == 0
+    a, b = (json.loads((p / "latents.json").read_text()) for p in (latents, tmp_path / "from-tar"))
+    assert a["captions"] == b["captions"]
+    from safetensors.torch import load_file
+    ta, tb = (load_file(str(p / "latents.safetensors")) for p in (latents, tmp_path / "from-tar"))
+    assert torch.equal(ta["train_text_ids"], tb["train_text_ids"])
+    torch.testing.assert_close(ta["train"], tb["train"], rtol=1e-5, atol=1e-6)  # the same images, decoded apart

@@ -14,14 +14,14 @@ from PIL import Image
 WORDS = ["a", "photo", "of", "zero", "one", "two", "three", "digit", "sneaker", "bag"]
 
 
-def clip_tokenizer(folder: Path, max_length: int = 8):
-    """A CLIPTokenizer whose BPE vocabulary spells exactly ``WORDS`` (other text: unknown tokens)."""
+def clip_tokenizer(folder: Path, max_length: int = 8, words=WORDS):
+    """A CLIPTokenizer whose BPE vocabulary spells exactly ``words`` (other text: unknown tokens)."""
     from transformers import CLIPTokenizer
     vocab, merges = {}, []
-    for c in sorted(set("".join(WORDS))):
+    for c in sorted(set("".join(words))):
         vocab[c] = len(vocab)
         vocab[c + "</w>"] = len(vocab)
-    for word in WORDS:
+    for word in words:
         parts = list(word[:-1]) + [word[-1] + "</w>"]
         while len(parts) > 1:
             merges.append(f"{parts[0]} {parts[1]}")

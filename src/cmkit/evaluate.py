@@ -258,7 +258,7 @@ def evaluate_image_run(run: Run, *, data: str | None, steps: list[int] | None, n
     steps = steps or ([18] if run.is_diffusion else [1, 2])
     stages = _Stages(len(steps) + 1, progress)
     with stages.stage("reference features and floor"):
-        native_size = None if latent else images.native_size
+        native_size = images.meta.get("native_size") if latent else images.native_size
         scorer = ImageScorer(reference, metrics, native_size, inception_weights, run.device)
         train = images.train[torch.from_numpy(rng.permutation(len(images.train))[:n])]
         if latent:  # the floor: training latents through the decoder (what a perfect latent model reaches)

@@ -157,7 +157,7 @@ def encode_source(source: str, out: str | Path, *, pipeline: str | Path | None =
     meta = {"format": FORMAT, "version": 1, "source": source if not Path(source).exists() else
             str(Path(source).resolve()), "source_fingerprint": data.fingerprint(),
             "resolution": resolution, "fit": fit, "holdout_fraction": holdout_fraction, "seed": seed,
-            "image_shape": list(data.shape), "shape": list(latent_shape),
+            "image_shape": list(data.shape), "shape": list(latent_shape), "native_size": data.native_size,
             "scaling_factor": codec.scaling_factor, "shift_factor": codec.shift_factor,
             "vae_sha256": LatentCodec.fingerprint(vae_dir), "class_names": data.class_names,
             "captions": distinct, "caption_template": caption_template,
