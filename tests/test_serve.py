@@ -7,7 +7,6 @@ import io
 import os
 import shutil
 import statistics
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -19,7 +18,7 @@ import cmkit
 from cmkit.serve.app import create_app
 from cmkit.serve.batcher import MicroBatcher
 from cmkit.serve.engine import Limits
-from helpers import cli, free_port, local_client
+from helpers import cli, local_client, serving
 
 @pytest.fixture(scope="module")
 def client(image_run):
@@ -168,19 +167,9 @@ def test_requests_arriving_together_share_network_calls():
 @pytest.fixture(scope="module")
 def live_server(image_run):
     """A real uvicorn server on 127.0.0.1 in a thread."""
-    import uvicorn
-    port = free_port()
     app = create_app(cmkit.load_run(image_run), limits=Limits(max_n=16), max_queue=16)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", app
-    server.should_exit = True
-    thread.join(10)
+    with serving(app) as url:
+        yield url, app
 
 
 @pytest.mark.slow

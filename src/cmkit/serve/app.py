@@ -7,7 +7,7 @@ Endpoints (OpenAPI description at /openapi.json; interactive docs at /docs with 
     GET  /healthz            {"status": "ok"}: the server is up (no token needed)
     GET  /metrics            Prometheus metrics (`metrics.py`)
     GET  /api/info           the model: shape, classes, guidance range, limits
-    POST /api/generate       JSON {n, seed, steps | sigmas, class, guidance, format: png | json}
+    POST /api/generate       JSON {n, seed, steps | sigmas, class, guidance, prompt, format: png | json}
     POST /api/edit/{task}    multipart: image [+ mask] files and form fields; task: inpaint,
                              colorize, superres, stroke, denoise
     POST /api/interpolate    JSON {seed_a, seed_b, frames, class, guidance, format}
@@ -46,6 +46,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
 from ..errors import CmkitError
+from ..text import MAX_PROMPT_CHARS
 from .batcher import Busy, MicroBatcher
 from .engine import EDIT_TASKS, Engine, Limits
 from .guard import Access, Guard
@@ -68,6 +69,8 @@ class GenerateRequest(BaseModel):
     class_: str | int | list[str | int] | None = Field(None, alias="class",
                                                         description="index, name, list, 'random' or 'null'")
     guidance: float | None = None
+    prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS,
+                               description="text-conditioned models: the prompt (default the empty prompt)")
     format: Literal["png", "json"] = "png"
 
 
@@ -159,9 +162,6 @@ def _validation_message(errors: list) -> str:
 def create_app(run, *, limits: Limits = Limits(), access: Access = Access(), window: float = 0.005,
                max_queue: int = 64, read_timeout: float = 30.0, docs: bool = False, warmup: bool = True) -> FastAPI:
     """The ASGI app serving ``run`` (see the module docstring)."""
-    if getattr(run, "is_latent", False):
-        raise CmkitError("cmkit serve takes pixel-space runs; serving latent and text-conditioned runs (a prompt "
-                         "box) is not built yet: use cmkit sample --prompt or the exported diffusers pipeline")
     engine, metrics = Engine(run, limits), ServeMetrics()
     generations = MicroBatcher(engine.run_group, window=window, max_batch=limits.max_n, max_queue=max_queue,
                                on_batch=metrics.batch_size.labels("generate").observe)
@@ -229,16 +229,18 @@ def create_app(run, *, limits: Limits = Limits(), access: Access = Access(), win
 
     @app.get("/api/info")
     async def info():
-        return {"method": run.method, "shape": list(run.shape), "image": run.is_image,
+        prompt = {"max_chars": MAX_PROMPT_CHARS, "max_tokens": run.prompts.max_length} if run.takes_text else None
+        return {"method": run.method, "shape": list(run.image_shape), "image": run.is_image, "prompt": prompt,
                 "num_classes": run.num_classes, "class_names": run.class_names,
                 "has_null_label": run.has_null_label, "guidance_range": run.guidance_range,
-                "is_diffusion": run.is_diffusion, "limits": limits.__dict__, "edit_tasks": list(EDIT_TASKS)}
+                "is_diffusion": run.is_diffusion, "limits": limits.__dict__,
+                "edit_tasks": [] if run.is_latent else list(EDIT_TASKS)}
 
     @app.post("/api/generate")
     async def generate(req: GenerateRequest):
         start = time.perf_counter()
         key, work = engine.generation(n=req.n, seed=req.seed, steps=req.steps, sigmas=req.sigmas,
-                                      class_spec=_class_spec(req.class_), guidance=req.guidance)
+                                      class_spec=_class_spec(req.class_), guidance=req.guidance, prompt=req.prompt)
         data = await generations.submit(key, work.n, work)
         return await answer(data, req.format, run.is_image, start, metrics)
 

@@ -9,6 +9,7 @@ which other requests shared its network call.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from functools import partial
 
@@ -19,6 +20,7 @@ from ..condition import Condition
 from ..editing import tasks
 from ..errors import CmkitError
 from ..sampling import sample_levels
+from ..text import check_prompt
 from ..validate import check_float, check_int, check_seed
 
 EDIT_TASKS = tuple(name for name, task in tasks.TASKS.items() if task.image)  # interpolation has its own endpoint
@@ -49,6 +51,7 @@ class Generation:
     n: int
     labels: torch.Tensor | None
     guidance: float | None
+    prompt: str | None = None  # a text-conditioned model's (checked; "" is the empty prompt)
 
 
 @dataclass(frozen=True)
@@ -62,9 +65,34 @@ class Edit:
     options: dict
 
 
+PROMPT_CACHE = 256  # prompt embeddings kept: real-time typing resends the same prompts
+
+
 class Engine:
     def __init__(self, run, limits: Limits = Limits()):
         self.run, self.limits = run, limits
+        self._embeddings: OrderedDict[str, torch.Tensor] = OrderedDict()
+
+    def _prompt(self, prompt) -> str | None:
+        """A request's prompt, checked (`cmkit.text.check_prompt`): "" when a text model gets none."""
+        if not self.run.takes_text:
+            if prompt is not None:
+                raise CmkitError("this model takes no prompt")
+            return None
+        try:
+            return check_prompt("" if prompt is None else prompt)
+        except ValueError as e:
+            raise CmkitError(str(e)) from None
+
+    def _embedding(self, prompt: str) -> torch.Tensor:
+        """(1, L, D) embedding of a checked prompt, from a small LRU cache (worker thread)."""
+        if prompt in self._embeddings:
+            self._embeddings.move_to_end(prompt)
+        else:
+            self._embeddings[prompt] = self.run.text_condition(prompt, 1).text
+            if len(self._embeddings) > PROMPT_CACHE:
+                self._embeddings.popitem(last=False)
+        return self._embeddings[prompt]
 
     def _labels_and_guidance(self, class_spec, n: int, seed: int, guidance):
         guidance = None if guidance is None else check_float("guidance", guidance, 0)
@@ -72,7 +100,7 @@ class Engine:
         self.run.network(guidance, labels)  # checks the guidance request now, not in the worker
         return labels, guidance
 
-    def generation(self, *, n, seed, steps, sigmas, class_spec, guidance) -> tuple[tuple, Generation]:
+    def generation(self, *, n, seed, steps, sigmas, class_spec, guidance, prompt=None) -> tuple[tuple, Generation]:
         """(batching key, work) for one generation request."""
         run, limits = self.run, self.limits
         n = check_int("n", n, 1, limits.max_n)
@@ -85,10 +113,12 @@ class Engine:
         levels = run.sigmas_for(steps, sigmas)  # noise.check_sigmas: finite, positive, decreasing, in range
         labels, guidance = self._labels_and_guidance(class_spec, n, seed, guidance)
         key = ("generate", tuple(levels.tolist()), guidance)
-        return key, Generation(levels, seed, n, labels, guidance)
+        return key, Generation(levels, seed, n, labels, guidance, self._prompt(prompt))
 
     def interpolation(self, *, seed_a, seed_b, frames, class_spec, guidance):
         """A call computing ``frames`` images between two seeds' samples."""
+        if self.run.is_latent:
+            raise CmkitError("interpolation works on pixel-space models; this one generates latents")
         seed_a, seed_b = check_seed(seed_a, "seed_a"), check_seed(seed_b, "seed_b")
         frames = check_int("frames", frames, 2, self.limits.max_frames)
         guidance = None if guidance is None else check_float("guidance", guidance, 0)
@@ -100,8 +130,9 @@ class Engine:
         run, limits = self.run, self.limits
         if task not in EDIT_TASKS:
             raise CmkitError(f"unknown task {task!r}; tasks: {', '.join(EDIT_TASKS)}")
-        if not run.is_image:
-            raise CmkitError("editing needs an image model")
+        if not run.is_image or run.is_latent:
+            raise CmkitError("editing needs a pixel-space image model" + ("; this one generates latents"
+                                                                           if run.is_latent else ""))
         spec = tasks.TASKS[task]
         n = check_int("n", n, 1, limits.max_n)
         seed = check_seed(seed)
@@ -145,9 +176,13 @@ class Engine:
         noise = torch.cat(noise).to(run.device)
         renoise = [torch.cat(draws).to(run.device) for draws in renoise] or None
         labels = None if first.labels is None else torch.cat([w.labels for w in work]).to(run.device)
+        text = None
+        if run.takes_text:
+            text = torch.cat([self._embedding(w.prompt).expand(w.n, -1, -1) for w in work]).to(run.device)
         model = run.network(first.guidance, labels)
         levels = levels.to(run.device)
-        x = sample_levels(model, noise * levels[0], levels, Condition(labels=labels), diffusion=run.is_diffusion,
+        x = sample_levels(model, noise * levels[0], levels, Condition(labels=labels, text=text),
+                          diffusion=run.is_diffusion,
                           sigma_min=run.noise_range.sigma_min, noises=renoise)
         data = run.scaler.to_data(x.float().cpu())
         return list(np.split(data, np.cumsum([w.n for w in work])[:-1]))
