@@ -81,12 +81,17 @@ class LatentCodec(nn.Module):
         return self.image_channels, h * self.factor, w * self.factor
 
     @torch.no_grad()
-    def encode(self, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-        """(N, C, H, W) uint8 -> (N, c, h, w) float32 latents in model units."""
+    def encode(self, images, batch_size: int = 64, progress: bool = False) -> torch.Tensor:
+        """(N, C, H, W) uint8 -> (N, c, h, w) float32 latents in model units. ``images``: a tensor,
+        or anything indexed by a tensor of rows (a `cmkit.data.streams.StreamedImages` decodes
+        only the batch in hand, so memory holds one batch of images)."""
+        from tqdm.auto import tqdm
+
         device = next(self.vae.parameters()).device
         out = []
-        for start in range(0, len(images), batch_size):
-            x = images[start:start + batch_size].to(device).float() / 127.5 - 1
+        batches = range(0, len(images), batch_size)
+        for start in tqdm(batches, desc="encode", unit="batch", disable=None if progress else True, dynamic_ncols=True):
+            x = images[torch.arange(start, min(start + batch_size, len(images)))].to(device).float() / 127.5 - 1
             if x.shape[1] != self.vae_channels:
                 x = x.expand(-1, self.vae_channels, -1, -1)
             mean = self.vae.encode(x).latent_dist.mean

@@ -34,7 +34,7 @@ from .config import base_section, check_config, default_config
 from .distributed import World, sum_gradients, close, world_from_env
 from .devices import resolve_device
 from .data import ImageData, ImageScaler, LatentData, Standardizer, is_builtin, is_image_source, load_dataset, random_hflip
-from .data.latent_cache import copy_components
+from .data.latent_cache import copy_components, latent_scaler
 from .data.loader import PlannedBatches, default_workers
 from .data.streams import StreamedImages
 from .errors import CmkitError, Stopped, warn
@@ -581,14 +581,19 @@ class Trainer:
         noise_range = noise_config(self.config)
         diffusion = self.spec.diffusion
         labels = torch.arange(GRID_SAMPLES) % self.num_classes if self.num_classes else None
+        text = None if self.text_table is None else self.text_table[torch.arange(GRID_SAMPLES) % len(self.text_table)]
         model = self.ema
         if self.config["model"].get("guidance"):
             model = GuidanceInput(model, default_guidance(self.config["objective"]["guidance"]))
         x = generate(model, tuple(self.x_train.shape[1:]), default_levels(diffusion, noise_range),
                      is_diffusion=diffusion, n=GRID_SAMPLES, seed=GRID_SEED, sigma_min=noise_range.sigma_min,
-                     condition=Condition(labels=labels))
+                     condition=Condition(labels=labels, text=text))
         what = "EMA, Heun 35 NFE" if diffusion else "EMA, 1 step"
-        save_image_grid(ImageScaler.to_data(x), path, title=f"{self.config['method']} {path.stem}: {what}")
+        if self.latent:  # decoded by the run's own VAE (the data set's, copied into the run)
+            images = latent_scaler(self.config["standardizer"], self.config["data"]["name"]).to_data(x)
+        else:
+            images = ImageScaler.to_data(x)
+        save_image_grid(images, path, title=f"{self.config['method']} {path.stem}: {what}")
 
     def save(self, out: Path, step: int) -> None:
         """A checkpoint from rank 0, once every rank has checked that their weights agree."""
@@ -766,7 +771,7 @@ def _train(config: dict, out: Path, world: World, *, resume: bool, force: bool, 
                     raise Stopped(trainer.stop_signal or signal.SIGTERM, done)
                 if done % train_cfg["save_every"] == 0 and done != total:
                     trainer.save(out, done)
-                if (world.is_main and trainer.images and train_cfg["sample_every"]
+                if (world.is_main and (trainer.images or trainer.latent) and train_cfg["sample_every"]
                         and (done % train_cfg["sample_every"] == 0 or done == total)):
                     trainer.sample_grid(out / "samples" / f"step-{done:07d}.png")
         trainer.save(out, total)

@@ -9,7 +9,9 @@ The folder holds ``latents.json`` (what was encoded, with what, and the source's
 caption indices and one embedding per distinct caption) and a copy of the components that made it
 (``vae/``, and ``tokenizer/`` + ``text_encoder/`` for captions), so a run trained on it carries
 the decoder and prompt encoder it needs. The train/held-out split is the source's own (the same
-seed and fraction as training on the images). Loading refuses a cache whose source changed since
+seed and fraction as training on the images); the first `MAX_HOLDOUT` held-out images are kept.
+Encoding holds one batch of decoded images at a time; the latents themselves are one file, read
+into memory by training (64 KB per 512x512 image: sharded caches are for later). Loading refuses a cache whose source changed since
 (`LatentData.fingerprint` is recorded by runs, so a resume refuses a re-encoded cache too).
 """
 
@@ -33,6 +35,7 @@ from .files import holdout_split
 INDEX, TENSORS = "latents.json", "latents.safetensors"
 FORMAT = "cmkit-latents"
 COMPONENTS = ("vae", "tokenizer", "text_encoder")
+MAX_HOLDOUT = 10_000  # held-out latents and images kept for eval (its largest n)
 COMPONENT_SUFFIXES = (".json", ".safetensors", ".txt")  # what a component copy may hold (no pickles)
 
 
@@ -125,15 +128,17 @@ def encode_source(source: str, out: str | Path, *, pipeline: str | Path | None =
         captions = has_text
     if (captions or caption_template) and not has_text:
         raise CmkitError("captions need a text encoder: pass --pipeline FOLDER with tokenizer/ and text_encoder/")
+    from . import is_builtin
+    # Built-in sets are in memory already; a user's source is decoded one batch at a time.
     data = load_images(source, resolution=resolution, fit=fit, holdout_fraction=holdout_fraction, seed=seed,
-                       stream="never")
+                       stream="never" if is_builtin(source) else "always")
     codec = LatentCodec.from_folder(vae_dir, image_channels=data.shape[0])
     latent_shape = codec.latent_shape(data.shape)
     encoder = PromptEncoder.from_folder(folder) if captions or caption_template else None
     texts = None
     if caption_template:
         texts = (template_captions(caption_template, data.train_labels, data.class_names),
-                 template_captions(caption_template, data.holdout_labels, data.class_names))
+                 template_captions(caption_template, data.holdout_labels[:MAX_HOLDOUT], data.class_names))
     elif captions:
         if not (is_stream_source(source) or Path(source).is_dir()):
             raise CmkitError(f"{source} has no captions: use a folder or tar shards with captions, or "
@@ -141,11 +146,17 @@ def encode_source(source: str, out: str | Path, *, pipeline: str | Path | None =
         opened = open_source(source)
         all_captions = source_captions(opened)
         train_rows, holdout_rows = holdout_split(len(opened), holdout_fraction, seed, source, "images")
-        texts = ([all_captions[i] for i in train_rows], [all_captions[i] for i in holdout_rows])
-    tensors = {"train": codec.encode(data.train, batch_size), "holdout": codec.encode(data.holdout, batch_size),
-               "holdout_images": data.holdout.contiguous()}
+        texts = ([all_captions[i] for i in train_rows], [all_captions[i] for i in holdout_rows[:MAX_HOLDOUT]])
+    kept = min(len(data.holdout), MAX_HOLDOUT)  # what eval compares with; training never reads them
+    holdout = data.holdout[torch.arange(kept)]
+    tensors = {"train": codec.encode(data.train, batch_size, progress=True), "holdout": codec.encode(holdout, batch_size),
+               "holdout_images": holdout.contiguous()}
+    bad = getattr(data.train, "bad", 0) + getattr(data.holdout, "bad", 0)
+    if bad:  # a streamed source skips what does not decode: captions and labels would shift
+        raise CmkitError(f"{source}: {bad} image(s) do not decode (cmkit data check {source} lists them); fix or "
+                         "remove them, then encode again")
     if data.train_labels is not None:
-        tensors.update(train_labels=data.train_labels, holdout_labels=data.holdout_labels)
+        tensors.update(train_labels=data.train_labels, holdout_labels=data.holdout_labels[:kept])
     distinct = None
     if texts is not None:
         distinct = sorted(set(texts[0]) | set(texts[1]))
