@@ -14,7 +14,8 @@
    and saves it as a StableDiffusionPipeline folder. (LCM distils discrete-time teachers, so the
    teacher is a DDPM, not a cmkit EDM run.)
 4. Distils `--method lcm` (guidance scales drawn in [1, 2 W - 1]) and `--method lcm-lora` (the
-   teacher guided at W; rank 16) with cmkit.
+   teacher guided at W; rank 16) with cmkit, and `lcm` once more with the w projection randomly
+   initialised as the reference scripts leave it (cmkit starts it at zero).
 5. `cmkit eval`: FD of decoded samples against held-out images, and prompt agreement (cmkit's
    Fashion-MNIST classifier on each image generated for a held-out image's caption, against that
    image's class), for the teacher (Heun, 25 steps, guidance W) and the students at 1, 2 and 4
@@ -43,8 +44,13 @@ WORDS = ["a", "photo", "of", "-", *sorted({w for name in FASHION_MNIST_CLASSES f
 TEMPLATE = "a photo of a {class}"
 
 
-def cmkit_cli(*args) -> None:
-    subprocess.run([sys.executable, "-m", "cmkit", *map(str, args)], check=True)
+def cmkit_cli(*args, reference_w_init: bool = False) -> None:
+    """``cmkit ARGS`` in a subprocess (with ``reference_w_init``: the w projection randomly
+    initialised, as the reference scripts leave it, instead of cmkit's zero)."""
+    code = "import sys, cmkit.cli, cmkit.nets.diffusers_text_unet as u; "
+    code += "u.ZERO_W_INIT = False; " if reference_w_init else ""
+    code += "sys.exit(cmkit.cli.main(sys.argv[1:]))"
+    subprocess.run([sys.executable, "-c", code, *map(str, args)], check=True)
 
 
 def train_vae(images: torch.Tensor, steps: int, batch: int, seed: int):
@@ -174,6 +180,7 @@ def main() -> None:
     from diffusers import AutoencoderKL
     recon = reconstruction_fd(AutoencoderKL.from_pretrained(str(teacher / "vae")), latents)
     students = {"lcm": ["--guidance", f"1,{2 * W - 1:g}"],
+                "lcm-random-w": ["--guidance", f"1,{2 * W - 1:g}"],
                 "lcm-lora": ["--guidance", f"{W:g},{W:g}", "--set", "objective.lora_rank=16", "--set",
                              "objective.lora_alpha=16", "--set", "train.lr=1e-3"]}
     for method, extra in students.items():
@@ -181,11 +188,14 @@ def main() -> None:
         if args.reuse and (run / "config.json").is_file():
             continue
         start = time.perf_counter()
-        cmkit_cli("train", "--method", method, "--teacher", teacher, "--data", latents, "--steps", args.student_steps,
-                  "--batch-size", args.batch, "--seed", args.seed, "--out", run, "--force", "--quiet", *extra)
+        cmkit_cli("train", "--method", method.removesuffix("-random-w"), "--teacher", teacher, "--data", latents,
+                  "--steps", args.student_steps, "--batch-size", args.batch, "--seed", args.seed, "--out", run,
+                  "--force", "--quiet", *extra,
+                  reference_w_init=method.endswith("-random-w"))
         timings[method] = time.perf_counter() - start
     rows = []
     evals = [("teacher (Heun, guided)", teacher, [25], W), ("lcm", out / "lcm", [1, 2, 4], W),
+             ("lcm, the reference's random w init", out / "lcm-random-w", [1, 2, 4], W),
              ("lcm-lora", out / "lcm-lora", [1, 2, 4], None)]
     for label, path, steps, guidance in evals:
         result = evaluate_run(str(path), data=str(latents), steps=steps, n=args.n, seed=args.seed,

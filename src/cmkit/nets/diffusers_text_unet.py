@@ -22,6 +22,9 @@ from ..condition import GUIDANCE, TEXT, as_condition
 from .diffusers_unet import _PRIVATE
 
 LCM_TIME_COND_DIM = 256  # the w embedding's width in LCM's reference scripts (--unet_time_cond_proj_dim)
+# The w projection a student adds starts at zero (the student starts as its teacher). False: torch's
+# default random init, as the reference scripts leave it (bench/latent_fmnist.py measures both).
+ZERO_W_INIT = True
 
 
 def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
@@ -88,7 +91,8 @@ class DiffusersTextUNet(nn.Module):
             config["time_cond_proj_dim"] = LCM_TIME_COND_DIM
             state = None if isinstance(unet, dict) else unet.state_dict()
             unet = UNet2DConditionModel.from_config(config)
-            nn.init.zeros_(unet.time_embedding.cond_proj.weight)
+            if ZERO_W_INIT:
+                nn.init.zeros_(unet.time_embedding.cond_proj.weight)
             if state is not None:
                 unet.load_state_dict(state, strict=False)
         elif isinstance(unet, dict):
