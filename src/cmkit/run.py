@@ -216,7 +216,8 @@ class Run:
             raise CmkitError(f"--prompt: {e}") from None
         distinct = sorted(set(prompts))  # each prompt encoded once (eval passes one per sample)
         table = self.prompts(distinct).cpu()
-        rows = torch.tensor([distinct.index(p) for p in prompts])
+        row = {p: i for i, p in enumerate(distinct)}
+        rows = torch.tensor([row[p] for p in prompts])
         return Condition(text=table[rows[torch.arange(n) % len(prompts)]])
 
     def labels(self, spec, n: int, seed: int = 0) -> torch.Tensor | None:

@@ -116,13 +116,16 @@ class PromptEncoder(nn.Module):
         return ids
 
     @torch.no_grad()
-    def forward(self, prompts: list[str]) -> torch.Tensor:
+    def forward(self, prompts: list[str], batch_size: int = 256) -> torch.Tensor:
         device = next(self.text_encoder.parameters()).device
         ids = self.token_ids(prompts).to(device)
-        mask = None
-        if getattr(self.text_encoder.config, "use_attention_mask", False):
-            mask = (ids != self.tokenizer.pad_token_id).long()
-        return self.text_encoder(ids, attention_mask=mask)[0].float()
+        out = []
+        for part in ids.split(batch_size):
+            mask = None
+            if getattr(self.text_encoder.config, "use_attention_mask", False):
+                mask = (part != self.tokenizer.pad_token_id).long()
+            out.append(self.text_encoder(part, attention_mask=mask)[0].float())
+        return torch.cat(out)
 
     def null(self) -> torch.Tensor:
         """(1, L, D): the empty prompt, the unconditional input of classifier-free guidance."""

@@ -163,7 +163,7 @@ def encode_source(source: str, out: str | Path, *, pipeline: str | Path | None =
         row = {text: i for i, text in enumerate(distinct)}
         tensors["train_text_ids"] = torch.tensor([row[t] for t in texts[0]], dtype=torch.long)
         tensors["holdout_text_ids"] = torch.tensor([row[t] for t in texts[1]], dtype=torch.long)
-        tensors["text_table"] = torch.cat([encoder(distinct[i:i + 256]) for i in range(0, len(distinct), 256)])
+        tensors["text_table"] = encoder(distinct)
         tensors["null_text"] = encoder.null()
     meta = {"format": FORMAT, "version": 1, "source": source if not Path(source).exists() else
             str(Path(source).resolve()), "source_fingerprint": data.fingerprint(),
