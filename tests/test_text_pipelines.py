@@ -293,9 +293,14 @@ def test_cmkit_methods_train_on_a_vae_only_latent_set(tmp_path, sd, capsys):
     assert np.abs(images.astype(int) - ((decoded + 1) * 127.5).clamp(0, 255).round().numpy()).max() <= 1
     assert cli("train", "--method", "ect", "--init", run_dir, "--data", latents, "--steps", 2, "--out",
                tmp_path / "ect", *FAST) == 0
-    # Not built yet, so refused in one line: ONNX export of latent runs.
+    # Not built yet, so refused in one line: ONNX export and editing of latent runs.
     assert cli("export", "onnx", "--checkpoint", tmp_path / "ect", "--out", tmp_path / "m.onnx", "--quiet") == 2
     assert "latent run" in capsys.readouterr().err
+    np.save(tmp_path / "noisy.npy", images[:1])
+    assert cli("edit", "denoise", "--checkpoint", tmp_path / "ect", "--input", tmp_path / "noisy.npy", "--sigma",
+               0.5, "--out", tmp_path / "d.png", "--quiet") == 2
+    err = capsys.readouterr().err.strip()
+    assert "generates latents" in err and len(err.splitlines()) == 1 and not (tmp_path / "d.png").exists()
 
 
 LORA = ["--set", "objective.lora_rank=4", "--set", "objective.lora_alpha=8"]  # alpha != rank: the scale travels

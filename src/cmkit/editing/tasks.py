@@ -60,6 +60,9 @@ def edit_labels(run, spec, inputs: int, n: int = 1, seed: int = 0) -> torch.Tens
 def _require_images(run, task: str) -> None:
     if not run.is_image:
         raise CmkitError(f"{task} needs an image model; {run.path} was trained on vectors")
+    if getattr(run, "is_latent", False):  # the constraints hold in pixels; the model works in latents
+        raise CmkitError(f"{task} works on pixel-space models; {run.path} generates latents that its VAE decodes "
+                         "(editing through the VAE is not built yet)")
 
 
 def _check_batch(run, images: np.ndarray, task: str, channels: int | None = None) -> torch.Tensor:
