@@ -35,7 +35,8 @@ def test_prompts_through_the_api(teacher):
     run = cmkit.load_run(teacher)
     with local_client(create_app(run, limits=Limits(max_n=8))) as c:
         info = c.get("/api/info").json()
-        assert info["prompt"]["max_tokens"] == 8 and info["shape"] == [1, 8, 8] and info["edit_tasks"] == []
+        assert info["prompt"]["max_tokens"] == 8 and info["shape"] == [1, 8, 8]
+        assert info["edit_tasks"] == ["inpaint", "stroke"]  # through the VAE; the others constrain pixels
         body = {"n": 3, "seed": 4, "steps": 2, "guidance": 3.0, "prompt": PROMPT, "format": "json"}
         out = c.post("/api/generate", json=body)
         assert out.status_code == 200, out.text
@@ -48,8 +49,7 @@ def test_prompts_through_the_api(teacher):
                                    (7, 400, "string")]:
             r = c.post("/api/generate", json={**body, "prompt": bad})
             assert r.status_code == status and words in r.json()["error"], r.text
-        files = {"image": ("i.png", b"\x89PNG"), "mask": ("m.png", b"\x89PNG")}
-        r = c.post("/api/edit/inpaint", files=files)
+        r = c.post("/api/edit/colorize", files={"image": ("i.png", b"\x89PNG")})
         assert r.status_code == 400 and "latents" in r.json()["error"]
 
 

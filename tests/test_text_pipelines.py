@@ -293,7 +293,18 @@ def test_cmkit_methods_train_on_a_vae_only_latent_set(tmp_path, sd, capsys):
     assert np.abs(images.astype(int) - ((decoded + 1) * 127.5).clamp(0, 255).round().numpy()).max() <= 1
     assert cli("train", "--method", "ect", "--init", run_dir, "--data", latents, "--steps", 2, "--out",
                tmp_path / "ect", *FAST) == 0
-    # Not built yet, so refused in one line: ONNX export and editing of latent runs.
+    # Inpainting through the VAE: the known pixels are the input's exactly, the hole is the model's.
+    from cmkit.editing import tasks
+    student = cmkit.load_run(tmp_path / "ect")
+    inputs = cached["holdout_images"][:2].numpy()
+    hole = np.zeros((8, 8), bool)
+    hole[2:6, 1:5] = True
+    filled = tasks.inpaint(student, inputs, hole, n=2, seed=1, class_labels="3")
+    assert filled.shape == (4, 1, 8, 8)
+    assert np.array_equal(filled[:, :, ~hole], np.repeat(inputs, 2, axis=0)[:, :, ~hole])
+    assert not np.array_equal(filled[0, :, hole], filled[1, :, hole])  # two variations of input 0
+    assert tasks.stroke(student, inputs, seed=1, class_labels="3").shape == (2, 1, 8, 8)
+    # Not built yet, so refused in one line: ONNX export of latent runs, and pixel-constraint edits.
     assert cli("export", "onnx", "--checkpoint", tmp_path / "ect", "--out", tmp_path / "m.onnx", "--quiet") == 2
     assert "latent run" in capsys.readouterr().err
     np.save(tmp_path / "noisy.npy", images[:1])

@@ -115,6 +115,15 @@ class LatentScaler:
         self.image_shape = tuple(state["image_shape"])
         self.codec = codec
 
+    def to_model(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 images (N, C, H, W) -> latents (the editing tasks' input)."""
+        return self.codec.encode(images).to(next(self.codec.parameters()).device)
+
+    def latent_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """A pixel mask (N, 1, H, W; 1 = to fill) on the latent grid: a latent cell is filled when
+        any pixel it covers is."""
+        return torch.nn.functional.max_pool2d(mask.float(), self.codec.factor)
+
     def to_data(self, x: torch.Tensor, batch_size: int = 64) -> np.ndarray:
         parts = [self.codec.decode_tensor(x[i:i + batch_size].to(next(self.codec.parameters()).device))
                  for i in range(0, len(x), batch_size)]

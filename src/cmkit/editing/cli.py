@@ -98,7 +98,7 @@ def _fit_size(run, images: np.ndarray) -> np.ndarray:
     data to a square resolution and ``images`` are another size."""
     from ..data.images import fit_resolution
 
-    h, w = run.shape[1:]
+    h, w = run.image_shape[1:]
     data = run.config.get("data", {})
     if tuple(images.shape[2:]) == (h, w) or data.get("resolution") != h or h != w:
         return images
@@ -174,7 +174,7 @@ def _channels_only(run, images: np.ndarray) -> np.ndarray:
     """The model's channels: RGB -> grey by luma; grey -> RGB is an error (colorize does that)."""
     from .operators import LUMA
 
-    c = run.shape[0]
+    c = run.image_shape[0]
     if images.shape[1] == 3 and c == 1:
         luma = np.tensordot(np.array(LUMA), images.astype(np.float64), axes=([0], [1]))
         return np.clip(np.round(luma), 0, 255).astype(np.uint8)[:, None]

@@ -57,19 +57,28 @@ def edit_labels(run, spec, inputs: int, n: int = 1, seed: int = 0) -> torch.Tens
     return None if labels is None else labels.repeat_interleave(n)
 
 
-def _require_images(run, task: str) -> None:
+LATENT_TASKS = ("inpaint", "stroke")  # what a latent model edits through its VAE (the others constrain pixels)
+
+
+def _require_images(run, task: str, latent: bool = False) -> None:
+    """An image model; a latent one only for the tasks that work through its VAE (``latent``)."""
     if not run.is_image:
         raise CmkitError(f"{task} needs an image model; {run.path} was trained on vectors")
-    if getattr(run, "is_latent", False):  # the constraints hold in pixels; the model works in latents
+    if getattr(run, "is_latent", False) and not latent:  # its constraint is on pixels, the model on latents
         raise CmkitError(f"{task} works on pixel-space models; {run.path} generates latents that its VAE decodes "
-                         "(editing through the VAE is not built yet)")
+                         f"(it takes {' and '.join(LATENT_TASKS)})")
+
+
+def _image_shape(run) -> tuple[int, int, int]:
+    """What the edited images are: the decoded images' shape for a latent run."""
+    return tuple(getattr(run, "image_shape", run.shape))
 
 
 def _check_batch(run, images: np.ndarray, task: str, channels: int | None = None) -> torch.Tensor:
     images = np.asarray(images)
     if images.dtype != np.uint8 or images.ndim != 4:
         raise CmkitError(f"{task}: expected uint8 images (N, C, H, W), got {images.dtype} {images.shape}")
-    c, h, w = run.shape
+    c, h, w = _image_shape(run)
     want = (channels or c, h, w)
     if tuple(images.shape[1:]) != want:
         raise CmkitError(f"{task}: the input is {len(images)} image(s) of {images.shape[2]}x{images.shape[3]} "
@@ -91,9 +100,10 @@ def _run_edit(run, y: torch.Tensor, *, sigmas, operator=None, mask=None, n: int 
     if mask is not None and mask.shape[0] > 1:
         mask = mask.repeat_interleave(n, 0)
     gen = torch.Generator().manual_seed(seed)
+    clip = None if getattr(run, "is_latent", False) else (-1.0, 1.0)  # latents have no fixed range
     try:
         x = edit(model, y, sigmas, operator=operator, mask=None if mask is None else mask.to(run.device),
-                 sigma_min=run.noise_range.sigma_min, generator=gen, clip=(-1.0, 1.0),
+                 sigma_min=run.noise_range.sigma_min, generator=gen, clip=clip,
                  condition=Condition(labels=labels).to(run.device))
     except ValueError as e:
         raise CmkitError(str(e)) from None
@@ -102,19 +112,32 @@ def _run_edit(run, y: torch.Tensor, *, sigmas, operator=None, mask=None, n: int 
 
 def inpaint(run, images: np.ndarray, mask: np.ndarray, *, sigmas=None, steps: int = EDIT_STEPS, n: int = 1,
             seed: int = 0, **cond) -> np.ndarray:
-    """Fill the pixels where ``mask`` (bool (H, W) or (N, 1, H, W); True = unknown) is set."""
-    _require_images(run, "inpainting")
-    y = run.scaler.to_model(_check_batch(run, images, "inpainting"))
+    """Fill the pixels where ``mask`` (bool (H, W) or (N, 1, H, W); True = unknown) is set.
+
+    A latent model fills the latent cells that cover a masked pixel, from the input's latents with
+    the hole mid-grey; the decoded result then takes the input's own pixels outside the mask, so
+    the known pixels stay exact there too."""
+    _require_images(run, "inpainting", latent=True)
+    pixels = _check_batch(run, images, "inpainting")
     mask = torch.as_tensor(np.asarray(mask, dtype=bool))
-    h, w = run.shape[1:]
+    h, w = _image_shape(run)[1:]
     if mask.ndim == 2:
         mask = mask[None, None]
-    if mask.ndim != 4 or tuple(mask.shape[2:]) != (h, w) or mask.shape[1] != 1 or mask.shape[0] not in (1, len(y)):
+    if mask.ndim != 4 or tuple(mask.shape[2:]) != (h, w) or mask.shape[1] != 1 or mask.shape[0] not in (1, len(pixels)):
         raise CmkitError(f"inpainting: the mask must be {h}x{w} (the model's size), got {tuple(mask.shape)}")
-    mask = mask.float()
-    y = y * (1 - mask)  # the hole starts as mid-grey, not as whatever the input had there
-    return _run_edit(run, y, sigmas=sigmas or default_edit_sigmas(run, steps), operator=Identity(), mask=mask,
-                     n=n, seed=seed, **cond)
+    if not getattr(run, "is_latent", False):
+        mask = mask.float()
+        y = run.scaler.to_model(pixels) * (1 - mask)  # the hole starts as mid-grey, not as what the input had
+        return _run_edit(run, y, sigmas=sigmas or default_edit_sigmas(run, steps), operator=Identity(), mask=mask,
+                         n=n, seed=seed, **cond)
+    grey = torch.where(mask, torch.full_like(pixels, 128), pixels)
+    cells = run.scaler.latent_mask(mask)
+    y = run.scaler.to_model(grey) * (1 - cells.to(run.device))
+    out = _run_edit(run, y, sigmas=sigmas or default_edit_sigmas(run, steps), operator=Identity(), mask=cells,
+                    n=n, seed=seed, **cond)
+    keep = np.repeat(~mask.numpy(), len(pixels) * n // len(mask), axis=0)
+    inputs = np.repeat(pixels.numpy(), n, axis=0)
+    return np.where(np.broadcast_to(keep, out.shape), inputs, out)
 
 
 def colorize(run, images: np.ndarray, *, sigmas=None, steps: int = EDIT_STEPS, n: int = 1, seed: int = 0,
@@ -166,8 +189,9 @@ def downscale(images: np.ndarray, factor: int) -> np.ndarray:
 
 
 def stroke(run, images: np.ndarray, *, sigmas=STROKE_SIGMAS, n: int = 1, seed: int = 0, **cond) -> np.ndarray:
-    """SDEdit: a stroke painting, noised to sigmas[0], becomes a realistic image."""
-    _require_images(run, "stroke editing")
+    """SDEdit: a stroke painting, noised to sigmas[0], becomes a realistic image (a latent model:
+    the painting's latents)."""
+    _require_images(run, "stroke editing", latent=True)
     y = run.scaler.to_model(_check_batch(run, images, "stroke editing"))
     return _run_edit(run, y, sigmas=list(sigmas), n=n, seed=seed, **cond)
 

@@ -48,6 +48,7 @@ from starlette.exceptions import HTTPException
 from ..errors import CmkitError
 from ..text import MAX_PROMPT_CHARS
 from .batcher import Busy, MicroBatcher
+from ..editing.tasks import LATENT_TASKS
 from .engine import EDIT_TASKS, Engine, Limits
 from .guard import Access, Guard
 from .metrics import ServeMetrics
@@ -234,7 +235,7 @@ def create_app(run, *, limits: Limits = Limits(), access: Access = Access(), win
                 "num_classes": run.num_classes, "class_names": run.class_names,
                 "has_null_label": run.has_null_label, "guidance_range": run.guidance_range,
                 "is_diffusion": run.is_diffusion, "limits": limits.__dict__,
-                "edit_tasks": [] if run.is_latent else list(EDIT_TASKS)}
+                "edit_tasks": [t for t in EDIT_TASKS if not run.is_latent or t in LATENT_TASKS]}
 
     @app.post("/api/generate")
     async def generate(req: GenerateRequest):

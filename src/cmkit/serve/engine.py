@@ -130,14 +130,16 @@ class Engine:
         run, limits = self.run, self.limits
         if task not in EDIT_TASKS:
             raise CmkitError(f"unknown task {task!r}; tasks: {', '.join(EDIT_TASKS)}")
-        if not run.is_image or run.is_latent:
-            raise CmkitError("editing needs a pixel-space image model" + ("; this one generates latents"
-                                                                           if run.is_latent else ""))
+        if not run.is_image:
+            raise CmkitError("editing needs an image model")
+        if run.is_latent and task not in tasks.LATENT_TASKS:
+            raise CmkitError(f"{task} works on pixel-space models; this one generates latents (it takes "
+                             f"{' and '.join(tasks.LATENT_TASKS)})")
         spec = tasks.TASKS[task]
         n = check_int("n", n, 1, limits.max_n)
         seed = check_seed(seed)
         steps = None if steps is None else check_int("steps", steps, 1, limits.max_edit_steps)
-        c, h, w = run.shape
+        c, h, w = run.image_shape
         size = (h, w)
         if spec.factor:
             factor = check_int("factor", factor, 2, h)
