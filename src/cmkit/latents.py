@@ -13,7 +13,6 @@ Grey images through a colour VAE are repeated to three channels and decoded back
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -21,17 +20,10 @@ import torch
 from torch import nn
 
 from .errors import CmkitError
+from .safe_io import file_sha256
 from .text import refuse_pickles
 
 VAE_WEIGHTS = "diffusion_pytorch_model.safetensors"
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class LatentCodec(nn.Module):

@@ -7,6 +7,7 @@ file can be broken into one CmkitError naming the file. Nothing here unpickles.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -189,3 +190,12 @@ def _first_line(e: BaseException) -> str:
     at 0x7f...>"): they name nothing the user knows."""
     text = re.sub(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>", "", str(e)).strip()
     return text.splitlines()[0] if text else e.__class__.__name__
+
+
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file, read in 1 MB blocks (weights files are gigabytes)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -38,7 +38,8 @@ from .data.latent_cache import copy_components, latent_scaler
 from .data.loader import PlannedBatches, default_workers
 from .data.streams import StreamedImages
 from .errors import CmkitError, Stopped, warn
-from .latents import LatentCodec, file_sha256
+from .latents import LatentCodec
+from .safe_io import file_sha256
 from .guidance import GuidanceInput, default_guidance
 from .nets import load_backbone_weights
 from .nets.diffusers_text_unet import save_lora
@@ -403,7 +404,7 @@ class Trainer:
         self.x_train = (data.train if self.streamed else data.train.to(self.device) if self.images or self.latent
                         else Standardizer.from_state(config["standardizer"]).to_model(data.train))
         # Prompts: a caption index per latent and one embedding per distinct caption (and the empty one).
-        self.text_ids = self.text_table = self.null_text = None
+        self.text_ids = self.text_table = self.null_text = self.grid_decoder = None
         if "text_shape" in config["model"]:
             self.text_ids, self.text_table = data.train_text_ids.to(self.device), data.text_table.to(self.device)
             self.null_text = data.null_text.to(self.device)
@@ -589,8 +590,10 @@ class Trainer:
                      is_diffusion=diffusion, n=GRID_SAMPLES, seed=GRID_SEED, sigma_min=noise_range.sigma_min,
                      condition=Condition(labels=labels, text=text))
         what = "EMA, Heun 35 NFE" if diffusion else "EMA, 1 step"
-        if self.latent:  # decoded by the run's own VAE (the data set's, copied into the run)
-            images = latent_scaler(self.config["standardizer"], self.config["data"]["name"]).to_data(x)
+        if self.latent:  # decoded by the data set's VAE (the one copied into the run), loaded once
+            if self.grid_decoder is None:
+                self.grid_decoder = latent_scaler(self.config["standardizer"], self.config["data"]["name"])
+            images = self.grid_decoder.to_data(x)
         else:
             images = ImageScaler.to_data(x)
         save_image_grid(images, path, title=f"{self.config['method']} {path.stem}: {what}")

@@ -31,6 +31,12 @@ FASHION_MNIST_CLASSES = ("t-shirt", "trouser", "pullover", "dress", "coat", "san
                          "ankle-boot")
 
 
+def holdout_fingerprint(holdout_keys, total: int) -> dict:
+    """A source's identity as runs record it: its image count and a digest of its held-out keys."""
+    digest = hashlib.sha256("\n".join(str(k) for k in holdout_keys).encode()).hexdigest()
+    return {"images": total, "holdout_sha256": digest}
+
+
 @dataclass
 class ImageData:
     name: str
@@ -48,8 +54,7 @@ class ImageData:
         (new or removed images would move the held-out split into the training set)."""
         if self.holdout_keys is None:
             return None
-        digest = hashlib.sha256("\n".join(self.holdout_keys).encode()).hexdigest()
-        return {"images": self.total, "holdout_sha256": digest}
+        return holdout_fingerprint(self.holdout_keys, self.total)
 
     @property
     def shape(self) -> tuple[int, int, int]:

@@ -26,11 +26,12 @@ from pathlib import Path
 import torch
 
 from ..errors import CmkitError
-from ..latents import LatentCodec, LatentScaler, file_sha256
-from ..safe_io import read_json
+from ..latents import LatentCodec, LatentScaler
+from ..safe_io import file_sha256, read_json
 from ..text import PromptEncoder
 from .captions import source_captions, template_captions
 from .files import holdout_split
+from .images import count_classes, holdout_fingerprint
 
 INDEX, TENSORS = "latents.json", "latents.safetensors"
 FORMAT = "cmkit-latents"
@@ -70,11 +71,7 @@ class LatentData:
     def captions(self) -> list[str] | None:
         return self.meta.get("captions")
 
-    @property
-    def num_classes(self) -> int | None:
-        if self.train_labels is None:
-            return None
-        return int(max(self.train_labels.max(), self.holdout_labels.max() if len(self.holdout_labels) else 0)) + 1
+    num_classes = property(lambda self: count_classes(self.train_labels, self.holdout_labels))
 
     def fingerprint(self) -> dict:
         """The cache's identity: its source's fingerprint and its tensors' digest."""
@@ -83,10 +80,6 @@ class LatentData:
     def scaler_state(self) -> dict:
         return {"kind": "latent", "shape": list(self.shape), "image_shape": list(self.image_shape),
                 "scaling_factor": self.meta["scaling_factor"], "shift_factor": self.meta["shift_factor"]}
-
-    @property
-    def components(self) -> Path:
-        return Path(self.name)
 
 
 def _copy_component(src: Path, dst: Path) -> None:
@@ -111,7 +104,7 @@ def encode_source(source: str, out: str | Path, *, pipeline: str | Path | None =
     """Encode ``source`` into a latent cache at ``out`` with ``pipeline``'s components (or a bare
     ``vae`` folder: latents without text). ``captions``: read the source's captions (default: when
     a text encoder is at hand); ``caption_template``: make them from class names instead."""
-    from . import load_images
+    from . import is_builtin, load_images
     from .streams import is_stream_source, open_source
 
     out = Path(out)
@@ -128,7 +121,6 @@ def encode_source(source: str, out: str | Path, *, pipeline: str | Path | None =
         captions = has_text
     if (captions or caption_template) and not has_text:
         raise CmkitError("captions need a text encoder: pass --pipeline FOLDER with tokenizer/ and text_encoder/")
-    from . import is_builtin
     # Built-in sets are in memory already; a user's source is decoded one batch at a time.
     data = load_images(source, resolution=resolution, fit=fit, holdout_fraction=holdout_fraction, seed=seed,
                        stream="never" if is_builtin(source) else "always")
@@ -199,7 +191,7 @@ def _write(out: Path, tensors: dict, meta: dict, text_folder: Path | None, vae_d
     return out
 
 
-def load_latent_cache(name: str | Path, *, check_source: bool = True) -> LatentData:
+def load_latent_cache(name: str | Path) -> LatentData:
     """A latent cache, refused if its source changed since it was encoded."""
     from safetensors.torch import load_file
 
@@ -209,7 +201,7 @@ def load_latent_cache(name: str | Path, *, check_source: bool = True) -> LatentD
         raise CmkitError(f"{folder / INDEX} is not a cmkit latent cache index")
     if file_sha256(folder / TENSORS) != meta.get("latents_sha256"):
         raise CmkitError(f"{folder / TENSORS} changed since it was written: encode the source again")
-    if check_source and meta.get("source_fingerprint"):
+    if meta.get("source_fingerprint"):
         _check_source(meta)
     try:
         t = load_file(str(folder / TENSORS))
@@ -230,9 +222,7 @@ def _check_source(meta: dict) -> None:
         return
     opened = open_source(source)
     rows = holdout_split(len(opened), meta["holdout_fraction"], meta["seed"], source, "images")[1]
-    import hashlib
-    digest = hashlib.sha256("\n".join(str(opened.keys[r]) for r in rows).encode()).hexdigest()
-    if {"images": len(opened), "holdout_sha256": digest} != meta["source_fingerprint"]:
+    if holdout_fingerprint([opened.keys[r] for r in rows], len(opened)) != meta["source_fingerprint"]:
         raise CmkitError(f"{source} changed since this latent cache was encoded ({meta['source_fingerprint']['images']} "
                          f"images then, {len(opened)} now, or other held-out images): encode it again")
 

@@ -9,7 +9,6 @@ reproduce, and >= 90% accurate on Fashion-MNIST's test set (tests/test_image_met
 
 from __future__ import annotations
 
-import hashlib
 import math
 from importlib import resources
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CmkitError
+from ..safe_io import file_sha256
 
 WEIGHTS_NAME = "fmnist_classifier.safetensors"
 WEIGHTS_SHA256 = "09ea81a9644efeae33b36d857553b801b854beea301ec069c4f8e7445783747d"
@@ -69,10 +69,6 @@ def preprocess(images: torch.Tensor | np.ndarray, native_size: int | None = None
     return x / 127.5 - 1
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def default_weights_path() -> Path:
     return Path(str(resources.files("cmkit.metrics").joinpath(WEIGHTS_NAME)))
 
@@ -85,7 +81,7 @@ def load_classifier(path: str | Path | None = None, *, check: bool = True) -> Fe
     path = Path(path) if path else default_weights_path()
     if not path.is_file():
         raise CmkitError(f"classifier weights not found: {path}")
-    if check and path == default_weights_path() and _sha256(path) != WEIGHTS_SHA256:
+    if check and path == default_weights_path() and file_sha256(path) != WEIGHTS_SHA256:
         raise CmkitError(f"{path} does not match its pinned SHA-256; reinstall cmkit or retrain it with "
                          "'cmkit train-classifier'")
     model = FeatureClassifier()
@@ -157,4 +153,4 @@ def train_classifier(out: str | Path, *, root: str | None = None, epochs: int = 
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
     tmp.replace(out)
     return {"test_accuracy": accuracy(model, torch.from_numpy(test_x)[:, None], test_y.astype(np.int64)),
-            "sha256": _sha256(out), "path": str(out)}
+            "sha256": file_sha256(out), "path": str(out)}

@@ -52,12 +52,15 @@ class LatentConsistencyDistillationLoss(ConsistencyDistillationLoss):
         return draws
 
 
-def _build(config: dict, teacher):
-    if getattr(teacher, "table", None) is None:
-        raise CmkitError("lcm distils a discrete-time teacher (a diffusers DDPM-family folder: its grid is the "
-                         "scheduler's timesteps); distil a cmkit edm teacher with cd")
-    return LatentConsistencyDistillationLoss(teacher, noise_config(config),
-                                             **objective_options(config, "init_from_teacher"))
+def _builder(objective: type, *own: str):
+    """The build function of an LCM method: ``objective`` on the teacher, from the objective
+    section less the keys that are not the loss's (``own``: settings resolved elsewhere)."""
+    def build(config: dict, teacher):
+        if getattr(teacher, "table", None) is None:
+            raise CmkitError(f"{config['method']} distils a discrete-time teacher (a diffusers DDPM-family folder: its "
+                             "grid is the scheduler's timesteps); distil a cmkit edm teacher with cd")
+        return objective(teacher, noise_config(config), **objective_options(config, "init_from_teacher", *own))
+    return build
 
 
 register(MethodSpec(
@@ -67,7 +70,7 @@ register(MethodSpec(
     objective=LatentConsistencyDistillationLoss, wrapper=LCMFunction, teacher=True, starts_from_teacher=True,
     guided=True, whole_table=True,
     nullable={"objective.huber_c": float, "objective.guidance": list},
-    build=_build))
+    build=_builder(LatentConsistencyDistillationLoss)))
 
 
 # LCM-LoRA (Luo et al. 2023b, "LCM-LoRA: a universal Stable-Diffusion acceleration module"): the same
@@ -128,11 +131,6 @@ def _resolve_lora(config: dict) -> dict:
     return out
 
 
-def _build_lora(config: dict, teacher):
-    return LatentConsistencyLoRALoss(teacher, noise_config(config),
-                                     **objective_options(config, "init_from_teacher", *LORA_KEYS))
-
-
 register(MethodSpec(
     name="lcm-lora", summary="LCM with LoRA adapters on a Stable-Diffusion-family --teacher (the base UNet with the "
                              "adapters off is the teacher; saves pytorch_lora_weights.safetensors)",
@@ -140,4 +138,4 @@ register(MethodSpec(
     objective=LatentConsistencyLoRALoss, wrapper=LCMFunction, teacher=True, starts_from_teacher=True,
     guided=True, whole_table=True, teacher_view=_teacher_view, resolve=_resolve_lora,
     nullable={"objective.huber_c": float, "objective.guidance": list},
-    build=_build_lora))
+    build=_builder(LatentConsistencyLoRALoss, *LORA_KEYS)))
