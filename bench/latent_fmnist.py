@@ -37,7 +37,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from cmkit.data import FASHION_MNIST_CLASSES, load_images  # noqa: E402
+from cmkit.data import FASHION_MNIST_CLASSES, load_images, load_latent_cache  # noqa: E402
 from cmkit.evaluate import ImageScorer, evaluate_run  # noqa: E402
 
 WORDS = ["a", "photo", "of", "-", *sorted({w for name in FASHION_MNIST_CLASSES for w in name.split("-")})]
@@ -95,10 +95,8 @@ def train_teacher(latents: Path, steps: int, batch: int, seed: int):
     """diffusers' text-to-image recipe on the cached latents and caption embeddings: (EMA UNet, scheduler)."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from diffusers.training_utils import EMAModel
-    from safetensors.torch import load_file
-
-    cache = load_file(str(latents / "latents.safetensors"))
-    x, ids, table, null = cache["train"], cache["train_text_ids"], cache["text_table"], cache["null_text"]
+    cache = load_latent_cache(latents, stream="never")
+    x, ids, table, null = cache.train, cache.train_text_ids, cache.text_table, cache.null_text
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
                                 block_out_channels=(64, 128), cross_attention_dim=32, attention_head_dim=8,
@@ -128,10 +126,7 @@ def train_teacher(latents: Path, steps: int, batch: int, seed: int):
 
 
 def reconstruction_fd(vae, latents: Path) -> float:
-    from safetensors.torch import load_file
-
-    cache = load_file(str(latents / "latents.safetensors"))
-    images = cache["holdout_images"][:2000]
+    images = load_latent_cache(latents).holdout_images[:2000]
     with torch.no_grad():
         mean = torch.cat([vae.encode(images[i:i + 500].float() / 127.5 - 1).latent_dist.mean
                           for i in range(0, len(images), 500)])

@@ -51,6 +51,15 @@ def train_and_resume(args, tmp_path):
     return whole, split
 
 
+def cache_tensors(path) -> dict:
+    """Everything a latent cache holds as tensors: its latents and held-out images, and its tables."""
+    from safetensors.torch import load_file
+    from cmkit.data import load_latent_cache
+    data = load_latent_cache(path, stream="never")
+    return {"train": data.train, "holdout": data.holdout[:], "holdout_images": data.holdout_images[:],
+            **load_file(str(path / "tables.safetensors"))}
+
+
 def ref_guidance_embedding(w, embedding_dim=512):
     """guidance_scale_embedding of the reference script (VDM's sinusoidal embedding of 1000 w)."""
     w = w * 1000.0
@@ -184,9 +193,8 @@ def test_captions_from_metadata_and_txt_files_agree(tmp_path, sd):
                "--out", other) == 0
     a, b = (json.loads((p / "latents.json").read_text()) for p in (latents, other))
     assert a["captions"] == b["captions"] == [f"a photo of a digit {n}" for n in ("one", "three", "two", "zero")]
-    from safetensors.torch import load_file
-    ta, tb = (load_file(str(p / "latents.safetensors")) for p in (latents, other))
-    assert all(torch.equal(ta[k], tb[k]) for k in ta)
+    ta, tb = cache_tensors(latents), cache_tensors(other)
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
 def test_a_changed_source_is_refused(tmp_path, sd, capsys):
@@ -201,6 +209,63 @@ def test_a_changed_source_is_refused(tmp_path, sd, capsys):
     err = capsys.readouterr().err.strip()
     assert "changed since this latent cache was encoded" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "run").exists()
+
+
+def test_a_sharded_cache_streams_into_training_bit_for_bit(tmp_path, sd, capsys, monkeypatch):
+    """Latents in many small shards, streamed from them by a worker process reading rows ahead:
+    the run is bit for bit the one that reads them into memory, and resumes bit for bit; a shard
+    whose bytes changed since, or a cache of an older format, is refused in one line."""
+    from cmkit.data.row_shards import ShardedRows
+    folder, whole_cache = sd
+    sharded = tmp_path / "sharded"
+    assert cli("data", "encode", captioned_folder(tmp_path / "images"), "--pipeline", folder, "--out", sharded,
+               "--shard-mb", 0.001) == 0  # 4 rows of 4x4x4 float32 latents per shard
+    meta = json.loads((sharded / "latents.json").read_text())
+    assert [s["rows"] for s in meta["train_shards"]] == [4] * 9 and len(meta["holdout_shards"]) == 2
+    ta, tb = cache_tensors(sharded), cache_tensors(whole_cache)  # the same images: the same cache
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+    args = ["--method", "lcm", "--teacher", folder, "--data", sharded, *FAST]
+    (tmp_path / "streamed").mkdir()
+    with monkeypatch.context() as m:
+        m.setattr(ShardedRows, "materialize", lambda self: pytest.fail("the streamed run read the cache into memory"))
+        streamed, _ = train_and_resume([*args, "--set", "data.stream=always", "--set", "data.workers=1"],
+                                       tmp_path / "streamed")
+    assert cli("train", *args, "--set", "data.stream=never", "--steps", 4, "--out", tmp_path / "memory") == 0
+    digest = lambda p: {k: v for k, v in tree_digest(p).items() if "step-0000004" in k}  # noqa: E731
+    assert digest(streamed) == digest(tmp_path / "memory")
+    shard = sharded / meta["train_shards"][3]["file"]
+    changed = bytearray(shard.read_bytes())
+    changed[-1] ^= 1
+    shard.write_bytes(bytes(changed))
+    err = _refused(capsys, "train", *args, "--steps", 1, "--out", tmp_path / "run")
+    assert f"{shard} changed since it was written" in err and not (tmp_path / "run").exists()
+    meta["version"] = 1
+    (sharded / "latents.json").write_text(json.dumps(meta))
+    assert "encode the source again" in _refused(capsys, "train", *args, "--steps", 1, "--out", tmp_path / "run")
+
+
+def test_captions_encoded_in_each_step_are_the_cached_embeddings(tmp_path, sd):
+    """--text-embeddings encode keeps captions only: training runs the frozen text encoder on each
+    batch's captions and draws what the cached table gives, the empty prompt for dropped captions."""
+    from safetensors.torch import load_file
+    from cmkit.batch_rng import BatchRNG
+    folder, cached = sd
+    encoded = tmp_path / "encoded"
+    assert cli("data", "encode", captioned_folder(tmp_path / "images"), "--pipeline", folder, "--out", encoded,
+               "--text-embeddings", "encode") == 0
+    assert json.loads((encoded / "latents.json").read_text())["text_embeddings"] == "encoded"
+    assert "text_table" not in load_file(str(encoded / "tables.safetensors"))
+    trainers = [Trainer(build_config("lcm", teacher=str(folder), **{"data.name": str(data),
+                                                                   "train.label_dropout": 0.5}))
+                for data in (cached, encoded)]
+    assert trainers[0].prompts is None and trainers[1].text_table is None
+    draws = [t._draw(BatchRNG(torch.Generator().manual_seed(3), start=0, total=16), 16) for t in trainers]
+    dropped = (draws[0][1].text == trainers[0].null_text).flatten(1).all(1)
+    assert 0 < dropped.sum() < 16  # some captions dropped, some kept
+    assert torch.equal(draws[0][0], draws[1][0])
+    torch.testing.assert_close(draws[1][1].text, draws[0][1].text, rtol=1e-5, atol=1e-6)
+    assert cli("train", "--method", "lcm", "--teacher", folder, "--data", encoded, "--steps", 2, "--out",
+               tmp_path / "run", *FAST) == 0
 
 
 def _refused(capsys, *args) -> str:
@@ -264,13 +329,12 @@ def test_cmkit_methods_train_on_a_vae_only_latent_set(tmp_path, sd, capsys):
     """--vae: latents without captions (the digits' labels kept) are data for cmkit's own UNet; the
     cache holds the VAE's posterior mean times its scaling factor, and samples decode through it."""
     from diffusers import AutoencoderKL
-    from safetensors.torch import load_file
     folder, _ = sd
     latents = tmp_path / "latents"
     assert cli("data", "encode", "digits", "--vae", folder / "vae", "--out", latents) == 0
     meta = json.loads((latents / "latents.json").read_text())
     assert meta["captions"] is None and meta["shape"] == [4, 4, 4] and meta["image_shape"] == [1, 8, 8]
-    cached = load_file(str(latents / "latents.safetensors"))
+    cached = cache_tensors(latents)
     vae = AutoencoderKL.from_pretrained(str(folder / "vae"))
     with torch.no_grad():
         mean = vae.encode(cached["holdout_images"][:5].float() / 127.5 - 1).latent_dist.mean
@@ -434,7 +498,6 @@ def test_tar_shards_carry_captions_as_txt_or_json_members(tmp_path, sd):
     assert cli("data", "encode", shard, "--pipeline", folder, "--out", tmp_path / "from-tar") == 0
     a, b = (json.loads((p / "latents.json").read_text()) for p in (latents, tmp_path / "from-tar"))
     assert a["captions"] == b["captions"]
-    from safetensors.torch import load_file
-    ta, tb = (load_file(str(p / "latents.safetensors")) for p in (latents, tmp_path / "from-tar"))
+    ta, tb = cache_tensors(latents), cache_tensors(tmp_path / "from-tar")
     assert torch.equal(ta["train_text_ids"], tb["train_text_ids"])
     torch.testing.assert_close(ta["train"], tb["train"], rtol=1e-5, atol=1e-6)  # the same images, decoded apart

@@ -286,6 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True, help="the latent data set's folder (new)")
     q.add_argument("--caption-template", help="captions from class names, e.g. 'a photo of a {class}'")
     q.add_argument("--no-captions", action="store_true", help="latents only, even with a text encoder at hand")
+    q.add_argument("--text-embeddings", choices=("auto", "cache", "encode"), default="auto",
+                   help="cache one embedding per distinct caption, or encode each batch's captions in training "
+                   "with the frozen text encoder (default auto: cache up to 256 MB of them)")
+    q.add_argument("--shard-mb", type=float, default=256.0, help="the most one latent shard holds (default 256)")
     q.add_argument("--resolution", type=int, help="resize images to this side first")
     q.add_argument("--fit", choices=("pad", "resize"), default="pad", help="how images reach --resolution")
     q.add_argument("--holdout-fraction", type=float, default=0.1, help="held out for eval (default 0.1, as training)")
@@ -654,7 +658,8 @@ def cmd_data(args) -> None:
         out = encode_source(args.source, args.out, pipeline=args.pipeline, vae=args.vae,
                             captions=False if args.no_captions else None, caption_template=args.caption_template,
                             resolution=args.resolution, fit=args.fit, holdout_fraction=args.holdout_fraction,
-                            seed=args.seed, batch_size=args.batch_size, force=args.force)
+                            seed=args.seed, batch_size=args.batch_size, text_embeddings=args.text_embeddings,
+                            shard_mb=args.shard_mb, force=args.force)
         print(f"wrote the latent data set {out}")
         return 0
     if args.data_command == "pack":

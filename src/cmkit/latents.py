@@ -74,21 +74,26 @@ class LatentCodec(nn.Module):
 
     @torch.no_grad()
     def encode(self, images, batch_size: int = 64, progress: bool = False) -> torch.Tensor:
-        """(N, C, H, W) uint8 -> (N, c, h, w) float32 latents in model units. ``images``: a tensor,
-        or anything indexed by a tensor of rows (a `cmkit.data.streams.StreamedImages` decodes
-        only the batch in hand, so memory holds one batch of images)."""
+        """(N, C, H, W) uint8 -> (N, c, h, w) float32 latents in model units."""
+        out = [latents for _, latents in self.encode_batches(images, batch_size, progress)]
+        return torch.cat(out) if out else torch.zeros(0, self.latent_channels, 1, 1)
+
+    @torch.no_grad()
+    def encode_batches(self, images, batch_size: int = 64, progress: bool = False):
+        """(the images, their latents) one batch at a time. ``images``: a tensor, or anything
+        indexed by a tensor of rows (a `cmkit.data.streams.StreamedImages` decodes only the batch in
+        hand, so memory holds one batch of images)."""
         from tqdm.auto import tqdm
 
         device = next(self.vae.parameters()).device
-        out = []
         batches = range(0, len(images), batch_size)
         for start in tqdm(batches, desc="encode", unit="batch", disable=None if progress else True, dynamic_ncols=True):
-            x = images[torch.arange(start, min(start + batch_size, len(images)))].to(device).float() / 127.5 - 1
+            batch = images[torch.arange(start, min(start + batch_size, len(images)))]
+            x = batch.to(device).float() / 127.5 - 1
             if x.shape[1] != self.vae_channels:
                 x = x.expand(-1, self.vae_channels, -1, -1)
             mean = self.vae.encode(x).latent_dist.mean
-            out.append(((mean - self.shift_factor) * self.scaling_factor).float().cpu())
-        return torch.cat(out) if out else torch.zeros(0, self.latent_channels, 1, 1)
+            yield batch, ((mean - self.shift_factor) * self.scaling_factor).float().cpu()
 
     @torch.no_grad()
     def decode_tensor(self, latents: torch.Tensor) -> torch.Tensor:

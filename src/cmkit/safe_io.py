@@ -176,9 +176,9 @@ def read_text(path: str | Path, what: str = "file", max_bytes: int = MAX_JSON_BY
         raise CmkitError(f"{what} {path} is not UTF-8 text (byte {e.start})") from None
 
 
-def read_json(path: str | Path, what: str = "file"):
+def read_json(path: str | Path, what: str = "file", max_bytes: int = MAX_JSON_BYTES):
     """A JSON file's value; every way it can be malformed is one CmkitError."""
-    text = read_text(path, what)
+    text = read_text(path, what, max_bytes)
     try:
         return json.loads(text)
     except (ValueError, RecursionError) as e:

@@ -104,10 +104,12 @@ class PromptEncoder(nn.Module):
         """(L, D): tokens per prompt and the embedding width."""
         return self.max_length, int(self.text_encoder.config.hidden_size)
 
-    def token_ids(self, prompts: list[str]) -> torch.Tensor:
+    def token_ids(self, prompts: list[str], warn_truncated: bool = True) -> torch.Tensor:
         """(n, L) token ids, padded and truncated as the pipelines do; warns about what was cut."""
         ids = self.tokenizer(list(prompts), padding="max_length", max_length=self.max_length, truncation=True,
                              return_tensors="pt").input_ids
+        if not warn_truncated:
+            return ids
         whole = self.tokenizer(list(prompts), padding="longest", return_tensors="pt").input_ids
         if whole.shape[-1] > ids.shape[-1]:
             longest = max(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -116,9 +118,9 @@ class PromptEncoder(nn.Module):
         return ids
 
     @torch.no_grad()
-    def forward(self, prompts: list[str], batch_size: int = 256) -> torch.Tensor:
+    def forward(self, prompts: list[str], batch_size: int = 256, warn_truncated: bool = True) -> torch.Tensor:
         device = next(self.text_encoder.parameters()).device
-        ids = self.token_ids(prompts).to(device)
+        ids = self.token_ids(prompts, warn_truncated).to(device)
         out = []
         for part in ids.split(batch_size):
             mask = None

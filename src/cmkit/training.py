@@ -36,6 +36,7 @@ from .devices import resolve_device
 from .data import ImageData, ImageScaler, LatentData, Standardizer, is_builtin, is_image_source, load_dataset, random_hflip
 from .data.latent_cache import copy_components, latent_scaler
 from .data.loader import PlannedBatches, default_workers
+from .data.row_shards import ShardedRows
 from .data.streams import StreamedImages
 from .errors import CmkitError, Stopped, warn
 from .latents import LatentCodec
@@ -45,6 +46,7 @@ from .nets import load_backbone_weights
 from .nets.diffusers_text_unet import save_lora
 from .objectives import MethodSpec, get_method, methods
 from .plotting import save_image_grid
+from .text import PromptEncoder
 from .run import Run, build_model, default_levels, generate, noise_config
 from .precond import VPDenoiser
 
@@ -251,10 +253,10 @@ def _check_latent_sources(config: dict, data: LatentData, source: Run | None) ->
     """A latent data set against the run it trains from: the same VAE (and text encoder), captions
     exactly when the model takes prompts."""
     text = "text_shape" in config["model"]
-    if text and data.text_table is None:
+    if text and data.captions is None:
         raise CmkitError(f"the model takes prompts, but {data.name} was encoded without captions (cmkit data encode "
                          "--pipeline with a captioned source, or --caption-template)")
-    if not text and data.text_table is not None and config["model"]["backbone"] != "diffusers-text":
+    if not text and data.captions is not None and config["model"]["backbone"] != "diffusers-text":
         warn(f"{data.name} has captions, but this model takes no prompts: it trains unconditionally on them")
     if source is None:
         return
@@ -399,15 +401,20 @@ class Trainer:
         self.optimizer = build_optimizer(params, train_cfg)
         # Vectors are standardised once; images stay uint8 (on the device) until a batch is drawn.
         # A streamed set (StreamedImages) stays on disk: batches come decoded from a PlannedBatches.
-        self.streamed = isinstance(data.train, StreamedImages)
+        self.streamed = isinstance(data.train, (StreamedImages, ShardedRows))
         self.loader, self.bad_images, self.images_read = None, 0, 0
         self.x_train = (data.train if self.streamed else data.train.to(self.device) if self.images or self.latent
                         else Standardizer.from_state(config["standardizer"]).to_model(data.train))
         # Prompts: a caption index per latent and one embedding per distinct caption (and the empty one).
-        self.text_ids = self.text_table = self.null_text = self.grid_decoder = None
+        # Without cached embeddings, each batch's captions go through the frozen text encoder.
+        self.text_ids = self.text_table = self.null_text = self.prompts = self.grid_decoder = None
         if "text_shape" in config["model"]:
-            self.text_ids, self.text_table = data.train_text_ids.to(self.device), data.text_table.to(self.device)
-            self.null_text = data.null_text.to(self.device)
+            self.text_ids, self.null_text = data.train_text_ids.to(self.device), data.null_text.to(self.device)
+            self.captions = data.captions
+            if data.text_table is not None:
+                self.text_table = data.text_table.to(self.device)
+            else:
+                self.prompts = PromptEncoder.from_folder(data.name).to(self.device)
         self.y_train = data.train_labels.to(self.device) if self.num_classes else None
         # Kinds of condition other than the class label that the data carries, one row per sample.
         self.c_train = Condition(getattr(data, "train_conditions", None)).to(self.device)
@@ -514,11 +521,17 @@ class Trainer:
                 drop = (rng.rand(size) < train_cfg["label_dropout"]).to(self.device)
                 labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
         if self.text_ids is not None:
-            text = self.text_table[self.text_ids[index]]
+            text = self._embed(self.text_ids[index])
             if train_cfg.get("label_dropout"):  # caption dropout: some prompts become the empty one
                 drop = (rng.rand(size) < train_cfg["label_dropout"]).to(self.device)
                 text = torch.where(drop[:, None, None], self.null_text, text)
         return batch.to(self.device), self.c_train.select(index).replace(labels=labels, text=text)
+
+    def _embed(self, caption_ids: torch.Tensor) -> torch.Tensor:
+        """The embeddings of captions ``caption_ids``: cached rows, or the text encoder's output."""
+        if self.text_table is not None:
+            return self.text_table[caption_ids.to(self.device)]
+        return self.prompts([self.captions[i] for i in caption_ids.tolist()], warn_truncated=False)
 
     def step(self, step: int) -> dict:
         """One optimisation step on the global batch: this rank's micro-batches, gradients averaged
@@ -582,7 +595,9 @@ class Trainer:
         noise_range = noise_config(self.config)
         diffusion = self.spec.diffusion
         labels = torch.arange(GRID_SAMPLES) % self.num_classes if self.num_classes else None
-        text = None if self.text_table is None else self.text_table[torch.arange(GRID_SAMPLES) % len(self.text_table)]
+        text = None
+        if self.text_ids is not None:  # the first captions, in turn
+            text = self._embed(torch.arange(GRID_SAMPLES) % len(self.captions))
         model = self.ema
         if self.config["model"].get("guidance"):
             model = GuidanceInput(model, default_guidance(self.config["objective"]["guidance"]))

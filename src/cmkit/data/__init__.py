@@ -46,7 +46,8 @@ def load_dataset(d: dict, name: str | None = None) -> VectorData | ImageData | L
     if is_latent_cache(name):
         if d["hflip"]:
             raise CmkitError("data.hflip cannot flip latents: flip the images before cmkit data encode")
-        return load_latent_cache(name)
+        return load_latent_cache(name, stream=d.get("stream", "auto"),
+                                 stream_above_mb=d.get("stream_above_mb", STREAM_ABOVE_MB))
     if is_image_source(name):
         # Runs from before streaming have no stream keys: "auto" with the default threshold.
         return load_images(name, resolution=d["resolution"], fit=d["fit"], root=d["root"],
@@ -128,5 +129,5 @@ class Standardizer:
 
 
 __all__ = ["FASHION_MNIST_CLASSES", "IMAGE_SETS", "ImageData", "ImageScaler", "LatentData", "is_latent_cache", "Standardizer", "check_stream_settings", "TOY_SETS", "TOY_TRUTH", "VectorData",
-           "is_builtin", "is_image_source", "load_array", "load_dataset", "load_images", "load_vectors",
+           "is_builtin", "is_image_source", "load_array", "load_dataset", "load_images", "load_latent_cache", "load_vectors",
            "random_hflip", "read_idx", "scaler_from_state", "validate_array"]

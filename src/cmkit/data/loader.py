@@ -1,4 +1,5 @@
-"""Batches of a streamed image set, decoded ahead in DataLoader worker processes.
+"""Batches of a streamed data set (images decoded, or latent rows read from their shards), read
+ahead in DataLoader worker processes.
 
 The trainer's batch rows are a function of (seed, step, the process's share) only (batch_rng.py),
 so they can be computed before the step: ``plan(step)`` yields this process's rows for each of its
@@ -17,7 +18,6 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..errors import CmkitError
-from .streams import StreamedImages
 
 
 def default_workers(processes_per_machine: int = 1) -> int:
@@ -30,16 +30,17 @@ def default_workers(processes_per_machine: int = 1) -> int:
 
 
 class _Rows(Dataset):
-    def __init__(self, images: StreamedImages):
-        self.images = images
+    """Rows of a `StreamedImages` or a `ShardedRows`: anything with ``read_row(i)`` giving (the row,
+    how many replacements were made for it)."""
+
+    def __init__(self, rows):
+        self.rows = rows
 
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self.rows)
 
     def __getitem__(self, row: int):
-        bad = self.images.bad
-        image = self.images.image(row)
-        return row, image, self.images.bad - bad  # replacements made for this row, counted here
+        return row, *self.rows.read_row(row)
 
 
 class _Plan(Sampler):
@@ -64,10 +65,10 @@ class PlannedBatches:
     """The batches ``plan`` names from ``start`` to ``stop`` (exclusive), decoded ahead;
     ``per_step``: the batches (micro-batches) the plan names for each step."""
 
-    def __init__(self, images: StreamedImages, plan: Callable[[int], Iterator[torch.Tensor]], start: int,
+    def __init__(self, rows, plan: Callable[[int], Iterator[torch.Tensor]], start: int,
                  stop: int, *, per_step: int = 1, workers: int, pin_memory: bool = False, prefetch: int = 4):
         self.start, self.per_step, self.taken = start, per_step, 0
-        loader = DataLoader(_Rows(images), batch_sampler=_Plan(plan, start, stop), num_workers=workers,
+        loader = DataLoader(_Rows(rows), batch_sampler=_Plan(plan, start, stop), num_workers=workers,
                             collate_fn=_collate, pin_memory=pin_memory,
                             prefetch_factor=prefetch if workers else None, persistent_workers=False)
         self._batches = iter(loader)
@@ -83,8 +84,8 @@ class PlannedBatches:
         return self.start + self.taken // self.per_step
 
     def take(self, rows: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """(the next planned batch, how many of its images were replacements for ones that did not
-        decode); ``rows`` must be the ones it decoded."""
+        """(the next planned batch, how many of its rows were replacements for images that did not
+        decode); ``rows`` must be the ones it read."""
         try:
             planned, batch, bad = next(self._batches)
         except StopIteration:

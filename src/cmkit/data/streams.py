@@ -439,7 +439,8 @@ class StreamedImages:
                     raise BadSample(f"{self.source.keys[row]} is {arr.shape[2]}x{arr.shape[1]}, not "
                                     f"{self.size[1]}x{self.size[0]}")
                 try:
-                    image = fit_resolution(torch.from_numpy(np.ascontiguousarray(arr))[None], self.resolution, self.fit)[0]
+                    image = fit_resolution(torch.from_numpy(np.require(arr, requirements="CW"))[None], self.resolution,
+                                           self.fit)[0]
                 except CmkitError as e:  # larger than data.resolution with data.fit=pad
                     raise BadSample(f"{self.source.keys[row]}: {e}") from None
                 self.reads += 1
@@ -447,6 +448,12 @@ class StreamedImages:
             except BadSample:
                 self.bad += 1
         raise CmkitError(f"{self.source.name}: no image decodes")
+
+    def read_row(self, i: int) -> tuple[torch.Tensor, int]:
+        """(row i or its replacement, the replacements made for it): what `data.loader` reads."""
+        bad = self.bad
+        image = self.image(i)
+        return image, self.bad - bad
 
     def labels(self) -> torch.Tensor | None:
         if self.source.labels is None:
