@@ -66,3 +66,21 @@ def serving(app):
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def chromium():
+    """(a headless Chromium driven by Selenium, its console logged, or None, the reason there is none)."""
+    import os
+    import shutil
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+    if not browser or not os.path.exists(driver):
+        return None, "needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)"
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    return webdriver.Chrome(service=Service(driver), options=options), None

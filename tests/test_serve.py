@@ -18,7 +18,7 @@ import cmkit
 from cmkit.serve.app import create_app
 from cmkit.serve.batcher import MicroBatcher
 from cmkit.serve.engine import Limits
-from helpers import cli, local_client, serving
+from helpers import chromium, cli, local_client, serving
 
 @pytest.fixture(scope="module")
 def client(image_run):
@@ -205,21 +205,6 @@ def test_load_no_request_lost(live_server):
     assert ok > 16 and app.state.batcher.calls - calls_before < ok
 
 
-def _browser():
-    """A headless Chromium driven by Selenium, or the reason there is none."""
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver = shutil.which("chromedriver") or "/usr/bin/chromedriver"
-    if not chromium or not os.path.exists(driver):
-        return None, "needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)"
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
-        options.add_argument(flag)
-    return webdriver.Chrome(service=Service(driver), options=options), None
-
-
 @pytest.mark.slow
 def test_page_generates_and_inpaints_in_a_browser(live_server):
     if os.environ.get("CMKIT_REQUIRE_BROWSER") != "1" and not shutil.which("chromium"):
@@ -229,7 +214,7 @@ def test_page_generates_and_inpaints_in_a_browser(live_server):
     from selenium.webdriver.support import expected_conditions
     from selenium.webdriver.support.ui import WebDriverWait
 
-    browser, reason = _browser()
+    browser, reason = chromium()
     assert browser is not None, reason
     url, _ = live_server
     try:

@@ -13,8 +13,7 @@ from PIL import Image
 import cmkit
 from cmkit.serve.app import create_app
 from cmkit.serve.engine import Limits
-from helpers import local_client, serving
-from test_serve import _browser
+from helpers import chromium, local_client, serving
 from tiny_sd import save_sd
 
 PROMPT = "a photo of a digit two"
@@ -62,7 +61,7 @@ def test_the_page_regenerates_as_the_prompt_is_typed(teacher):
     from selenium.webdriver.support.ui import WebDriverWait
 
     app = create_app(cmkit.load_run(teacher), limits=Limits(max_n=8))
-    browser, reason = _browser()
+    browser, reason = chromium()
     assert browser is not None, reason
     with serving(app) as url:
         try:

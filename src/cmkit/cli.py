@@ -160,8 +160,10 @@ COMMAND_HELP = {
     "edit": "zero-shot editing: inpainting, colorization, super-resolution, strokes, denoising, interpolation",
     "eval": "compare a run's samples with held-out data",
     "tune-sigmas": "search a consistency run's multistep noise levels by the eval metric",
-    "export": "write a run as a diffusers ConsistencyModelPipeline folder or as ONNX",
+    "export": "write a run as a diffusers ConsistencyModelPipeline folder, as ONNX (fp32, fp16, int8) or as a web "
+              "page that generates in the browser",
     "serve": "a web page and HTTP API for real-time sampling and editing",
+    "serve-site": "serve a site written by export web, with the headers its threads need",
     "data": "inspect an image source, or pack a folder into tar shards",
     "train-classifier": "train the Fashion-MNIST feature classifier of the fd/pr metrics",
 }
@@ -256,9 +258,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help=QUIET_HELP)
 
     p = sub.add_parser("export", help=COMMAND_HELP["export"])
-    p.add_argument("format", choices=("diffusers", "onnx"), help="diffusers (a ConsistencyModelPipeline folder) or onnx")
+    p.add_argument("format", choices=("diffusers", "onnx", "web"), help="diffusers (a ConsistencyModelPipeline "
+                   "folder), onnx, or web (a static site that generates in the visitor's browser)")
     p.add_argument("--checkpoint", required=True, help="run directory")
-    p.add_argument("--out", required=True, help="diffusers: a new folder; onnx: a .onnx file")
+    p.add_argument("--out", required=True, help="diffusers, web: a new folder; onnx: a .onnx file")
     p.add_argument("--levels", type=int, help="diffusers: the scheduler's num_train_timesteps, the Karras grid its "
                    "multistep timesteps index (default: CD's num_levels, else 40)")
     p.add_argument("--clip-denoised", action="store_true", help="diffusers: clamp each step's output to [-1, 1] "
@@ -266,6 +269,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--with-f", action="store_true", help="onnx: also export f(x, sigma) for multistep sampling")
     p.add_argument("--guidance", type=float, help="onnx: the scale a guided student is exported at")
     p.add_argument("--no-check", action="store_true", help="onnx: skip the onnxruntime parity check")
+    p.add_argument("--ort-web", help="web: onnxruntime-web's dist folder (default: the repository's "
+                   "web/node_modules, from npm ci --prefix web)")
+    p.add_argument("--force", action="store_true", help="web: replace the site in --out")
+    p.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp32",
+                   help="onnx, web: fp16 halves the file; int8 (quantized, per channel) quarters it and runs faster on "
+                   "CPUs; both are checked against fp32 (default fp32)")
+    p.add_argument("--max-diff", type=float, help="onnx, web: the largest mean pixel difference from fp32 allowed "
+                   "(0..255 levels; default 0.5 for fp16, 2 for int8)")
+    p.add_argument("--seed", type=_seed, default=0, help="onnx, web: the noise int8 is calibrated and checked on (default 0)")
     p.add_argument("--quiet", action="store_true", help=QUIET_HELP)
 
     p = sub.add_parser("data", help=COMMAND_HELP["data"])
@@ -339,6 +351,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on SIGTERM, seconds to let requests in flight finish (default 30)")
     p.add_argument("--docs", action="store_true", help="serve interactive API docs at /docs (Swagger UI, "
                    "which the browser loads from a CDN); /openapi.json is always there")
+
+    p = sub.add_parser("serve-site", help=COMMAND_HELP["serve-site"])
+    p.add_argument("site", help="the folder cmkit export web wrote")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
 
     p = sub.add_parser("eval", help=COMMAND_HELP["eval"])
     p.add_argument("--checkpoint", required=True, help="run directory")
@@ -535,11 +552,28 @@ def cmd_export(args) -> None:
             kind = "DDPMPipeline with an LCMScheduler" if "vp" in run.config["model"] else "ConsistencyModelPipeline"
             print(f"wrote a {kind} to {out}")
         return
+    if args.max_diff is not None and not args.max_diff >= 0:
+        raise CmkitError(f"--max-diff must be >= 0, got {args.max_diff}")
+    if args.format == "web":
+        from .export.web import export_web
+        out = export_web(run, args.out, precision=args.precision, max_diff=args.max_diff, seed=args.seed,
+                         ort_web=args.ort_web, force=args.force)
+        if not args.quiet:
+            print(f"wrote the site {out}: serve it with the headers in {out / '_headers'} (cross-origin isolation "
+                  f"for threads), e.g. cmkit serve-site {out}")
+        return
     from .export.onnx import export_onnx, onnx_parity
-    paths = export_onnx(run, args.out, with_f=args.with_f, guidance=args.guidance)
+    paths = export_onnx(run, args.out, with_f=args.with_f, guidance=args.guidance, precision=args.precision,
+                        max_diff=args.max_diff, seed=args.seed)
     if not args.quiet:
         print(f"wrote {', '.join(map(str, paths))}")
-    if not args.no_check:
+    if args.precision != "fp32":
+        if not args.quiet:
+            report = json.loads(paths[1].read_text())["precision_check"]
+            for steps, d in report["steps"].items():
+                print(f"{args.precision} against fp32 at {steps} step(s), {report['samples']} samples: mean pixel "
+                      f"difference {d['mean']:.3f}, max {d['max']:.2f} (bound {report['bound_mean']})")
+    elif not args.no_check:
         error = onnx_parity(run, paths[0], guidance=args.guidance)
         if error > 1e-4:
             raise CmkitError(f"onnxruntime differs from torch by {error:.2e} (relative); the export is not usable")
@@ -694,7 +728,14 @@ def cmd_demo(args) -> None:
              own_signals=args.own_signals, steps=None if args.steps is None else tuple(args.steps))
 
 
-COMMANDS = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "export": cmd_export, "tune-sigmas": cmd_tune_sigmas, "serve": cmd_serve, "train-classifier": cmd_train_classifier,
+def cmd_serve_site(args) -> None:
+    from .serve.static_site import serve_site
+    if not 0 <= args.port < 65536:
+        raise CmkitError(f"--port must be in 0..65535, got {args.port}")
+    serve_site(args.site, args.host, args.port)
+
+
+COMMANDS = {"serve-site": cmd_serve_site, "train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "export": cmd_export, "tune-sigmas": cmd_tune_sigmas, "serve": cmd_serve, "train-classifier": cmd_train_classifier,
             "edit": cmd_edit, "demo": cmd_demo, "data": cmd_data}
 
 

@@ -6,14 +6,19 @@ writes
     cd.onnx      noise (B, *shape) float32 [, class_labels (B,) int64]  ->  samples in data units
                  (vectors: the data's units; images: 0..255 floats, NCHW)
     cd-f.onnx    x (B, *shape), sigma (B,) [, class_labels]  ->  f(x, sigma) in model units
-    cd.json      what a runtime needs besides: shapes, sigma_min/max, the data map, default levels
+    cd.json      what a runtime needs besides: shapes, sigma_min/max, the data map, default levels,
+                 the precision and its check against fp32
 
-with a dynamic batch axis. examples/onnx_sample.py samples with onnxruntime and numpy alone.
+with a dynamic batch axis. ``--precision fp16|int8`` writes smaller graphs with the same float32
+inputs and outputs (`precision.py`), checked against fp32 before they are written.
+examples/onnx_sample.py samples with onnxruntime and numpy alone.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -25,6 +30,7 @@ from ..condition import Condition
 from ..data import scaler_from_state
 from ..errors import CmkitError
 from ..run import default_consistency_sigmas
+from . import precision as precision_tools
 
 OPSET = 17  # GroupNorm as a single op; onnxruntime 1.14+ runs it
 
@@ -64,14 +70,22 @@ def _export(module: nn.Module, args: tuple, names: list[str], path: Path) -> Non
             torch.onnx.export(module, args, str(path), **kwargs)
 
 
-def export_onnx(run, out: str | Path, *, with_f: bool = False, guidance: float | None = None) -> list[Path]:
-    """Write the run's one-step generator (and with ``with_f`` its f(x, sigma)); return the paths."""
+def export_onnx(run, out: str | Path, *, with_f: bool = False, guidance: float | None = None,
+                precision: str = "fp32", max_diff: float | None = None, seed: int = 0) -> list[Path]:
+    """Write the run's one-step generator (and with ``with_f`` its f(x, sigma)) at ``precision``;
+    return the paths. fp16 and int8 are checked against fp32 before anything is written: a mean
+    pixel difference above ``max_diff`` (default `precision.MAX_MEAN_DIFF`) or a NaN is an error."""
     if "onnx" not in run.spec.export_formats:
         raise CmkitError("export onnx takes a consistency model (one network call per step); this is an "
                          f"{run.method} teacher")
     if getattr(run, "is_latent", False):
         raise CmkitError("export onnx writes pixel-space generators; a latent run's decoder and prompt encoder are "
                          "not exported yet (export diffusers writes a LatentConsistencyModelPipeline)")
+    if precision not in precision_tools.PRECISIONS:
+        raise CmkitError(f"--precision must be one of {', '.join(precision_tools.PRECISIONS)}, got {precision!r}")
+    if precision != "fp32" and run.config["standardizer"].get("kind") != "image":
+        raise CmkitError(f"--precision {precision} is for image models; this one makes vectors (its fp32 file is "
+                         "small already)")
     out = Path(out)
     if out.suffix != ".onnx":
         raise CmkitError(f"--out must end in .onnx, got {out.name!r}")
@@ -79,25 +93,61 @@ def export_onnx(run, out: str | Path, *, with_f: bool = False, guidance: float |
     existing = [str(p) for p in paths if p.exists()]
     if existing:
         raise CmkitError(f"refusing to overwrite {', '.join(existing)}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.stem}.") as tmp:
+        tmp = Path(tmp)
+        meta = _export_fp32(run, tmp, with_f, guidance)
+        graphs = ["fp32.onnx", "fp32-f.onnx" if with_f else None]
+        if precision != "fp32":
+            graphs, meta["precision_check"] = _lower_precision(meta, tmp, graphs, precision, max_diff, seed)
+        meta.update(precision=precision, consistency_function=paths[2].name if with_f else None)
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        for name, path in zip([graphs[0], "meta.json", graphs[1]], paths):
+            os.replace(tmp / name, path)
+    return paths
+
+
+def _export_fp32(run, folder: Path, with_f: bool, guidance: float | None) -> dict:
+    """fp32.onnx (and fp32-f.onnx) in ``folder``; returns the export's JSON."""
     model = run.network(guidance, None).cpu().eval()
     conditional = run.num_classes > 0
     batch = 2
     noise = torch.randn(batch, *run.shape)
     labels = (torch.arange(batch) % run.num_classes,) if conditional else ()
     names = ["noise", "class_labels"][:1 + conditional]
-    out.parent.mkdir(parents=True, exist_ok=True)
     _export(OneStepGenerator(model, run.noise_range.sigma_max, run.config["standardizer"]).eval(), (noise, *labels),
-            names, out)
+            names, folder / "fp32.onnx")
     if with_f:
         sigma = torch.full((batch,), 1.0)
-        _export(ConsistencyStep(model).eval(), (noise, sigma, *labels), ["x", "sigma", *names[1:]], paths[2])
-    meta = {"method": run.method, "shape": list(run.shape), "inputs": names, "sigma_min": run.noise_range.sigma_min,
+        _export(ConsistencyStep(model).eval(), (noise, sigma, *labels), ["x", "sigma", *names[1:]],
+                folder / "fp32-f.onnx")
+    return {"method": run.method, "shape": list(run.shape), "inputs": names, "sigma_min": run.noise_range.sigma_min,
             "sigma_max": run.noise_range.sigma_max, "num_classes": run.num_classes, "class_names": run.class_names,
             "standardizer": run.config["standardizer"],
-            "multistep_sigmas": {str(k): default_consistency_sigmas(k, run.noise_range) for k in (2, 3, 4)},
-            "consistency_function": paths[2].name if with_f else None}
-    (paths[1]).write_text(json.dumps(meta, indent=2) + "\n")
-    return paths
+            "multistep_sigmas": {str(k): default_consistency_sigmas(k, run.noise_range) for k in (2, 3, 4)}}
+
+
+def _lower_precision(meta: dict, folder: Path, fp32: list, precision: str, max_diff: float | None,
+                     seed: int) -> tuple[list, dict]:
+    """The fp16 or int8 graphs beside the fp32 ones, checked against them: (their names, the check)."""
+    reference = precision_tools.OnnxSampler(folder, meta, *fp32)
+    lowered = [f"{precision}.onnx", f"{precision}-f.onnx" if fp32[1] else None]
+    kept = []
+    for src, dst, kind in zip(fp32, lowered, ("generator", "f")):
+        if src is None:
+            continue
+        if precision == "fp16":
+            precision_tools.to_fp16(folder / src, folder / dst)
+            continue
+        feeds = (precision_tools.generator_calibration(meta, seed) if kind == "generator" else
+                 precision_tools.f_calibration(meta, reference, seed))
+        kept += precision_tools.quantize_int8(folder / src, folder / dst, feeds)
+    bound = precision_tools.MAX_MEAN_DIFF[precision] if max_diff is None else max_diff
+    report = precision_tools.check(meta, folder, tuple(fp32), tuple(lowered), precision=precision, bound=bound,
+                                   seed=seed)
+    if precision == "int8":
+        report["float_nodes"] = sorted(set(kept))
+    return lowered, report
 
 
 def onnx_parity(run, path: str | Path, batch_sizes=(1, 3, 16), guidance: float | None = None, seed: int = 0) -> float:

@@ -1,0 +1,80 @@
+"""`cmkit serve-site SITE`: a folder written by `cmkit export web`, served as a static host should.
+
+The cross-origin isolation headers (COOP, COEP) let the page use WebAssembly threads; JavaScript
+modules and WebAssembly get their MIME types; folders are not listed; only files under SITE are
+served (the standard library's path translation, which drops ``..``). Each request is recorded in
+``requests`` (for tests: what the page asked for).
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from ..errors import CmkitError
+from ..export.web import ISOLATION_HEADERS
+
+TYPES = {".mjs": "text/javascript", ".js": "text/javascript", ".wasm": "application/wasm",
+         ".json": "application/json", ".onnx": "application/octet-stream", ".html": "text/html; charset=utf-8"}
+
+
+class SiteHandler(SimpleHTTPRequestHandler):
+    extensions_map = {**SimpleHTTPRequestHandler.extensions_map, **TYPES}
+
+    def __init__(self, *args, requests: list, **kwargs):
+        self.requests = requests
+        super().__init__(*args, **kwargs)
+
+    def end_headers(self) -> None:
+        for name, value in {**ISOLATION_HEADERS, "Cross-Origin-Resource-Policy": "same-origin",
+                            "X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"}.items():
+            self.send_header(name, value)
+        super().end_headers()
+
+    def list_directory(self, path):
+        self.send_error(404, "no listing")
+        return None
+
+    def log_request(self, code="-", size="-") -> None:  # recorded, not printed per request
+        self.requests.append(self.path)
+
+    def log_message(self, format, *args) -> None:
+        pass
+
+
+def site_server(site: str | Path, host: str = "127.0.0.1", port: int = 8000) -> ThreadingHTTPServer:
+    """A server of ``site`` (not started); ``server.requests`` lists the paths asked for."""
+    site = Path(site)
+    if not (site / "index.html").is_file() or not (site / "model.json").is_file():
+        raise CmkitError(f"{site} is not a site written by cmkit export web (no index.html and model.json)")
+    requests: list[str] = []
+    handler = functools.partial(SiteHandler, directory=str(site), requests=requests)
+    try:
+        server = ThreadingHTTPServer((host, port), handler)
+    except OSError as e:
+        raise CmkitError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    server.requests = requests
+    return server
+
+
+def serve_site(site: str | Path, host: str = "127.0.0.1", port: int = 8000) -> None:
+    server = site_server(site, host, port)
+    print(f"serving {site} at http://{host}:{server.server_address[1]}/ (Ctrl-C stops)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
+def serve_in_thread(site: str | Path) -> tuple[ThreadingHTTPServer, str]:
+    """(the server, its URL) on a free loopback port, serving from a daemon thread."""
+    server = site_server(site, port=0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}/"
+
+
+__all__ = ["serve_in_thread", "serve_site", "site_server"]
