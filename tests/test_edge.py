@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import cmkit
 from cmkit.data import load_images
 from cmkit.errors import CmkitError
 from cmkit.export import precision
@@ -199,3 +200,29 @@ def test_the_site_generates_in_chromium_what_onnxruntime_does(digits, tmp_path, 
         for server in servers:
             server.shutdown()
             server.server_close()
+
+
+def test_cmkit_serve_offers_the_in_browser_mode(digits, ort_web):
+    """/local/ is the exported site, built at the first request and sent with the isolation headers;
+    the page links to it; nothing outside the site is served, and with a token it is not offered."""
+    from cmkit.serve.app import create_app
+    from cmkit.serve.guard import Access
+    from helpers import local_client
+    run = cmkit.load_run(digits / "ect")
+    with local_client(create_app(run, warmup=False)) as client:
+        assert client.get("/api/info").json()["in_browser"] is True
+        assert 'href="/local/"' in client.get("/").text
+        page = client.get("/local/")
+        assert page.status_code == 200 and "One-step generation" in page.text and "cmkit.js" in page.text
+        assert page.headers["cross-origin-opener-policy"] == "same-origin"
+        assert page.headers["cross-origin-embedder-policy"] == "require-corp"
+        meta = client.get("/local/model.json").json()
+        assert meta["precision"] == "fp32" and meta["shape"] == [1, 8, 8]
+        wasm = client.get("/local/ort/ort-wasm-simd-threaded.wasm")
+        assert wasm.headers["content-type"] == "application/wasm" and wasm.content[:4] == b"\0asm"
+        for path in ("/local/../config.json", "/local/%2e%2e/%2e%2e/config.json", "/local/nothing.js"):
+            assert client.get(path).status_code == 404, path
+    token = "t" * 32
+    with local_client(create_app(run, warmup=False, access=Access(token=token))) as client:
+        assert client.get("/local/").status_code == 401
+        assert client.get("/api/info", headers={"Authorization": f"Bearer {token}"}).json()["in_browser"] is False

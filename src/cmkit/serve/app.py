@@ -7,6 +7,8 @@ Endpoints (OpenAPI description at /openapi.json; interactive docs at /docs with 
     GET  /healthz            {"status": "ok"}: the server is up (no token needed)
     GET  /metrics            Prometheus metrics (`metrics.py`)
     GET  /api/info           the model: shape, classes, guidance range, limits
+    GET  /local/             the in-browser mode: the page `cmkit export web` writes, generating on
+                             the visitor's machine (served with the cross-origin isolation headers)
     POST /api/generate       JSON {n, seed, steps | sigmas, class, guidance, prompt, format: png | json}
     POST /api/edit/{task}    multipart: image [+ mask] files and form fields; task: inpaint,
                              colorize, superres, stroke, denoise
@@ -40,7 +42,7 @@ from typing import Literal
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
@@ -52,6 +54,8 @@ from ..editing.tasks import LATENT_TASKS
 from .engine import EDIT_TASKS, Engine, Limits
 from .guard import Access, Guard
 from .metrics import ServeMetrics
+from .static_site import TYPES, BrowserSite
+from ..export.web import ISOLATION_HEADERS
 
 log = logging.getLogger("cmkit.serve")
 EDIT_FILES = ("image", "mask")
@@ -228,6 +232,15 @@ def create_app(run, *, limits: Limits = Limits(), access: Access = Access(), win
     async def prometheus():
         return Response(metrics.render(), media_type=metrics.content_type)
 
+    browser = BrowserSite(run)
+
+    @app.get("/local/{path:path}", include_in_schema=False)
+    async def local_site(path: str = ""):
+        """The in-browser mode: the run exported as a web page (built at the first request)."""
+        file = await browser.file(path or "index.html")
+        return FileResponse(file, headers={**ISOLATION_HEADERS, "Cross-Origin-Resource-Policy": "same-origin",
+                                           "Cache-Control": "no-cache"}, media_type=TYPES.get(file.suffix))
+
     @app.get("/api/info")
     async def info():
         prompt = {"max_chars": MAX_PROMPT_CHARS, "max_tokens": run.prompts.max_length} if run.takes_text else None
@@ -235,7 +248,8 @@ def create_app(run, *, limits: Limits = Limits(), access: Access = Access(), win
                 "num_classes": run.num_classes, "class_names": run.class_names,
                 "has_null_label": run.has_null_label, "guidance_range": run.guidance_range,
                 "is_diffusion": run.is_diffusion, "limits": limits.__dict__,
-                "edit_tasks": [t for t in EDIT_TASKS if not run.is_latent or t in LATENT_TASKS]}
+                "edit_tasks": [t for t in EDIT_TASKS if not run.is_latent or t in LATENT_TASKS],
+                "in_browser": browser.unavailable() is None and access.token is None}
 
     @app.post("/api/generate")
     async def generate(req: GenerateRequest):

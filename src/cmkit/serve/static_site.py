@@ -8,13 +8,17 @@ served (the standard library's path translation, which drops ``..``). Each reque
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import tempfile
 import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from starlette.exceptions import HTTPException
+
 from ..errors import CmkitError
-from ..export.web import ISOLATION_HEADERS
+from ..export.web import ISOLATION_HEADERS, check_web_model, export_web, find_ort_web
 
 TYPES = {".mjs": "text/javascript", ".js": "text/javascript", ".wasm": "application/wasm",
          ".json": "application/json", ".onnx": "application/octet-stream", ".html": "text/html; charset=utf-8"}
@@ -77,4 +81,41 @@ def serve_in_thread(site: str | Path) -> tuple[ThreadingHTTPServer, str]:
     return server, f"http://127.0.0.1:{server.server_address[1]}/"
 
 
-__all__ = ["serve_in_thread", "serve_site", "site_server"]
+class BrowserSite:
+    """`cmkit serve`'s in-browser mode: the run's web page (as `cmkit export web` writes it), built
+    in a temporary folder at the first request and kept for the server's life."""
+
+    def __init__(self, run):
+        self.run, self.folder, self.lock, self._tmp = run, None, asyncio.Lock(), None
+        try:
+            check_web_model(run)
+            find_ort_web()
+            self.reason = None
+        except CmkitError as e:
+            self.reason = str(e)
+
+    def unavailable(self) -> str | None:
+        """Why this run has no in-browser mode, or None."""
+        return self.reason
+
+    async def file(self, path: str) -> Path:
+        if self.folder is None:
+            async with self.lock:
+                if self.reason is not None:
+                    raise HTTPException(404, f"no in-browser mode here: {self.reason}")
+                if self.folder is None:
+                    self.folder = await asyncio.to_thread(self._build)
+        file = (self.folder / path).resolve()
+        if not file.is_relative_to(self.folder) or not file.is_file():
+            raise HTTPException(404, "not found")
+        return file
+
+    def _build(self) -> Path:
+        from ..run import load_run
+
+        self._tmp = tempfile.TemporaryDirectory(prefix="cmkit-site-")
+        run = load_run(self.run.path)  # a copy on the CPU: the served model stays where it is
+        return export_web(run, Path(self._tmp.name) / "site").resolve()
+
+
+__all__ = ["BrowserSite", "serve_in_thread", "serve_site", "site_server"]
