@@ -21,26 +21,49 @@ async function pickBackend() {
   return 'wasm';
 }
 
+async function fetchBytes(path) {
+  const response = await fetch(path);
+  if (!response.ok) throw new Error(`cannot load the model: ${path} (HTTP ${response.status})`);
+  return new Uint8Array(await response.arrayBuffer());
+}
+
 async function load() {
-  const response = await fetch('./model.json');
-  if (!response.ok) throw new Error(`cannot load model.json (HTTP ${response.status})`);
-  const meta = await response.json();
+  // The one-step graph downloads while onnxruntime-web loads; f(x, sigma) waits for a 2-step call.
+  const meta = await (async () => {
+    const response = await fetch('./model.json');
+    if (!response.ok) throw new Error(`cannot load model.json (HTTP ${response.status})`);
+    return response.json();
+  })();
   const backend = await pickBackend();
-  const ort = await import(backend === 'webgpu' ? './ort/ort.webgpu.min.mjs' : './ort/ort.wasm.min.mjs');
+  const [ort, bytes] = await Promise.all([
+    import(backend === 'webgpu' ? './ort/ort.webgpu.min.mjs' : './ort/ort.wasm.min.mjs'),
+    fetchBytes('./model.onnx'),
+  ]);
   ort.env.wasm.wasmPaths = new URL('./ort/', import.meta.url).href;
   const cores = navigator.hardwareConcurrency || 1;
   const asked = Number(params.get('threads')) || cores;
   const threads = crossOriginIsolated ? Math.max(1, Math.min(asked, cores, 16)) : 1;
   ort.env.wasm.numThreads = threads;
   const options = { executionProviders: backend === 'webgpu' ? ['webgpu', 'wasm'] : ['wasm'] };
-  let generator, f = null;
+  let generator;
   try {
-    generator = await ort.InferenceSession.create('./model.onnx', options);
-    if (meta.consistency_function) f = await ort.InferenceSession.create('./' + meta.consistency_function, options);
+    generator = await ort.InferenceSession.create(bytes, options);
   } catch (e) {
     throw new Error(`cannot load the model: ${e.message || e}`);
   }
-  Object.assign(state, { meta, ort, generator, f, backend, threads });
+  Object.assign(state, { meta, ort, generator, f: null, options, backend, threads });
+}
+
+async function loadF() {
+  // Called in turn (one session call at a time), at the first generation of more than one step.
+  if (state.f) return state.f;
+  try {
+    state.f = await state.ort.InferenceSession.create(await fetchBytes('./' + state.meta.consistency_function),
+                                                      state.options);
+  } catch (e) {
+    throw new Error(`cannot load the model's f(x, sigma): ${e.message || e}`);
+  }
+  return state.f;
 }
 
 function ensureLoaded() {
@@ -72,7 +95,7 @@ async function generate(noise, labels = null, steps = 1) {
   steps = Number(steps);
   const levels = steps === 1 ? [meta.sigma_max] : meta.multistep_sigmas[String(steps)];
   if (!levels) throw new Error(`steps must be 1 or ${Object.keys(meta.multistep_sigmas).join(', ')}`);
-  if (steps > 1 && !state.f) throw new Error('this site has no f(x, sigma) graph: one step only');
+  if (steps > 1 && !meta.consistency_function) throw new Error('this site has no f(x, sigma) graph: one step only');
   const size = meta.shape.reduce((a, b) => a * b, 1);
   noise = Float32Array.from(noise);
   const n = noise.length / (steps * size);
@@ -87,17 +110,18 @@ async function generate(noise, labels = null, steps = 1) {
     let out = await state.generator.run(feeds({ noise: new ort.Tensor('float32', noise.slice(0, n * size), dims) }));
     let x = out[state.generator.outputNames[0]].data;  // data units: 0..255, unclipped
     if (steps > 1) {
+      const f = await loadF();
       x = x.map((v) => v / 127.5 - 1);
       for (let k = 1; k < steps; k++) {
         const sigma = levels[k];
         const scale = Math.sqrt(sigma * sigma - meta.sigma_min * meta.sigma_min);
         const xs = new Float32Array(n * size);
         for (let i = 0; i < xs.length; i++) xs[i] = x[i] + scale * noise[k * n * size + i];
-        out = await state.f.run(feeds({
+        out = await f.run(feeds({
           x: new ort.Tensor('float32', xs, dims),
           sigma: new ort.Tensor('float32', new Float32Array(n).fill(sigma), [n]),
         }));
-        x = out[state.f.outputNames[0]].data;
+        x = out[f.outputNames[0]].data;
       }
       x = x.map((v) => (v + 1) * 127.5);
     }
@@ -211,4 +235,8 @@ async function onGenerate() {
 window.cmkit = { generate, benchmark, gaussians };
 $('go').addEventListener('click', onGenerate);
 $('class').addEventListener('input', showClassName);
-window.cmkit.ready = onGenerate().then(showClassName);  // images as soon as the model is in
+// Images as soon as the model is in; firstImagesMs: when they were drawn, after navigation started.
+window.cmkit.ready = onGenerate().then(() => {
+  if (!$('error').textContent) window.cmkit.firstImagesMs = performance.now();
+  showClassName();
+});
