@@ -276,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="onnx, web: fp16 halves the file; int8 (quantized, per channel) quarters it and runs faster on "
                    "CPUs; both are checked against fp32 (default fp32)")
     p.add_argument("--max-diff", type=float, help="onnx, web: the largest mean pixel difference from fp32 allowed "
-                   "(0..255 levels; default 0.5 for fp16, 2 for int8)")
+                   "(0..255 levels; default 0.5 for fp16, 2.5 for int8)")
     p.add_argument("--seed", type=_seed, default=0, help="onnx, web: the noise int8 is calibrated and checked on (default 0)")
     p.add_argument("--quiet", action="store_true", help=QUIET_HELP)
 
