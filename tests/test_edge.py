@@ -31,10 +31,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):
-    """A class-conditional ECT model of 8x8 digits (tiny preset, 200 steps), and its fp32, fp16 and
+    """A class-conditional ECT model of 8x8 digits (tiny preset, 100 steps), and its fp32, fp16 and
     int8 exports with the f graph."""
     tmp = tmp_path_factory.mktemp("edge")
-    assert cli("train", "--method", "ect", "--data", "digits", "--set", "model.preset=tiny", "--steps", 200,
+    assert cli("train", "--method", "ect", "--data", "digits", "--set", "model.preset=tiny", "--steps", 100,
                "--batch-size", 64, "--out", tmp / "ect", "--quiet", "--set", "train.sample_every=0") == 0
     for p in precision.PRECISIONS:
         assert cli("export", "onnx", "--checkpoint", tmp / "ect", "--out", tmp / f"{p}.onnx", "--with-f",
