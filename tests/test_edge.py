@@ -226,3 +226,35 @@ def test_cmkit_serve_offers_the_in_browser_mode(digits, ort_web):
     with local_client(create_app(run, warmup=False, access=Access(token=token))) as client:
         assert client.get("/local/").status_code == 401
         assert client.get("/api/info", headers={"Authorization": f"Bearer {token}"}).json()["in_browser"] is False
+
+
+def test_hostile_requests_to_a_site_are_404s(digits, tmp_path, ort_web):
+    """serve-site and /local/: no file outside the site, no traceback for a NUL byte; a site folder
+    that holds the current directory is not overwritten."""
+    import http.client
+    from cmkit.serve.static_site import serve_in_thread
+    site = tmp_path / "site"
+    assert cli("export", "web", "--checkpoint", digits / "ect", "--out", site, "--quiet") == 0
+    (tmp_path / "secret.txt").write_text("not for the web")
+    server, url = serve_in_thread(site)
+    try:
+        for path in ("/%00", "/../secret.txt", "/%2e%2e/secret.txt", "/ort/", "/model.json%00.txt"):
+            connection = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=10)
+            connection.request("GET", path)
+            response = connection.getresponse()
+            assert response.status == 404 and b"not for the web" not in response.read(), path
+            connection.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+    from cmkit.serve.app import create_app
+    from helpers import local_client
+    with local_client(create_app(cmkit.load_run(digits / "ect"), warmup=False)) as client:
+        assert client.get("/local/%00").status_code == 404
+    old = os.getcwd()
+    os.chdir(site)
+    try:
+        assert cli("export", "web", "--checkpoint", digits / "ect", "--out", ".", "--force", "--quiet") == 2
+    finally:
+        os.chdir(old)
+    assert (site / "model.onnx").is_file()

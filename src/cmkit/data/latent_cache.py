@@ -129,7 +129,7 @@ def encode_source(source: str, out: str | Path, *, pipeline: str | Path | None =
         raise CmkitError("pass exactly one of --pipeline FOLDER (VAE and text encoder) and --vae FOLDER")
     if text_embeddings not in TEXT_EMBEDDINGS:
         raise CmkitError(f"--text-embeddings must be one of {', '.join(TEXT_EMBEDDINGS)}, got {text_embeddings!r}")
-    if not shard_mb > 0:
+    if not (math.isfinite(shard_mb) and shard_mb > 0):
         raise CmkitError(f"--shard-mb must be positive, got {shard_mb}")
     folder = Path(pipeline) if pipeline is not None else None
     vae_dir = folder / "vae" if folder is not None else Path(vae)
@@ -262,9 +262,13 @@ def load_latent_cache(name: str | Path, stream: str = "auto", stream_above_mb: f
     if meta.get("version") != VERSION:
         raise CmkitError(f"{folder} is a latent cache of format version {meta.get('version')}; this cmkit reads "
                          f"version {VERSION}: encode the source again (cmkit data encode ... --force)")
-    check_shards(folder, [*meta["train_shards"], *meta["holdout_shards"],
-                          {"file": TABLES, "sha256": meta["tables_sha256"]}])
-    if _digest(meta) != meta["latents_sha256"]:
+    try:
+        check_shards(folder, [*meta["train_shards"], *meta["holdout_shards"],
+                              {"file": TABLES, "sha256": meta["tables_sha256"]}])
+        edited = _digest(meta) != meta["latents_sha256"]
+    except (KeyError, TypeError):
+        edited = True
+    if edited:
         raise CmkitError(f"{folder / INDEX} was edited since it was written: encode the source again")
     if meta.get("source_fingerprint"):
         _check_source(meta)

@@ -171,12 +171,14 @@ def check(meta: dict, folder: Path, fp32: tuple[str, str | None], variant: tuple
     for steps in (1, 2) if fp32[1] else (1,):
         noises, labels = noise(meta, CHECK_SAMPLES, steps, seed)
         a, b = reference.sample(noises, labels), candidate.sample(noises, labels)
+        if not np.isfinite(a).all():
+            raise CmkitError(f"the fp32 model itself gives NaN or inf at {steps} step(s): the run is not usable")
         if not np.isfinite(b).all():
             raise CmkitError(f"the {precision} model gives NaN or inf at {steps} step(s) where fp32 does not: it "
                              "is not usable (nothing written)")
         diff = np.abs(a - b)
         report[str(steps)] = {"max": round(float(diff.max()), 4), "mean": round(float(diff.mean()), 4)}
-        if diff.mean() > bound:
+        if not diff.mean() <= bound:
             raise CmkitError(f"the {precision} model's pixels differ from fp32's by {diff.mean():.2f} levels on "
                              f"average at {steps} step(s) (max {diff.max():.1f}), above the bound {bound} "
                              "(--max-diff): nothing written")

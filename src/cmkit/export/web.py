@@ -64,10 +64,10 @@ def check_web_model(run) -> None:
     if "onnx" not in run.spec.export_formats:
         raise CmkitError(f"export web takes a consistency model (one network call per step); this {run.method} "
                          "teacher needs 35 calls per image: distil it first (--method cd or ect)")
-    if run.config["standardizer"].get("kind") != "image":
-        raise CmkitError("export web writes a page that draws images; this model makes vectors")
     if getattr(run, "is_latent", False):
         raise CmkitError("export web runs pixel-space models; a latent model's VAE decoder is not exported yet")
+    if run.config["standardizer"].get("kind") != "image":
+        raise CmkitError("export web writes a page that draws images; this model makes vectors")
 
 
 def export_web(run, out: str | Path, *, precision: str = "fp32", max_diff: float | None = None, seed: int = 0,
@@ -75,7 +75,9 @@ def export_web(run, out: str | Path, *, precision: str = "fp32", max_diff: float
     """Write the site to ``out`` (a new folder, or an old site with ``force``); return it."""
     check_web_model(run)
     dist = find_ort_web(ort_web)
-    out = Path(out)
+    out = Path(out).resolve()
+    if Path.cwd().resolve().is_relative_to(out):
+        raise CmkitError(f"--out {out} holds the current directory: choose a new folder for the site")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not (force and (out / "model.json").is_file()):
             raise CmkitError(f"{out} already exists" + (": pass --force to replace the site" if

@@ -9,7 +9,9 @@ served (the standard library's path translation, which drops ``..``). Each reque
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
+import logging
 import tempfile
 import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -27,7 +29,7 @@ TYPES = {".mjs": "text/javascript", ".js": "text/javascript", ".wasm": "applicat
 class SiteHandler(SimpleHTTPRequestHandler):
     extensions_map = {**SimpleHTTPRequestHandler.extensions_map, **TYPES}
 
-    def __init__(self, *args, requests: list, **kwargs):
+    def __init__(self, *args, requests: collections.deque, **kwargs):
         self.requests = requests
         super().__init__(*args, **kwargs)
 
@@ -36,6 +38,13 @@ class SiteHandler(SimpleHTTPRequestHandler):
                             "X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"}.items():
             self.send_header(name, value)
         super().end_headers()
+
+    def send_head(self):
+        try:
+            return super().send_head()
+        except ValueError:  # a NUL byte in the path: no such file
+            self.send_error(404, "not found")
+            return None
 
     def list_directory(self, path):
         self.send_error(404, "no listing")
@@ -49,11 +58,12 @@ class SiteHandler(SimpleHTTPRequestHandler):
 
 
 def site_server(site: str | Path, host: str = "127.0.0.1", port: int = 8000) -> ThreadingHTTPServer:
-    """A server of ``site`` (not started); ``server.requests`` lists the paths asked for."""
+    """A server of ``site`` (not started); ``server.requests`` holds the paths asked for (the
+    newest 10,000)."""
     site = Path(site)
     if not (site / "index.html").is_file() or not (site / "model.json").is_file():
         raise CmkitError(f"{site} is not a site written by cmkit export web (no index.html and model.json)")
-    requests: list[str] = []
+    requests: collections.deque = collections.deque(maxlen=10_000)  # the newest, for tests
     handler = functools.partial(SiteHandler, directory=str(site), requests=requests)
     try:
         server = ThreadingHTTPServer((host, port), handler)
@@ -83,10 +93,11 @@ def serve_in_thread(site: str | Path) -> tuple[ThreadingHTTPServer, str]:
 
 class BrowserSite:
     """`cmkit serve`'s in-browser mode: the run's web page (as `cmkit export web` writes it), built
-    in a temporary folder at the first request and kept for the server's life."""
+    in a temporary folder at the first request and kept for the server's life. The build runs once,
+    whoever waits for it (a waiter that leaves does not cancel it); if it fails, the mode is off."""
 
     def __init__(self, run):
-        self.run, self.folder, self.lock, self._tmp = run, None, asyncio.Lock(), None
+        self.run, self.build, self._tmp = run, None, None
         try:
             check_web_model(run)
             find_ort_web()
@@ -99,14 +110,23 @@ class BrowserSite:
         return self.reason
 
     async def file(self, path: str) -> Path:
-        if self.folder is None:
-            async with self.lock:
-                if self.reason is not None:
-                    raise HTTPException(404, f"no in-browser mode here: {self.reason}")
-                if self.folder is None:
-                    self.folder = await asyncio.to_thread(self._build)
-        file = (self.folder / path).resolve()
-        if not file.is_relative_to(self.folder) or not file.is_file():
+        if self.reason is not None:
+            raise HTTPException(404, f"no in-browser mode here: {self.reason}")
+        if self.build is None:
+            self.build = asyncio.ensure_future(asyncio.to_thread(self._build))
+        try:
+            folder = await asyncio.shield(self.build)
+        except CmkitError as e:
+            self.reason = f"the export failed: {e}"
+            raise HTTPException(404, f"no in-browser mode here: {self.reason}") from None
+        except Exception:
+            logging.getLogger("cmkit.serve").exception("building the in-browser page failed")
+            self.reason = "the export failed (the server log has the details)"
+            raise HTTPException(404, f"no in-browser mode here: {self.reason}") from None
+        if "\x00" in path:
+            raise HTTPException(404, "not found")
+        file = (folder / path).resolve()
+        if not file.is_relative_to(folder) or not file.is_file():
             raise HTTPException(404, "not found")
         return file
 

@@ -86,7 +86,7 @@ function checkLabels(labels, n) {
       throw new Error(`class ${c} is out of range: this model has classes 0 to ${meta.num_classes - 1}`);
     }
   }
-  return new state.ort.Tensor('int64', BigInt64Array.from(labels, (c) => BigInt(c)), [n]);
+  return new state.ort.Tensor('int64', BigInt64Array.from(labels, (c) => BigInt(Number(c))), [n]);
 }
 
 async function generate(noise, labels = null, steps = 1) {
