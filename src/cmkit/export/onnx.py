@@ -143,8 +143,8 @@ def _lower_precision(meta: dict, folder: Path, fp32: list, precision: str, max_d
                  precision_tools.f_calibration(meta, reference, seed))
         kept += precision_tools.quantize_int8(folder / src, folder / dst, feeds)
     bound = precision_tools.MAX_MEAN_DIFF[precision] if max_diff is None else max_diff
-    report = precision_tools.check(meta, folder, tuple(fp32), tuple(lowered), precision=precision, bound=bound,
-                                   seed=seed)
+    report = precision_tools.check(reference, precision_tools.OnnxSampler(folder, meta, *lowered),
+                                   precision=precision, bound=bound, seed=seed)
     if precision == "int8":
         report["float_nodes"] = sorted(set(kept))
     return lowered, report

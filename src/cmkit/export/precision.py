@@ -162,13 +162,12 @@ def f_calibration(meta: dict, fp32: OnnxSampler, seed: int) -> list[dict]:
     return feeds
 
 
-def check(meta: dict, folder: Path, fp32: tuple[str, str | None], variant: tuple[str, str | None], *,
-          precision: str, bound: float, seed: int = 0) -> dict:
-    """The variant's samples against fp32's on the same noise (1 step, and 2 with the f graph):
-    {"steps": {k: {"max", "mean"}}, "bound"}; a NaN or a mean difference above ``bound`` is an error."""
-    reference, candidate = OnnxSampler(folder, meta, *fp32), OnnxSampler(folder, meta, *variant)
-    report = {}
-    for steps in (1, 2) if fp32[1] else (1,):
+def check(reference: OnnxSampler, candidate: OnnxSampler, *, precision: str, bound: float, seed: int = 0) -> dict:
+    """The candidate's samples against the fp32 reference's on the same noise (1 step, and 2 with
+    the f graph): {"steps": {k: {"max", "mean"}}, "bound"}; a NaN or a mean difference above
+    ``bound`` is an error."""
+    meta, report = reference.meta, {}
+    for steps in (1, 2) if reference.f is not None else (1,):
         noises, labels = noise(meta, CHECK_SAMPLES, steps, seed)
         a, b = reference.sample(noises, labels), candidate.sample(noises, labels)
         if not np.isfinite(a).all():
