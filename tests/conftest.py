@@ -24,6 +24,15 @@ def tiny_teacher(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_consistency(tiny_teacher, tmp_path_factory):
+    """A tiny CD model of moons from `tiny_teacher`: a stage-1 run for TCM (shared; not modified)."""
+    out = tmp_path_factory.mktemp("tiny-cm") / "cd"
+    assert cli("train", "--method", "cd", "--teacher", tiny_teacher, "--data", "moons", "--steps", 4, "--out", out,
+               *TINY[6:]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
 def image_run(tmp_path_factory):
     """A class-conditional CD model of 8x8 digits, trained with label dropout (a few steps; shared:
     tests must not modify it)."""

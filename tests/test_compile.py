@@ -23,7 +23,7 @@ from helpers import TINY, cli
 
 pytestmark = pytest.mark.slow  # the quick loop (pytest -m 'not slow') leaves these out
 
-METHODS = ["edm", "cd", "ct", "ict", "ect", "sct", "scd", "meanflow"]
+METHODS = ["edm", "cd", "ct", "ict", "ect", "sct", "scd", "tcm", "meanflow"]
 SMALL = {"data.name": "moons", "data.n": 400, "data.n_holdout": 200, "train.batch_size": 32, "train.log_every": 1}
 SMALL_MODEL = {"model.width": 32, "model.depth": 1, "model.emb_dim": 16}
 
@@ -48,7 +48,7 @@ def _config(method: str, teacher, compiled: bool, **extra) -> dict:
 
 def _networks(trainer: Trainer) -> list:
     """The backbones a step runs: the online network's and the teacher's."""
-    teacher = getattr(trainer.objective, "teacher", None)
+    teacher = getattr(trainer.objective, "teacher", None) or getattr(trainer.objective, "stage1", None)
     return [trainer.net.backbone] + ([teacher.backbone] if teacher is not None else [])
 
 
@@ -72,8 +72,11 @@ def _steps_agree(eager: Trainer, compiled: Trainer, counters, steps: int = 4) ->
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_the_compiled_step_equals_the_eager_one_and_compiles_every_network_pass(method, tiny_teacher, aot_eager):
+def test_the_compiled_step_equals_the_eager_one_and_compiles_every_network_pass(method, tiny_teacher, aot_eager,
+                                                                                 request):
     from torch._dynamo.utils import counters
+    if get_method(method).frozen_init:  # TCM continues a consistency run
+        tiny_teacher = request.getfixturevalue("tiny_consistency")
     eager, compiled = (Trainer(_config(method, tiny_teacher, c)) for c in (False, True))
     graphs = _steps_agree(eager, compiled, counters)
     assert graphs[-1] == graphs[0], f"{method} recompiled as the schedule moved: {graphs}"

@@ -39,13 +39,15 @@ def losses(run):
     return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("method", ["cd", "sct"])  # sCT: a JVP objective (torch.func.jvp)
-def test_two_processes_train_what_one_does(method, tiny_teacher, tmp_path):
-    source = ["--teacher", tiny_teacher] if method == "cd" else TINY[:6]
+# sCT: a JVP objective (torch.func.jvp); TCM: a frozen stage-1 model and a boundary subset of the global batch
+@pytest.mark.parametrize("method", ["cd", "sct", "tcm"])
+def test_two_processes_train_what_one_does(method, tiny_teacher, tmp_path, request):
+    source = {"cd": ["--teacher", tiny_teacher], "sct": TINY[:6],
+              "tcm": ["--init", request.getfixturevalue("tiny_consistency")] if method == "tcm" else []}[method]
     args = ["train", "--method", method, "--data", "moons", *source, *TINY_TRAIN, "--steps", STEPS]
     assert cli(*args, "--out", tmp_path / "one") == 0
     torchrun(*args, "--out", tmp_path / "two")
-    names = ["model", "ema", "target"] if method == "cd" else ["model", "ema", "weighting"]
+    names = {"cd": ["model", "ema", "target"], "sct": ["model", "ema", "weighting"], "tcm": ["model", "ema"]}[method]
     assert_same_weights(tmp_path / "one", tmp_path / "two", names)
     # Rank 0 alone logged: one line per step, with the global batch's loss.
     assert [json.loads(line)["step"] for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()] \

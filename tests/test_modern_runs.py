@@ -8,12 +8,12 @@ from helpers import TINY, TINY_TRAIN, cli, tree_digest
 
 IMAGE = ["--data", "digits", "--batch-size", "4", "--quiet", "--set", "train.sample_every=0",
          "--set", "train.save_every=2"]
-SOURCES = {"ict": [], "meanflow": [], "ect": ["--init"], "sct": ["--init"], "scd": ["--teacher"]}
+SOURCES = {"ict": [], "meanflow": [], "ect": ["--init"], "sct": ["--init"], "scd": ["--teacher"], "tcm": ["--init"]}
 # Curricula are fixed by the first start's --steps unless given; give them so that the 2-step start
 # of the split run schedules like the 4-step straight run.
 HORIZON = {"ict": ["--set", "objective.total_steps=4"], "ect": ["--set", "objective.total_steps=4"],
            "sct": ["--set", "objective.tangent_warmup=3"], "scd": ["--set", "objective.tangent_warmup=3"],
-           "meanflow": []}
+           "meanflow": [], "tcm": []}
 
 
 @pytest.fixture(scope="module")
@@ -23,9 +23,18 @@ def image_teacher(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def image_consistency(image_teacher, tmp_path_factory):
+    """A 2-step ECT run of digits: TCM's stage 1."""
+    out = tmp_path_factory.mktemp("img-cm") / "ect"
+    assert cli("train", "--method", "ect", "--init", image_teacher, "--steps", 2, "--out", out, *IMAGE) == 0
+    return out
+
+
 @pytest.mark.parametrize("method", list(SOURCES))
-def test_image_runs_resume_bit_exactly(method, image_teacher, tmp_path):
-    source = [flag for f in SOURCES[method] for flag in (f, image_teacher)]
+def test_image_runs_resume_bit_exactly(method, image_teacher, tmp_path, request):
+    start = request.getfixturevalue("image_consistency") if method == "tcm" else image_teacher
+    source = [flag for f in SOURCES[method] for flag in (f, start)]
     model = [] if source else ["--set", "model.preset=tiny"]
     args = ["--method", method, *source, *model, *HORIZON[method], *IMAGE]
     assert cli("train", *args, "--steps", 4, "--out", tmp_path / "straight") == 0

@@ -50,6 +50,20 @@ class BatchRNG:
         total, rows = self._rows(n)
         return torch.randint(0, high, (total,), generator=self.generator)[rows]
 
+    def subset(self, fraction: float, n: int) -> tuple[torch.Tensor, int]:
+        """(this shard's rows of a random subset of the global batch, the subset's global size):
+        exactly int(fraction x total) rows, chosen without replacement; each row with probability
+        ``fraction`` when that rounds to 0 (a batch too small for one)."""
+        total, rows = self._rows(n)
+        u = torch.rand(total, generator=self.generator)
+        k = int(total * fraction)
+        chosen = torch.zeros(total, dtype=torch.bool)
+        if k:
+            chosen[u.argsort()[:k]] = True
+        else:
+            chosen = u < fraction
+        return chosen[rows], int(chosen.sum())
+
     def multinomial(self, probs: torch.Tensor, n: int) -> torch.Tensor:
         """``n`` indices drawn with replacement with probabilities ``probs``."""
         total, rows = self._rows(n)

@@ -202,7 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "with --resume: the run's own)")
     p.add_argument("--out", help="run directory (required, except with --print-config)")
     p.add_argument("--teacher", help=f"diffusion run to distill from (methods {by_role(lambda s: s.teacher)})")
-    p.add_argument("--init", help=f"diffusion run whose weights to start from (methods {by_role(lambda s: s.init)})")
+    p.add_argument("--init", help=f"run whose weights to start from: a diffusion run (methods "
+                   f"{by_role(lambda s: s.init and not s.frozen_init)}), or the consistency run that "
+                   f"{by_role(lambda s: s.frozen_init)} continues")
     p.add_argument("--batch-size", type=int, help="samples per optimizer step (default: 512 for vectors, 128 for "
                    "images; see --print-config)")
     p.add_argument("--lr", type=float, help="Adam learning rate (default: the method's, e.g. 4e-4 for CD, 1e-3 for "

@@ -23,7 +23,7 @@ from .latents import LatentScaler
 from .nets import build_backbone
 from .noise import NoiseConfig, append_zero, check_sigmas, karras_sigmas
 from .objectives import MethodSpec, get_method
-from .objectives.registry import noise_config
+from .objectives.registry import export_formats, network_wrapper, noise_config
 from .precond import build_wrapper
 from .sampling import SAMPLERS, sample_levels
 from .text import PromptEncoder, check_prompt
@@ -31,23 +31,26 @@ from .text import PromptEncoder, check_prompt
 
 def build_model(config: dict) -> torch.nn.Module:
     """The preconditioned network a config describes (random weights): the backbone in its
-    method's wrapper (`MethodSpec.wrapper`)."""
-    wrapper = get_method(config["method"]).wrapper
-    return build_wrapper(wrapper, build_backbone(config["model"]), noise_config(config), config["model"])
+    method's wrapper (`MethodSpec.wrapper`; TCM's: its stage-1 run's)."""
+    return build_wrapper(network_wrapper(config), build_backbone(config["model"]), noise_config(config), config["model"])
 
 
 MULTISTEP_HIGH = 0.8
 MULTISTEP_LOW = 0.1
 
 
-def default_consistency_sigmas(steps: int, noise: NoiseConfig) -> list[float]:
+def default_consistency_sigmas(steps: int, noise: NoiseConfig, floor: float | None = None) -> list[float]:
     """Levels for ``steps``-step consistency sampling when none are given: sigma_max, then the
     remaining levels log-spaced from ``MULTISTEP_HIGH`` down to ``MULTISTEP_LOW`` (capped to the
-    noise range). 2 steps re-noise to 0.8, close to iCT's 0.821 on CIFAR-10."""
+    noise range). 2 steps re-noise to 0.8, close to iCT's 0.821 on CIFAR-10. A network trained
+    only above ``floor`` (TCM's transition level, when above ``MULTISTEP_HIGH``) gets levels
+    log-spaced from sigma_max down to ``floor``: 2 steps re-noise to the floor itself, TCM's (80, 1)."""
     if steps < 1:
         raise CmkitError(f"--steps must be at least 1, got {steps}")
     if steps == 1:
         return [noise.sigma_max]
+    if floor is not None and floor >= MULTISTEP_HIGH:
+        return np.geomspace(noise.sigma_max, floor, steps).tolist()
     hi = min(MULTISTEP_HIGH, noise.sigma_max * 0.99)
     lo = max(MULTISTEP_LOW, noise.sigma_min * 1.01)
     if steps == 2:
@@ -55,11 +58,12 @@ def default_consistency_sigmas(steps: int, noise: NoiseConfig) -> list[float]:
     return [noise.sigma_max] + np.geomspace(hi, lo, steps - 1).tolist()
 
 
-def default_levels(is_diffusion: bool, noise: NoiseConfig, steps: int | None = None) -> torch.Tensor:
+def default_levels(is_diffusion: bool, noise: NoiseConfig, steps: int | None = None,
+                   floor: float | None = None) -> torch.Tensor:
     """Noise levels for ``steps`` steps: a Karras grid plus 0 (18 steps) for a diffusion model,
-    `default_consistency_sigmas` (1 step) for a consistency model."""
+    `default_consistency_sigmas` (1 step; ``floor``: its) for a consistency model."""
     if not is_diffusion:
-        return torch.tensor(default_consistency_sigmas(1 if steps is None else steps, noise))
+        return torch.tensor(default_consistency_sigmas(1 if steps is None else steps, noise, floor))
     steps = 18 if steps is None else steps
     if steps < 1:
         raise CmkitError(f"--steps must be at least 1, got {steps}")
@@ -300,7 +304,18 @@ class Run:
                 return own(1 if steps is None else steps)
             except ValueError as e:
                 raise CmkitError(str(e)) from None
-        return self._on_table(default_levels(self.is_diffusion, self.noise_range, steps))
+        return self._on_table(default_levels(self.is_diffusion, self.noise_range, steps, self.sampling_floor))
+
+    @property
+    def sampling_floor(self) -> float | None:
+        """The lowest level default few-step sampling re-noises to (`MethodSpec.sampling_floor`)."""
+        floor = self.spec.sampling_floor
+        return None if floor is None else float(floor(self.config))
+
+    @property
+    def export_formats(self) -> tuple[str, ...]:
+        """What ``cmkit export`` writes this run as (diffusers, onnx)."""
+        return export_formats(self.config)
 
     def _on_table(self, levels: torch.Tensor) -> torch.Tensor:
         """``levels`` moved onto the noise table of a network that knows only its levels (a

@@ -132,6 +132,8 @@ def _resolve_sources(config: dict, spec: MethodSpec, resumed: bool) -> tuple[dic
     A method that takes a teacher starts from it unless --init says otherwise (CD: unless
     objective.init_from_teacher is false)."""
     teacher = init = None
+    if spec.frozen_init:
+        return _resolve_stage1(config, spec, resumed)
     if spec.teacher:
         teacher = _source_run(config, "teacher", "--teacher")
         config = _inherit(config, "teacher", "--teacher", teacher, check=resumed)
@@ -141,6 +143,39 @@ def _resolve_sources(config: dict, spec: MethodSpec, resumed: bool) -> tuple[dic
     elif teacher is not None and spec.starts_from_teacher and config["objective"].get("init_from_teacher", True):
         init = teacher
     return config, teacher, init
+
+
+def _resolve_stage1(config: dict, spec: MethodSpec, resumed: bool) -> tuple[dict, Run, Run]:
+    """A method that continues a consistency run (`MethodSpec.frozen_init`, TCM): the --init run
+    is both where the network starts and the frozen model handed to the objective; its method is
+    recorded (``init_method``), as it decides the network's parametrization."""
+    if not config.get("init"):
+        raise CmkitError(f"{spec.name} continues a consistency model: pass --init RUN (a trained "
+                         f"{_consistency_names()} run)")
+    path = config["init"]
+    stage1 = Run(path)
+    if not _continuable(stage1.spec):
+        raise CmkitError(f"--init {path} is a {stage1.method} run; {spec.name} continues a consistency model "
+                         f"({_consistency_names()})")
+    if stage1.config["model"].get("guidance"):
+        raise CmkitError(f"--init {path} is a guided student (it takes a guidance scale); {spec.name} continues "
+                         "unguided consistency models")
+    if resumed and config.get("init_method") != stage1.method:
+        raise CmkitError(f"--init {path} is now a {stage1.method} run, but this run started from a "
+                         f"{config.get('init_method')} run")
+    config = _inherit(config, "init", "--init", stage1, check=resumed)
+    config["init_method"] = stage1.method
+    return config, stage1, stage1
+
+
+def _continuable(spec: MethodSpec) -> bool:
+    """A consistency model another run can continue: not a diffusion teacher, not itself a
+    continuation, not an LCM's VP-only network (its own timestep schedule and guidance input)."""
+    return not (spec.diffusion or spec.frozen_init or issubclass(spec.wrapper, VPDenoiser))
+
+
+def _consistency_names() -> str:
+    return ", ".join(name for name, spec in methods().items() if _continuable(spec))
 
 
 def preview_config(config: dict) -> tuple[dict, str | None]:

@@ -97,9 +97,11 @@ def tune_sigmas(run: Run, steps: int, *, data: str | None = None, n: int = 2000,
     if iterations < 1 or n < 2:
         raise CmkitError("--iterations must be >= 1 and --n >= 2")
     name, score = metric_for(run, data=data, n=n, seed=seed, metric=metric)
-    start = default_consistency_sigmas(steps, run.noise_range)
+    start = default_consistency_sigmas(steps, run.noise_range, run.sampling_floor)
     default_score = score(start)
-    levels, best, evaluations = tune_levels(score, start, run.noise_range.sigma_min, iterations)
+    # A network trained only above a floor (TCM's transition level) is not searched below it.
+    lowest = max(run.noise_range.sigma_min, run.sampling_floor or 0.0)
+    levels, best, evaluations = tune_levels(score, start, lowest, iterations)
     result = {"steps": steps, "metric": name, "n": n, "seed": seed, "default_sigmas": start,
               "default_score": default_score, "sigmas": levels, "score": best, "evaluations": evaluations}
     if write:

@@ -51,7 +51,7 @@ def export_diffusers(run, out: str | Path, *, levels: int | None = None, clip_de
     if not run.is_image:
         raise CmkitError("diffusers' ConsistencyModelPipeline generates images; this run was trained on vectors "
                          "(use cmkit export onnx)")
-    if "diffusers" not in run.spec.export_formats:
+    if "diffusers" not in run.export_formats:
         exportable = [name for name, spec in methods().items() if "diffusers" in spec.export_formats]
         raise CmkitError(f"export diffusers takes a consistency model with the boundary-condition "
                          f"parametrization ({', '.join(exportable)}); this is a {run.method} run")

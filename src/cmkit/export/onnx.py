@@ -75,7 +75,7 @@ def export_onnx(run, out: str | Path, *, with_f: bool = False, guidance: float |
     """Write the run's one-step generator (and with ``with_f`` its f(x, sigma)) at ``precision``;
     return the paths. fp16 and int8 are checked against fp32 before anything is written: a mean
     pixel difference above ``max_diff`` (default `precision.MAX_MEAN_DIFF`) or a NaN is an error."""
-    if "onnx" not in run.spec.export_formats:
+    if "onnx" not in run.export_formats:
         raise CmkitError("export onnx takes a consistency model (one network call per step); this is an "
                          f"{run.method} teacher")
     if getattr(run, "is_latent", False):
@@ -124,7 +124,8 @@ def _export_fp32(run, folder: Path, with_f: bool, guidance: float | None) -> dic
     return {"method": run.method, "shape": list(run.shape), "inputs": names, "sigma_min": run.noise_range.sigma_min,
             "sigma_max": run.noise_range.sigma_max, "num_classes": run.num_classes, "class_names": run.class_names,
             "standardizer": run.config["standardizer"],
-            "multistep_sigmas": {str(k): default_consistency_sigmas(k, run.noise_range) for k in (2, 3, 4)}}
+            "multistep_sigmas": {str(k): default_consistency_sigmas(k, run.noise_range, run.sampling_floor)
+                                 for k in (2, 3, 4)}}
 
 
 def _lower_precision(meta: dict, folder: Path, fp32: list, precision: str, max_diff: float | None,

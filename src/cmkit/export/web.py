@@ -61,7 +61,7 @@ def ort_version(dist: Path) -> str | None:
 
 def check_web_model(run) -> None:
     """What the page can run: a pixel-space consistency model (one network call per step)."""
-    if "onnx" not in run.spec.export_formats:
+    if "onnx" not in run.export_formats:
         raise CmkitError(f"export web takes a consistency model (one network call per step); this {run.method} "
                          "teacher needs 35 calls per image: distil it first (--method cd or ect)")
     if getattr(run, "is_latent", False):

@@ -11,13 +11,14 @@ from .distances import PseudoHuber, l1, l2, make_distance
 from .ict import ImprovedConsistencyTrainingLoss, ict_num_levels, lognormal_pair_probs
 from .ect import EasyConsistencyTuningLoss, ect_r
 from .scm import ContinuousConsistencyLoss, teacher_velocity, trigflow_F
+from .tcm import TruncatedConsistencyLoss, TruncatedLogStudentT
 from .meanflow import MeanFlowLoss
 from .lcm import LatentConsistencyDistillationLoss
 from .registry import MethodSpec, get_method, method_names, methods, register, unregister
 
 __all__ = ["ConsistencyDistillationLoss", "ConsistencyTrainingLoss", "ContinuousConsistencyLoss",
            "EDMLoss", "EasyConsistencyTuningLoss", "ImprovedConsistencyTrainingLoss", "LatentConsistencyDistillationLoss",
-           "MeanFlowLoss",
+           "MeanFlowLoss", "TruncatedConsistencyLoss", "TruncatedLogStudentT",
            "MethodSpec", "Objective", "PseudoHuber", "ct_num_levels", "ct_target_rate", "ect_r", "get_method",
            "ict_num_levels", "l1", "l2", "lognormal_pair_probs", "make_distance", "method_names", "methods",
            "register", "teacher_step", "teacher_velocity", "trigflow_F", "unregister"]

@@ -22,8 +22,14 @@ from .rng import SharedRNG
 
 def ect_r(t: torch.Tensor, stage: int, k: float = 8.0, b: float = 1.0, q: float = 2.0) -> torch.Tensor:
     """The lower level r(t) at ``stage`` (0-based), clamped at 0."""
+    return gap_r(t, 1 / q ** (stage + 1), k, b)
+
+
+def gap_r(t: torch.Tensor, shrink: float, k: float = 8.0, b: float = 1.0) -> torch.Tensor:
+    """ECT's r(t) = t (1 - shrink n(t)), n(t) = 1 + k sigmoid(-b t), clamped at 0 (``shrink``:
+    1/q^(stage+1) in ECT's stages, 1 - ratio in FastGen's terms)."""
     n = 1 + k * torch.sigmoid(-b * t)
-    return (t * (1 - n / q ** (stage + 1))).clamp(min=0)
+    return (t * (1 - shrink * n)).clamp(min=0)
 
 
 class EasyConsistencyTuningLoss(Objective):

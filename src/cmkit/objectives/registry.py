@@ -50,6 +50,12 @@ class MethodSpec:
     teacher      needs ``--teacher`` (a diffusion run), and takes its model, noise range and data
                  units from it (the config has no ``model``/``noise`` sections)
     init         accepts ``--init`` (a diffusion run whose weights it starts from)
+    frozen_init  continues a consistency model: ``--init`` is required and names a consistency
+                 run, whose weights the network starts from and whose parametrization (wrapper) it
+                 keeps (so ``wrapper`` is only the usual one); that run's model, frozen, is what
+                 ``build`` gets in place of a teacher (TCM's stage-1 model)
+    sampling_floor  config -> the lowest noise level the network was trained at, when above
+                 sigma_min (TCM's transition level): default few-step levels stay at or above it
     starts_from_teacher  with a teacher and no ``--init``, start from the teacher's weights
     guided       can distill classifier-free guidance (``--guidance LO,HI``)
     time_derivative  differentiates the network along the noise level (JVP)
@@ -73,6 +79,8 @@ class MethodSpec:
     guided: bool = False
     time_derivative: bool = False
     whole_table: bool = False
+    frozen_init: bool = False
+    sampling_floor: Callable[[dict], float] | None = None
     # The teacher as a view of the student's own network (LCM-LoRA: the base UNet with its adapters
     # off), built from (student, config) instead of loaded: one copy of the weights in memory.
     teacher_view: Callable | None = None
@@ -90,14 +98,15 @@ class MethodSpec:
             raise ValueError(f"method {self.name}: a diffusion teacher takes no --teacher or --init")
         if self.starts_from_teacher and not self.teacher:
             raise ValueError(f"method {self.name}: starts_from_teacher needs teacher=True")
+        if self.frozen_init and (self.teacher or not self.init):
+            raise ValueError(f"method {self.name}: frozen_init needs init=True and no teacher")
 
     @property
     def export_formats(self) -> tuple[str, ...]:
         """How a trained run exports: ONNX for every consistency model, a diffusers
-        ConsistencyModelPipeline for those with its boundary-condition parametrization."""
-        if self.diffusion:
-            return ()
-        return ("diffusers", "onnx") if issubclass(self.wrapper, CONSISTENCY_FUNCTIONS) else ("onnx",)
+        ConsistencyModelPipeline for those with its boundary-condition parametrization (a
+        ``frozen_init`` method: as its --init run, `export_formats`)."""
+        return _formats(self.diffusion, self.wrapper)
 
     def defaults_file(self) -> str:
         """The method's defaults as text."""
@@ -142,6 +151,29 @@ def get_method(name: str) -> MethodSpec:
     return known[name]
 
 
+def _formats(diffusion: bool, wrapper: type) -> tuple[str, ...]:
+    if diffusion:
+        return ()
+    return ("diffusers", "onnx") if issubclass(wrapper, CONSISTENCY_FUNCTIONS) else ("onnx",)
+
+
+def network_wrapper(config: dict) -> type[nn.Module]:
+    """The preconditioning a run's network has: its method's wrapper, or for a method that
+    continues a consistency run (``frozen_init``) that run's (``init_method``, recorded when the
+    run starts)."""
+    spec = get_method(config["method"])
+    if not spec.frozen_init:
+        return spec.wrapper
+    if not config.get("init_method"):
+        raise CmkitError(f"this {spec.name} run's config.json does not say what its --init run was (init_method)")
+    return get_method(config["init_method"]).wrapper
+
+
+def export_formats(config: dict) -> tuple[str, ...]:
+    """How the run ``config`` describes exports (`MethodSpec.export_formats`, with its network's wrapper)."""
+    return _formats(get_method(config["method"]).diffusion, network_wrapper(config))
+
+
 def noise_config(config: dict) -> NoiseConfig:
     """The run's noise range (its ``noise`` section)."""
     return NoiseConfig(**config["noise"])
@@ -171,10 +203,13 @@ def methods_table() -> str:
     rows = ["| method | what it is | starts from | objective | network | samples with | exports |",
             "|---|---|---|---|---|---|---|"]
     for name, spec in methods().items():
-        needs = ["`--teacher`" if spec.teacher else "", "`--init` (optional)" if spec.init else ""]
+        init = "`--init` (a consistency run)" if spec.frozen_init else "`--init` (optional)" if spec.init else ""
+        needs = ["`--teacher`" if spec.teacher else "", init]
+        network = "its `--init` run's" if spec.frozen_init else f"`{spec.wrapper.__name__}`"
+        exports = "as its `--init` run" if spec.frozen_init else ", ".join(spec.export_formats) or "-"
         rows.append(f"| `{name}` | {spec.summary} | {' + '.join(n for n in needs if n) or 'data'} "
                     f"| `{spec.objective.__name__}` "
-                    f"| `{spec.wrapper.__name__}` | {'Heun/Euler ODE steps' if spec.diffusion else 'consistency steps'} "
-                    f"| {', '.join(spec.export_formats) or '-'} |")
+                    f"| {network} | {'Heun/Euler ODE steps' if spec.diffusion else 'consistency steps'} "
+                    f"| {exports} |")
     return "\n".join(rows) + "\n"
 
