@@ -37,7 +37,7 @@ def _method_choices() -> tuple:
 
 def test_the_command_line_offers_exactly_the_registry():
     assert _method_choices() == method_names()
-    assert set(method_names()) == {"edm", "cd", "ct", "ict", "ect", "sct", "scd", "meanflow", "lcm", "lcm-lora"}
+    assert set(method_names()) == {"edm", "cd", "ct", "ict", "ect", "sct", "scd", "tcm", "meanflow", "lcm", "lcm-lora"}
 
 
 def test_the_config_files_are_exactly_the_registry():

@@ -183,6 +183,9 @@ def preview_config(config: dict) -> tuple[dict, str | None]:
     --init run's sections as training takes them; a method whose teacher is not given yet shows a
     default EDM teacher's noise and model for this data, and the note says so."""
     spec = get_method(config["method"])
+    if spec.frozen_init and not config.get("init"):
+        return copy.deepcopy(config), (f"noise and model: a {spec.name} run takes them from its --init run, "
+                                       "the consistency model it continues")
     if not (spec.teacher and not config.get("teacher")):
         return _resolve_sources(copy.deepcopy(config), spec, resumed=False)[0], None
     edm = next(name for name, other in methods().items() if other.diffusion)
