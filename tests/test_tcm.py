@@ -104,3 +104,30 @@ def test_refusals_are_one_line(args, message, tiny_teacher, tiny_consistency, tm
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err and "Traceback" not in err
     assert not (tmp_path / "r").exists()
+
+
+def test_default_levels_stay_at_or_above_the_floor():
+    from cmkit.run import default_consistency_sigmas
+    noise = NoiseConfig()
+    for floor in (0.05, 0.5, 1.0, 2.0):
+        for steps in (2, 3, 4):
+            levels = default_consistency_sigmas(steps, noise, floor)
+            assert levels[0] == 80.0 and levels[-1] == pytest.approx(floor) and min(levels) >= floor * (1 - 1e-6)
+            assert all(a > b for a, b in zip(levels, levels[1:]))
+    assert default_consistency_sigmas(2, noise) == [80.0, pytest.approx(0.8)]  # no floor: as before
+
+
+@pytest.mark.slow
+def test_a_tcm_image_run_exports_to_diffusers_and_comes_back_with_its_floor(tmp_path):
+    digits = ["--data", "digits", "--batch-size", 8, "--quiet", "--set", "train.sample_every=0"]
+    assert cli("train", "--method", "edm", *digits, "--set", "model.preset=tiny", "--steps", 2,
+               "--out", tmp_path / "edm") == 0
+    assert cli("train", "--method", "ect", *digits, "--init", tmp_path / "edm", "--steps", 2, "--out", tmp_path / "ect") == 0
+    assert cli("train", "--method", "tcm", *digits, "--init", tmp_path / "ect", "--steps", 2,
+               "--set", "objective.transition_sigma=2.0", "--out", tmp_path / "tcm") == 0
+    assert cli("export", "diffusers", "--checkpoint", tmp_path / "tcm", "--out", tmp_path / "pipe", "--quiet") == 0
+    run, back = cmkit.load_run(tmp_path / "tcm"), cmkit.load_run(tmp_path / "pipe")
+    assert back.method == "tcm" and back.sampling_floor == 2.0
+    assert back.sigmas_for(2).tolist() == pytest.approx([80.0, 2.0])
+    np.testing.assert_allclose(back.sample(4, steps=1, seed=0), run.sample(4, steps=1, seed=0), atol=1)
+    assert cli("export", "onnx", "--checkpoint", tmp_path / "pipe", "--out", tmp_path / "m.onnx", "--quiet") == 0

@@ -24,6 +24,7 @@ from .errors import CmkitError
 from .nets.diffusers_unet import DiffusersUNet, unet_config
 from .noise import NoiseConfig
 from .objectives import get_method, methods
+from .objectives.registry import network_wrapper
 from .precond import LCMFunction, build_wrapper
 from .safe_io import read_json
 
@@ -167,7 +168,9 @@ def load_diffusers(path: str | Path, device: str = "cpu") -> tuple[dict, nn.Modu
     if vp is not None:
         vp["time_input"] = time_input_for(dict(unet.config))
     num_classes = sidecar.get("num_classes", unet.config.num_class_embeds or 0)
-    null_label = sidecar.get("has_null_label")
+    # cmkit's class-conditional UNets always have the null label's row; the record says whether
+    # it was trained (label dropout), which is what guidance needs.
+    null_label = True if sidecar.get("has_null_label") else None
     try:
         backbone = DiffusersUNet(unet, num_classes, null_label)
     except ValueError as e:
@@ -190,11 +193,14 @@ def load_diffusers(path: str | Path, device: str = "cpu") -> tuple[dict, nn.Modu
         method = _teacher_method() if kind == "vp" else sidecar.get("method", _lcm_method())
     config = {"method": method, "source": "diffusers", "noise": noise.__dict__.copy(), "model": model_section,
               "standardizer": {"kind": "image", "shape": shape},
-              "train": {"label_dropout": 0.1 if backbone.null_label else 0.0},
-              "objective": {"num_levels": scheduler["num_train_timesteps"]} if kind == "consistency" else {},
+              "train": {"label_dropout": 0.1 if sidecar.get("has_null_label", backbone.null_label) else 0.0},
+              "objective": ({**sidecar.get("objective", {}), "num_levels": scheduler["num_train_timesteps"]}
+                            if kind == "consistency" else {}),
               "class_names": sidecar.get("class_names"),
               "data": {**base_section("data"), "name": None, "resolution": shape[1]}}
-    model = build_wrapper(get_method(method).wrapper, backbone, noise, model_section)
+    if sidecar.get("init_method"):
+        config["init_method"] = sidecar["init_method"]
+    model = build_wrapper(network_wrapper(config), backbone, noise, model_section)
     if kind == "consistency" and scheduler.get("clip_denoised", True):
         model = ClipDenoised(model)
     return config, model.to(device).eval().requires_grad_(False)

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -43,14 +44,13 @@ def default_consistency_sigmas(steps: int, noise: NoiseConfig, floor: float | No
     """Levels for ``steps``-step consistency sampling when none are given: sigma_max, then the
     remaining levels log-spaced from ``MULTISTEP_HIGH`` down to ``MULTISTEP_LOW`` (capped to the
     noise range). 2 steps re-noise to 0.8, close to iCT's 0.821 on CIFAR-10. A network trained
-    only above ``floor`` (TCM's transition level, when above ``MULTISTEP_HIGH``) gets levels
-    log-spaced from sigma_max down to ``floor``: 2 steps re-noise to the floor itself, TCM's (80, 1)."""
+    only above ``floor`` (TCM's transition level) gets levels log-spaced from sigma_max down to ``floor``: 2 steps re-noise to the floor itself, TCM's (80, 1)."""
     if steps < 1:
         raise CmkitError(f"--steps must be at least 1, got {steps}")
     if steps == 1:
         return [noise.sigma_max]
-    if floor is not None and floor >= MULTISTEP_HIGH:
-        return np.geomspace(noise.sigma_max, floor, steps).tolist()
+    if floor is not None and floor > noise.sigma_min:
+        return np.geomspace(noise.sigma_max, min(floor, noise.sigma_max), steps).tolist()
     hi = min(MULTISTEP_HIGH, noise.sigma_max * 0.99)
     lo = max(MULTISTEP_LOW, noise.sigma_min * 1.01)
     if steps == 2:
@@ -309,8 +309,10 @@ class Run:
     @property
     def sampling_floor(self) -> float | None:
         """The lowest level default few-step sampling re-noises to (`MethodSpec.sampling_floor`)."""
-        floor = self.spec.sampling_floor
-        return None if floor is None else float(floor(self.config))
+        floor = None if self.spec.sampling_floor is None else self.spec.sampling_floor(self.config)
+        if floor is not None and not (isinstance(floor, (int, float)) and math.isfinite(floor) and floor > 0):
+            raise CmkitError(f"{self.path}: the recorded sampling floor {floor!r} is not a positive number")
+        return None if floor is None else float(floor)
 
     @property
     def export_formats(self) -> tuple[str, ...]:

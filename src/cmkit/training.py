@@ -160,9 +160,11 @@ def _resolve_stage1(config: dict, spec: MethodSpec, resumed: bool) -> tuple[dict
     if stage1.config["model"].get("guidance"):
         raise CmkitError(f"--init {path} is a guided student (it takes a guidance scale); {spec.name} continues "
                          "unguided consistency models")
-    if resumed and config.get("init_method") != stage1.method:
+    if resumed and not config.get("init_method"):
+        raise CmkitError("the run's config.json does not say what its --init run was (init_method): it is incomplete")
+    if resumed and config["init_method"] != stage1.method:
         raise CmkitError(f"--init {path} is now a {stage1.method} run, but this run started from a "
-                         f"{config.get('init_method')} run")
+                         f"{config['init_method']} run")
     config = _inherit(config, "init", "--init", stage1, check=resumed)
     config["init_method"] = stage1.method
     return config, stage1, stage1

@@ -52,7 +52,8 @@ def export_diffusers(run, out: str | Path, *, levels: int | None = None, clip_de
         raise CmkitError("diffusers' ConsistencyModelPipeline generates images; this run was trained on vectors "
                          "(use cmkit export onnx)")
     if "diffusers" not in run.export_formats:
-        exportable = [name for name, spec in methods().items() if "diffusers" in spec.export_formats]
+        exportable = [name for name, spec in methods().items()
+                      if "diffusers" in spec.export_formats and not spec.frozen_init]
         raise CmkitError(f"export diffusers takes a consistency model with the boundary-condition "
                          f"parametrization ({', '.join(exportable)}); this is a {run.method} run")
     backbone = run.model.backbone
@@ -156,6 +157,9 @@ def _write_sidecar(run, out: Path) -> None:
         sidecar["image_channels"] = run.image_shape[0]
     if run.guidance_range is not None:
         sidecar["guidance"] = list(run.guidance_range)
+    if run.spec.frozen_init:  # a TCM run: its network's parametrization and its sampling floor
+        sidecar["init_method"] = run.config["init_method"]
+        sidecar["objective"] = run.config["objective"]
     (out / SIDECAR).write_text(json.dumps(sidecar, indent=2) + "\n")
 
 

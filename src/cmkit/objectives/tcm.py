@@ -121,8 +121,8 @@ class TruncatedConsistencyLoss(Objective):
         return per_sample * draws["weight"], logs
 
 
-def _sampling_floor(config: dict) -> float:
-    return config["objective"]["transition_sigma"]
+def _sampling_floor(config: dict) -> float | None:
+    return config["objective"].get("transition_sigma")  # None: a folder exported before it was recorded
 
 
 register(MethodSpec(
