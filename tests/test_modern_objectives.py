@@ -315,3 +315,18 @@ def test_meanflow_v1_sampler_draws_r_from_its_own_logit_normal():
     assert ((r < 0.05) & (t > 0.5)).float().mean() > 0.2
     with pytest.raises(ValueError, match="r_p_mean"):
         MeanFlowLoss(r_p_mean=-4.0)
+
+
+def test_sct_tangent_normalisation_and_its_ablation():
+    """At the first pass F_theta - sg(F_theta) = 0, so the loss (no weighting) is ||g||^2 / dim:
+    the raw tangent's squared norm N^2 with tangent_norm_c null, (N / (N + c))^2 with c."""
+    model, x0 = _mlp_model(), torch.randn(32, 2, generator=torch.Generator().manual_seed(0))
+    losses, norms = {}, {}
+    for c in (None, 0.1, 2.0):
+        loss_fn = ContinuousConsistencyLoss(NOISE, tangent_warmup=0, tangent_norm_c=c, adaptive_weighting=False)
+        loss, logs = loss_fn(model, x0, generator=torch.Generator().manual_seed(1))
+        losses[c], norms[c] = loss.detach() * 2, logs["g_norm"]  # dim = 2
+    raw = losses[None].sqrt()
+    assert norms[0.1] == pytest.approx(norms[None]) and float(raw.std()) > 0.01
+    for c in (0.1, 2.0):
+        torch.testing.assert_close(losses[c], (raw / (raw + c)) ** 2, rtol=1e-4, atol=1e-7)

@@ -75,12 +75,12 @@ class ContinuousConsistencyLoss(Objective):
     sample, w given to the student as an input)."""
 
     def __init__(self, noise: NoiseConfig = NoiseConfig(), teacher=None, p_mean: float = -1.0,
-                 p_std: float = 1.4, tangent_warmup: int = 10000, tangent_norm_c: float = 0.1,
+                 p_std: float = 1.4, tangent_warmup: int = 10000, tangent_norm_c: float | None = 0.1,
                  jvp: str = "autograd", adaptive_weighting: bool = True, guidance: list[float] | None = None):
         if jvp not in JVP_MODES:
             raise ValueError(f"unknown jvp {jvp!r}; known: {', '.join(JVP_MODES)}")
-        if p_std <= 0 or tangent_warmup < 0 or tangent_norm_c < 0:
-            raise ValueError("need p_std > 0, tangent_warmup >= 0 and tangent_norm_c >= 0")
+        if p_std <= 0 or tangent_warmup < 0 or (tangent_norm_c is not None and tangent_norm_c < 0):
+            raise ValueError("need p_std > 0, tangent_warmup >= 0 and tangent_norm_c >= 0 (null: no normalisation)")
         self.noise, self.teacher, self.p_mean, self.p_std = noise, teacher, p_mean, p_std
         self.tangent_warmup, self.c, self.jvp = tangent_warmup, tangent_norm_c, jvp
         self.weight = AdaptiveWeight() if adaptive_weighting else None
@@ -132,7 +132,8 @@ class ContinuousConsistencyLoss(Objective):
             F_minus, dF_dt = jvp_F(F, x_t / sd, t, v / sd, self.jvp, module=net)
             g = self.tangent(F_minus, dF_dt, x_t, v, t, draws["warmup"])
             norm = g.flatten(1).norm(dim=1)
-            g = g / broadcast_to_batch(norm + self.c, g)
+            if self.c is not None:  # null: the raw tangent (the normalisation's ablation)
+                g = g / broadcast_to_batch(norm + self.c, g)
         rng.replay()
         F_theta = F(x_t / sd, t)
         dim = x0[0].numel()
@@ -161,13 +162,13 @@ register(MethodSpec(
     name="sct", summary="continuous-time consistency training (sCT; TrigFlow, a JVP along the ODE; --init from EDM)",
     source=SCM_SOURCE, objective=ContinuousConsistencyLoss, wrapper=EDMDenoiser, init=True, time_derivative=True,
     resolve=resolve_tangent_warmup,
-    nullable={"objective.tangent_warmup": int},
+    nullable={"objective.tangent_warmup": int, "objective.tangent_norm_c": float},
     build=lambda config, teacher: ContinuousConsistencyLoss(noise_config(config), **objective_options(config))))
 
 register(MethodSpec(
     name="scd", summary="continuous-time consistency distillation (sCD) from an EDM --teacher",
     source=SCM_SOURCE, objective=ContinuousConsistencyLoss, wrapper=EDMDenoiser, teacher=True, init=True,
     starts_from_teacher=True, guided=True, time_derivative=True, resolve=resolve_tangent_warmup,
-    nullable={"objective.tangent_warmup": int, "objective.guidance": list},
+    nullable={"objective.tangent_warmup": int, "objective.tangent_norm_c": float, "objective.guidance": list},
     build=lambda config, teacher: ContinuousConsistencyLoss(noise_config(config), teacher=teacher,
                                                             **objective_options(config))))
