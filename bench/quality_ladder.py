@@ -8,7 +8,7 @@ steps on N generated images (default 5,000) against all 10,000 Fashion-MNIST tes
 cmkit's classifier features and precision/recall (k = 3), beside the real-vs-real floor at the
 same N (training images against the test images). The same noise for every model.
 
-    python bench/quality_ladder.py [--out bench/out/ladder] [--seeds 0,1,2] [--n 5000]
+    python bench/quality_ladder.py [--out bench/out/ladder] [--seeds 0,1,2] [--n 5000] [--device cuda --resolution 32]
         [--teacher-steps 2000 --steps 600 --tcm-steps 300 --batch 64 --preset tiny]
         [--curve ect,tcm]        # FD at 1 step over training images seen (seed 0), from checkpoints
         [--lever NAME=METHOD:key=value,...]  # more rows: METHOD with --set overrides (--lever-seeds)
@@ -55,7 +55,12 @@ class Ladder:
         self.out.mkdir(parents=True, exist_ok=True)
         self.results_path = self.out / "results.json"
         self.results = json.loads(self.results_path.read_text()) if self.results_path.exists() else {}
-        self.common = [*DATA, "--batch-size", args.batch, "--quiet", "--set", "train.sample_every=0"]
+        self.common = [*DATA, "--batch-size", args.batch, "--quiet", "--set", "train.sample_every=0",
+                       "--set", f"train.device={args.device}"]
+        if args.resolution:
+            self.common += ["--set", f"data.resolution={args.resolution}"]
+        if args.device != "cpu":  # the GPU run's settings (docs/benchmarks.md, "GPU")
+            self.common += ["--set", "train.bf16=true", "--set", "train.channels_last=true"]
         self._scorer = None
 
     # Training -----------------------------------------------------------------------------------
@@ -80,7 +85,8 @@ class Ladder:
     # Scoring ------------------------------------------------------------------------------------
     def scorer(self) -> ImageScorer:
         if self._scorer is None:
-            images = load_dataset({**cmkit.build_config("edm", **{"data.name": "fashion-mnist"})["data"]})
+            images = load_dataset({**cmkit.build_config("edm", **{"data.name": "fashion-mnist",
+                                                                   "data.resolution": self.args.resolution})["data"]})
             self.images = images
             self._scorer = ImageScorer(np.asarray(images.holdout), ["fd", "pr"], images.native_size)
             if "floor" not in self.results:
@@ -97,7 +103,7 @@ class Ladder:
         for steps in ([TEACHER_STEPS] if diffusion else STEPS):
             if str(steps) in done:
                 continue
-            run = run or cmkit.load_run(path)
+            run = run or cmkit.load_run(path, device=self.args.device)
             scorer = self.scorer()
             start = time.time()
             x = run.sample(self.args.n, steps=steps, seed=self.args.sample_seed)
@@ -112,7 +118,7 @@ class Ladder:
         done = self.results.setdefault("scores", {}).setdefault(name, {})
         if "2" in done:
             return
-        run = cmkit.load_run(path)
+        run = cmkit.load_run(path, device=self.args.device)
         tuned = tune_sigmas(run, 2, n=2000, seed=1, write=False)
         x = run.sample(self.args.n, sigmas=tuned["sigmas"], seed=self.args.sample_seed)
         done["2"] = {**self.scorer().score(x), "sigmas": tuned["sigmas"]}
@@ -129,7 +135,7 @@ class Ladder:
             step = int(folder.name.split("-")[1])
             if str(step) in points:
                 continue
-            run = run or cmkit.load_run(path)
+            run = run or cmkit.load_run(path, device=self.args.device)
             run.model.load_state_dict(load_file(str(folder / "ema.safetensors")))
             x = run.sample(self.args.n, steps=1, seed=self.args.sample_seed)
             points[str(step)] = {"images": images_before + step * images_per_step, "fd": self.scorer().score(x)["fd"]}
@@ -187,6 +193,8 @@ def main() -> None:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--n", type=int, default=5000)
     p.add_argument("--preset", default="tiny")
+    p.add_argument("--resolution", type=int, help="default: Fashion-MNIST's own 28; 32 for the GPU ladder")
+    p.add_argument("--device", default="cpu", help="cpu, or cuda (bf16, channels_last)")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--teacher-steps", type=int, default=2000)
     p.add_argument("--teacher-lr", type=float, default=1e-3)
