@@ -44,8 +44,10 @@ def expand(v):
 
 
 def reference_lcm_loss(student, target, teacher, scheduler, x0, noise, index, w, labels, null, prediction_type,
-                       loss_type="l2", huber_c=0.001, num_ddim_timesteps=50):
-    """The reference's training step, in its own terms (VP states x_t, integer timesteps)."""
+                       loss_type="l2", huber_c=0.001, num_ddim_timesteps=50, parts=None):
+    """The reference's training step, in its own terms (VP states x_t, integer timesteps).
+    ``parts``: a dict to receive its intermediate values (the student's output, the teacher's DDIM
+    step and the target), for `assert_parts_equal_reference`."""
     T = scheduler.config.num_train_timesteps
     k = T // num_ddim_timesteps
     ddim_timesteps = torch.from_numpy((np.arange(1, num_ddim_timesteps + 1) * k).round().astype(np.int64) - 1)
@@ -72,6 +74,8 @@ def reference_lcm_loss(student, target, teacher, scheduler, x0, noise, index, w,
         target_out = target(x_prev, timesteps, labels, w)
         target_x0 = ref_x0(target_out, timesteps, x_prev, prediction_type, alphas4, sigmas4)
         goal = c_skip * x_prev + c_out * target_x0
+    if parts is not None:  # x_prev in EDM's units: the VP state over sqrt(abar_t)
+        parts.update(student=model_pred.detach(), x_lo=x_prev / alphas4[timesteps], target=goal)
     if loss_type == "l2":
         return torch.nn.functional.mse_loss(model_pred.float(), goal.float(), reduction="mean")
     return torch.mean(torch.sqrt((model_pred.float() - goal.float()) ** 2 + huber_c**2) - huber_c)
@@ -85,6 +89,25 @@ def assert_equals_reference(ours, ours_grads, reference, reference_grads) -> Non
     ours_grads, reference_grads = (torch.cat([g.flatten() for g in gs]) for gs in (ours_grads, reference_grads))
     torch.testing.assert_close(ours_grads, reference_grads, rtol=1e-4, atol=1e-4 * float(reference_grads.abs().max()))
     assert ours > 0 and float(ours_grads.abs().sum()) > 0
+
+
+def assert_parts_equal_reference(objective, net, target, x0, draws, condition, parts) -> None:
+    """cmkit's student output f(x_hi, sigma_hi), teacher step x_lo and target f-(x_lo, sigma_lo) against
+    the reference's. The loss alone can miss a wrong parametrization: CD's boundary form (c_skip on
+    x rather than on the VP state) moves the target at t = 0 by sigma_0^2 / 2 of x (4e-4 on Stable
+    Diffusion's table, 5e-5 on linear betas), where float32 rounding is ~1e-6 of (1 + sigma)."""
+    scales = draws.get("guidance")
+    seen = condition.replace(guidance=scales if objective.student_sees_guidance else None)
+    sigma_hi, sigma_lo = draws["sigma_hi"], draws["sigma_lo"]
+    x_hi = x0 + expand(sigma_hi) * draws["z"]
+    with torch.no_grad():
+        x_lo = objective.lower(x_hi, x0, draws["z"], sigma_hi, sigma_lo, condition, scales)
+        ours = {"student": (net(x_hi, sigma_hi, seen), sigma_hi), "x_lo": (x_lo, sigma_lo),
+                "target": ((target or net)(x_lo, sigma_lo, seen), sigma_lo)}
+    for name, (value, sigma) in ours.items():
+        scale = expand(1 + sigma)  # rounding grows with the level: x_sigma, and sigma eps in x0 = x - sigma eps
+        torch.testing.assert_close(value / scale, parts[name] / scale, rtol=0, atol=1e-5,
+                                   msg=lambda m, name=name: f"{name}: {m}")
 
 
 # ------------------------------------------------------------------ cmkit against it
@@ -133,10 +156,12 @@ def test_lcm_loss_and_gradients_equal_the_reference(tmp_path, prediction_type, l
         return lambda x_t, t, y, w=None: module.backbone(x_t, t.float(), Condition(
             labels=y, guidance=None if w is None else w + 1))
 
+    parts = {}
     reference = reference_lcm_loss(unet(net), unet(target), unet(teacher), scheduler, x0, noise, index, w, labels,
-                                   null, prediction_type, loss_type)
+                                   null, prediction_type, loss_type, parts=parts)
     reference_grads = torch.autograd.grad(reference, list(net.parameters()))
     assert_equals_reference(ours, ours_grads, reference, reference_grads)
+    assert_parts_equal_reference(objective, net, target, x0, draws, Condition(labels=labels), parts)
 
 
 def test_lcm_draws_its_pairs_from_the_skipping_grid(tmp_path):
@@ -193,3 +218,11 @@ def test_an_lcm_run_resumes_exports_and_samples_as_the_lcm_pipeline_does(tmp_pat
     run, back = cmkit.load_run(whole), cmkit.load_run(tmp_path / "pipe")
     assert back.method == "lcm" and back.noise_range == run.noise_range
     assert torch.equal(run.sigmas_for(4), back.sigmas_for(4))
+
+
+def test_the_transcription_catches_cds_boundary_form_in_place_of_lcms(tmp_path, monkeypatch):
+    """The comparison above fails for a student with c_skip on x instead of the VP state."""
+    from cmkit.precond import LCMFunction
+    monkeypatch.setattr(LCMFunction, "skip_on_vp_state", False)
+    with pytest.raises(AssertionError, match="target"):
+        test_lcm_loss_and_gradients_equal_the_reference(tmp_path, "epsilon", "l2")

@@ -48,6 +48,8 @@ def test_prompts_through_the_api(teacher):
                                    (7, 400, "string")]:
             r = c.post("/api/generate", json={**body, "prompt": bad})
             assert r.status_code == status and words in r.json()["error"], r.text
+        r = c.post("/api/generate", json={**body, "class": "1"})
+        assert r.status_code == 400 and "takes a prompt, not class labels" in r.json()["error"], r.text
         r = c.post("/api/edit/colorize", files={"image": ("i.png", b"\x89PNG")})
         assert r.status_code == 400 and "latents" in r.json()["error"]
 

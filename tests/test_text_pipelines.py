@@ -12,6 +12,8 @@
 """
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -23,7 +25,8 @@ from cmkit.config import build_config
 from cmkit.discrete_vp import skipping_grid
 from cmkit.training import Trainer
 from helpers import cli, tree_digest
-from test_lcm import _perturb, assert_equals_reference, expand, ref_eps, ref_x0, reference_lcm_loss
+from test_lcm import (_perturb, assert_equals_reference, assert_parts_equal_reference, expand, ref_eps, ref_x0,
+                      reference_lcm_loss)
 from tiny_sd import captioned_folder, save_sd
 
 PROMPT = "a photo of a digit two"
@@ -141,10 +144,12 @@ def test_lcm_on_prompts_equals_the_reference(tmp_path, sd, prediction_type, loss
             return module.backbone.unet(x_t, t, encoder_hidden_states=prompt_embeds, timestep_cond=cond).sample
         return call
 
+    parts = {}
     reference = reference_lcm_loss(unet(net), unet(target), unet(teacher), scheduler, x0, noise, index, w, text,
-                                   null, prediction_type, loss_type)
+                                   null, prediction_type, loss_type, parts=parts)
     reference_grads = torch.autograd.grad(reference, list(net.parameters()))
     assert_equals_reference(ours, ours_grads, reference, reference_grads)
+    assert_parts_equal_reference(trainer.objective, net, target, x0, draws, Condition(text=text), parts)
 
 
 def test_ref_x0_and_eps_are_consistent():  # the transcription's own helpers agree with each other
@@ -154,6 +159,19 @@ def test_ref_x0_and_eps_are_consistent():  # the transcription's own helpers agr
     torch.testing.assert_close(ref_x0(eps, 0, x_t, "epsilon", alphas, sigmas), x0)
     v = alphas * eps - sigmas * x0
     torch.testing.assert_close(ref_eps(v, 0, x_t, "v_prediction", alphas, sigmas), eps)
+
+
+def assert_samples_as_cmkit_does(pipe, run, tmp_path, guidance: float | None = None) -> None:
+    """``pipe`` samples what `cmkit sample` does from the same seed, at 1 and 4 steps, within 2/255."""
+    scale = [] if guidance is None else ["--guidance", guidance]
+    for steps in (1, 4):
+        out = tmp_path / f"s{steps}.npy"
+        assert cli("sample", "--checkpoint", run, "--n", 3, "--steps", steps, "--prompt", PROMPT, *scale,
+                   "--seed", 7, "--out", out, "--quiet") == 0
+        ours = np.load(out).astype(int)[..., 0]
+        theirs = pipe(PROMPT, num_images_per_prompt=3, num_inference_steps=steps, guidance_scale=guidance or 1.0,
+                      generator=torch.Generator().manual_seed(7), output_type="np").images[..., 0]
+        assert np.abs(ours - np.round(theirs * 255)).max() <= 2, steps
 
 
 @pytest.mark.slow
@@ -168,22 +186,66 @@ def test_an_lcm_run_on_prompts_resumes_exports_and_samples_as_the_pipeline_does(
     monkeypatch.setattr(LatentCodec, "encode", never)
     args = ["--method", "lcm", "--teacher", folder, "--data", latents, "--guidance", "2,8", *FAST]
     whole, split = train_and_resume(args, tmp_path)
-    assert cli("export", "diffusers", "--checkpoint", whole, "--out", tmp_path / "pipe", "--quiet") == 0
+    # In a process of its own: transformers warns once per process (torchvision missing), and not here.
+    done = subprocess.run([sys.executable, "-m", "cmkit", "export", "diffusers", "--checkpoint", whole, "--out",
+                           tmp_path / "pipe", "--quiet"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
     pipe = LatentConsistencyModelPipeline.from_pretrained(str(tmp_path / "pipe"))
-    for steps in (1, 4):
-        out = tmp_path / f"s{steps}.npy"
-        assert cli("sample", "--checkpoint", whole, "--n", 3, "--steps", steps, "--prompt", PROMPT, "--guidance",
-                   5, "--seed", 7, "--out", out, "--quiet") == 0
-        ours = np.load(out).astype(int)[..., 0]
-        theirs = pipe(PROMPT, num_images_per_prompt=3, num_inference_steps=steps, guidance_scale=5.0,
-                      generator=torch.Generator().manual_seed(7), output_type="np").images[..., 0]
-        assert np.abs(ours - np.round(theirs * 255)).max() <= 2, steps
+    assert_samples_as_cmkit_does(pipe, whole, tmp_path, guidance=5.0)
     run, back = cmkit.load_run(whole), cmkit.load_run(tmp_path / "pipe")
     assert back.method == "lcm" and back.guidance_range == run.guidance_range == (2.0, 8.0)
     x = torch.randn(2, 4, 4, 4) * 3
     cond = run.text_condition(PROMPT, 2).replace(guidance=torch.full((2,), 5.0))
     torch.testing.assert_close(run.model(x, torch.tensor(3.0), cond), back.model(x, torch.tensor(3.0), cond),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_a_text_teachers_student_is_guided_by_default_as_the_reference_scripts_are(tmp_path, sd, capsys):
+    from cmkit.training import resolve_run_config
+    folder, latents = sd
+    for method, scales, takes_scale in (("lcm", [6.0, 16.0], True), ("lcm-lora", [4.0, 16.0], False)):
+        config, _ = resolve_run_config(build_config(method, teacher=str(folder), **{"data.name": str(latents)}))
+        assert config["objective"]["guidance"] == scales and config["model"]["guidance"] is takes_scale, method
+        assert f"guided at scales in [{scales[0]:g}, {scales[1]:g}]" in capsys.readouterr().err
+    # --guidance none: an unguided student, said so at the start; its saved config resumes unguided.
+    assert cli("train", "--method", "lcm", "--teacher", folder, "--data", latents, "--guidance", "none",
+               "--steps", 1, "--out", tmp_path / "run", "--batch-size", 4, "--set", "train.sample_every=0") == 0
+    assert "student is unguided" in capsys.readouterr().err
+    run = cmkit.load_run(tmp_path / "run")
+    assert run.guidance_range is None and not run.model.backbone.guidance_input
+    assert resolve_run_config(run.config, resumed=True)[0]["objective"]["guidance"] is None
+
+
+@pytest.mark.slow
+def test_an_unguided_lcm_student_exports_as_a_pipeline_that_runs_it(tmp_path, sd, capsys):
+    """LatentConsistencyModelPipeline needs the UNet's guidance input: an unguided student exports as
+    a StableDiffusionPipeline with an LCMScheduler, which samples what cmkit does at scale 1."""
+    from diffusers import LCMScheduler, StableDiffusionPipeline
+    folder, latents = sd
+    assert cli("train", "--method", "lcm", "--teacher", folder, "--data", latents, "--guidance", "none",
+               "--steps", 4, "--out", tmp_path / "run", *FAST, "--set", "train.lr=0.01") == 0
+    capsys.readouterr()
+    assert cli("export", "diffusers", "--checkpoint", tmp_path / "run", "--out", tmp_path / "pipe") == 0
+    assert "wrote a StableDiffusionPipeline (scheduler: LCMScheduler)" in capsys.readouterr().out
+    pipe = StableDiffusionPipeline.from_pretrained(str(tmp_path / "pipe"))
+    assert isinstance(pipe.scheduler, LCMScheduler)
+    assert_samples_as_cmkit_does(pipe, tmp_path / "run", tmp_path)
+    back = cmkit.load_run(tmp_path / "pipe")
+    assert back.method == "lcm" and back.guidance_range is None
+
+
+def test_encode_prints_progress_lines_where_stderr_is_not_a_terminal(tmp_path, sd, capsys, monkeypatch):
+    """A log file (a pipe, a test's capture) gets a line every PROGRESS_LINE_SECONDS (here each
+    batch) in place of a bar, which is shown on terminals only."""
+    import re
+    import cmkit.latents
+    folder, _ = sd
+    monkeypatch.setattr(cmkit.latents, "PROGRESS_LINE_SECONDS", 0.0)
+    capsys.readouterr()
+    assert cli("data", "encode", captioned_folder(tmp_path / "images"), "--vae", folder / "vae", "--batch-size", 8,
+               "--out", tmp_path / "latents") == 0
+    lines = [re.fullmatch(r"encode: (\d)/5 batches, \d+ s", line) for line in capsys.readouterr().err.splitlines()]
+    assert all(lines) and [int(m.group(1)) for m in lines] == [1, 2, 3, 4, 5], lines  # 36 training images
 
 
 def test_captions_from_metadata_and_txt_files_agree(tmp_path, sd):
@@ -309,6 +371,25 @@ def test_hostile_captions_and_folders_are_refused_in_one_line(tmp_path, sd, caps
     (sdxl / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusionXLPipeline",
                                                         "text_encoder_2": ["transformers", "CLIPTextModel"]}))
     assert "SDXL" in _refused(capsys, "sample", "--checkpoint", sdxl, "--n", 1, "--out", tmp_path / "x.npy")
+    # A class for a text model: it takes a prompt.
+    assert "takes a prompt, not class labels" in _refused(capsys, "sample", "--checkpoint", folder, "--n", 1,
+                                                          "--class", 1, "--out", tmp_path / "x.npy")
+
+
+def test_images_given_to_a_latent_teacher_are_refused_with_the_line_that_encodes_them(tmp_path, sd, capsys,
+                                                                                    monkeypatch):
+    import re
+    import shlex
+    folder, _ = sd
+    monkeypatch.chdir(tmp_path)
+    captioned_folder(tmp_path / "images")
+    err = _refused(capsys, "train", "--method", "lcm", "--teacher", folder, "--data", "images", "--steps", 1,
+                   "--out", "runs/lcm")
+    assert "latent model" in err, err
+    encode, data = re.search(r"\((cmkit data encode [^)]*)\), then train with --data (\S+)", err).groups()
+    assert cli(*shlex.split(encode)[1:]) == 0  # the line as given works
+    assert cli("train", "--method", "lcm", "--teacher", folder, "--data", data, "--steps", 1, "--out", "runs/lcm",
+               *FAST) == 0
 
 
 def test_an_over_long_prompt_is_truncated_with_a_warning(sd, capsys):
@@ -418,13 +499,16 @@ def test_lcm_lora_equals_the_reference_and_keeps_one_copy_of_the_unet(sd):
         finally:
             unet.enable_adapters()
 
-    reference = reference_lcm_loss(student, student, teacher, scheduler, x0, noise, index, w, text, null, "epsilon")
+    parts = {}
+    reference = reference_lcm_loss(student, student, teacher, scheduler, x0, noise, index, w, text, null, "epsilon",
+                                   parts=parts)
     reference_grads = torch.autograd.grad(reference, trained)
     assert_equals_reference(ours, ours_grads, reference, reference_grads)
+    assert_parts_equal_reference(trainer.objective, net, None, x0, draws, Condition(text=text), parts)
 
 
 @pytest.mark.slow
-def test_an_lcm_lora_run_resumes_and_its_lora_file_loads_into_the_base_pipeline(tmp_path, sd):
+def test_an_lcm_lora_run_resumes_and_its_lora_file_loads_into_the_base_pipeline(tmp_path, sd, capsys):
     from diffusers import LCMScheduler, StableDiffusionPipeline
     folder, latents = sd
     args = ["--method", "lcm-lora", "--teacher", folder, "--data", latents, "--guidance", "2,8", *LORA,
@@ -437,7 +521,11 @@ def test_an_lcm_lora_run_resumes_and_its_lora_file_loads_into_the_base_pipeline(
             files.append(({k: f.get_tensor(k) for k in f.keys()}, f.metadata()))
     assert files[0][1] == files[1][1] and files[0][0].keys() == files[1][0].keys()
     assert all(torch.equal(files[0][0][k], files[1][0][k]) for k in files[0][0])
-    assert cli("export", "diffusers", "--checkpoint", whole, "--out", tmp_path / "lora", "--quiet") == 0
+    assert "takes no guidance scale" in _refused(capsys, "sample", "--checkpoint", whole, "--n", 1, "--prompt", PROMPT,
+                                                 "--guidance", 8, "--out", tmp_path / "x.npy")
+    assert "pixel-space" in _refused(capsys, "export", "onnx", "--checkpoint", whole, "--out", tmp_path / "x.onnx")
+    assert cli("export", "diffusers", "--checkpoint", whole, "--out", tmp_path / "lora") == 0
+    assert "load_lora_weights" in capsys.readouterr().out
     for source in (whole, tmp_path / "lora"):
         pipe = StableDiffusionPipeline.from_pretrained(str(folder))
         pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)

@@ -226,6 +226,8 @@ class Run:
 
     def labels(self, spec, n: int, seed: int = 0) -> torch.Tensor | None:
         """(n,) labels for a ``--class`` spec (`cmkit.classes`); None for an unconditional run."""
+        if spec is not None and self.takes_text:
+            raise CmkitError("this run is text-conditional: it takes a prompt, not class labels")
         return resolve_labels(spec, n, num_classes=self.num_classes, class_names=self.class_names,
                               has_null=self.has_null_label, seed=seed)
 
@@ -248,6 +250,11 @@ class Run:
             return self.model
         if not self.num_classes and not self.takes_text:
             raise CmkitError("--guidance needs a class- or text-conditional run; this one is unconditional")
+        distilled = self.config.get("objective", {}).get("guidance")
+        if not self.is_diffusion and distilled is not None:  # LCM-LoRA's: its UNet has no input for a scale
+            raise CmkitError(f"this {self.method} student takes no guidance scale: it was distilled from its teacher "
+                             f"guided at scales in [{distilled[0]:g}, {distilled[1]:g}], which its weights carry; "
+                             "sample it without --guidance")
         if not self.is_diffusion:
             raise CmkitError(f"this {self.method} run was not distilled with guidance (train it with "
                              "--guidance LO,HI from a guided teacher); only teachers take any --guidance")
@@ -261,6 +268,16 @@ class Run:
     def is_diffusion(self) -> bool:
         """A diffusion teacher (sampled with an ODE solver), not a consistency model."""
         return self.spec.diffusion
+
+    @property
+    def description(self) -> str:
+        """What the run is, as messages name it ("a diffusers DDPM teacher (a diffusion model)", "a
+        cmkit ct run"): where it comes from, so that the article reads "a" before any method name."""
+        if self.config.get("source") == "diffusers":
+            if self.is_diffusion:
+                return f"a diffusers {'Stable Diffusion' if self.takes_text else 'DDPM'} teacher (a diffusion model)"
+            return f"a diffusers consistency model ({self.method})"
+        return f"a cmkit {self.method} run" + (" (a diffusion model)" if self.is_diffusion else "")
 
     @property
     def is_image(self) -> bool:

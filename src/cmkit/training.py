@@ -17,6 +17,7 @@ import json
 import math
 import os
 import resource
+import shlex
 import signal
 import sys
 import time
@@ -67,7 +68,7 @@ def _source_run(config: dict, key: str, flag: str) -> Run:
     source = Run(path)
     if not source.spec.diffusion:
         role = "teacher" if key == "teacher" else "run to start from"
-        raise CmkitError(f"{flag} {path} is a {source.method} run; {config['method']} needs an "
+        raise CmkitError(f"{flag} {path} is {source.description}; {config['method']} needs an "
                          f"{_diffusion_names()} {role}")
     return source
 
@@ -155,7 +156,7 @@ def _resolve_stage1(config: dict, spec: MethodSpec, resumed: bool) -> tuple[dict
     path = config["init"]
     stage1 = Run(path)
     if not _continuable(stage1.spec):
-        raise CmkitError(f"--init {path} is a {stage1.method} run; {spec.name} continues a consistency model "
+        raise CmkitError(f"--init {path} is {stage1.description}; {spec.name} continues a consistency model "
                          f"({_consistency_names()})")
     if stage1.config["model"].get("guidance"):
         raise CmkitError(f"--init {path} is a guided student (it takes a guidance scale); {spec.name} continues "
@@ -163,8 +164,8 @@ def _resolve_stage1(config: dict, spec: MethodSpec, resumed: bool) -> tuple[dict
     if resumed and not config.get("init_method"):
         raise CmkitError("the run's config.json does not say what its --init run was (init_method): it is incomplete")
     if resumed and config["init_method"] != stage1.method:
-        raise CmkitError(f"--init {path} is now a {stage1.method} run, but this run started from a "
-                         f"{config['init_method']} run")
+        raise CmkitError(f"--init {path} is now {stage1.description}, not the run this one started from "
+                         f"(init_method {config['init_method']})")
     config = _inherit(config, "init", "--init", stage1, check=resumed)
     config["init_method"] = stage1.method
     return config, stage1, stage1
@@ -197,8 +198,8 @@ def preview_config(config: dict) -> tuple[dict, str | None]:
         shown[key] = value
         if key == "data":
             shown["noise"], shown["model"] = teacher["noise"], teacher["model"]
-    return shown, (f"noise and model: a default {edm} teacher's for {config['data']['name']}; a {spec.name} run takes "
-                   "them from its --teacher (a --config file leaves them out)")
+    return shown, (f"noise and model: a default {edm} teacher's for {config['data']['name']}; this {spec.name} run "
+                   "takes them from its --teacher (a --config file leaves them out)")
 
 
 def _resolve_classes(config: dict, data, teacher: Run | None) -> dict:
@@ -227,6 +228,9 @@ def _resolve_classes(config: dict, data, teacher: Run | None) -> dict:
     if K:
         names = data.class_names or []
         config.setdefault("class_names", list(names[:K]) + [str(i) for i in range(len(names), K)])
+    if obj.get("guidance") is None and obj.get("prompt_guidance") is not None and text \
+            and teacher.config["train"].get("label_dropout", 0.0):
+        obj["guidance"] = list(obj["prompt_guidance"])  # the reference scripts' range: they always guide
     if obj.get("guidance") is not None:
         if not K and not text:
             raise CmkitError("guided distillation (--guidance) needs a class- or text-conditional teacher and "
@@ -236,6 +240,24 @@ def _resolve_classes(config: dict, data, teacher: Run | None) -> dict:
         # The student takes the scale as an input, unless its method gives it none (LCM-LoRA's).
         model["guidance"] = getattr(get_method(config["method"]).objective, "student_sees_guidance", True)
     return config
+
+
+def _say_how_guided(config: dict) -> None:
+    """At the start of a distillation from a text teacher: whether the student takes a guidance scale."""
+    obj = config["objective"]
+    if "prompt_guidance" not in obj or "text_shape" not in config["model"]:
+        return
+    method, scales = config["method"], obj["guidance"]
+    if scales is None:
+        print(f"cmkit: note: this {method} student is unguided: it will take no guidance scale (--guidance LO,HI "
+              "distils the teacher's classifier-free guidance)", file=sys.stderr)
+    elif not config["model"]["guidance"]:
+        print(f"cmkit: note: distilling the teacher guided at scales in [{scales[0]:g}, {scales[1]:g}]; this "
+              f"{method} student takes no guidance scale (its weights carry the guidance)", file=sys.stderr)
+    else:
+        print(f"cmkit: note: distilling the teacher guided at scales in [{scales[0]:g}, {scales[1]:g}]; the student "
+              "takes the scale as an input (sample it with --guidance W; --guidance none trains an unguided "
+              "student)", file=sys.stderr)
 
 
 class Sources(NamedTuple):
@@ -263,6 +285,8 @@ def resolve_run_config(config: dict, *, resumed: bool = False, quiet: bool = Fal
     images, latent = isinstance(data, ImageData), isinstance(data, LatentData)
     shape = data.shape if images or latent else (data.dim,)
     for source, what in ((teacher, "teacher"), (init, "--init run")):
+        if source is not None and source.is_latent and images:
+            raise CmkitError(_encode_first(d["name"], source, what))
         if source is not None and source.shape != shape:
             raise CmkitError(f"data has shape {shape} but the {what} was trained on {source.shape}")
     if d["hflip"] and not images:
@@ -270,6 +294,8 @@ def resolve_run_config(config: dict, *, resumed: bool = False, quiet: bool = Fal
     if not is_builtin(d["name"]):
         d["name"] = str(Path(d["name"]).resolve())  # so eval finds it from any directory
     config = _resolve_classes(config, data, teacher)
+    if not resumed and not quiet:
+        _say_how_guided(config)
     if not resumed:
         _check_vp_network(config, spec)
         _check_time_input(config, spec, quiet)
@@ -287,6 +313,16 @@ def resolve_run_config(config: dict, *, resumed: bool = False, quiet: bool = Fal
         config["model"]["dim"] = data.dim
     config = spec.resolve(config)
     return config, Sources(data, teacher, init)
+
+
+def _encode_first(data_name: str, source: Run, what: str) -> str:
+    """The refusal of images given to a latent teacher, with the line that encodes them for it."""
+    out = f"runs/{Path(str(data_name).rstrip('/')).name or 'data'}-latents"
+    side = source.image_shape[-1]
+    encode = (f"cmkit data encode {shlex.quote(str(data_name))} --pipeline {shlex.quote(str(source.path))} "
+              f"--resolution {side} --out {out}")
+    return (f"the {what} {source.path} is a latent model: it trains on its VAE's latents, not on images; encode the "
+            f"images once ({encode}), then train with --data {out}")
 
 
 def _check_latent_sources(config: dict, data: LatentData, source: Run | None) -> None:
