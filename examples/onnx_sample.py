@@ -2,9 +2,12 @@
 
     python examples/onnx_sample.py cd.onnx --n 64 --out samples.npy            # 1 step
     python examples/onnx_sample.py cd.onnx --n 64 --steps 2 --out grid.png     # needs --with-f
+    python examples/onnx_sample.py cd.onnx --n 64 --out grid.png --scale 4     # each pixel as 4x4
     python examples/onnx_sample.py cd.onnx --n 8 --class 3 --noise z.npy --out x.npy
 
-Output: vectors in the data's units (.npy); images as uint8 NHWC (.npy) or a grid (.png, Pillow).
+Output: vectors in the data's units (.npy); images as uint8 NHWC (.npy) or a grid (.png, Pillow):
+one grid pixel per sample pixel (an 8x8 sample is an 8x8 tile), tiles 2 pixels apart on black;
+--scale N enlarges the grid N times (nearest neighbour).
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
+
+GRID_PADDING = 2  # black pixels between and around the tiles of a .png grid, as cmkit sample's grids
 
 
 def fail(message: str) -> None:
@@ -55,7 +60,11 @@ def main() -> None:
     p.add_argument("--noise", type=Path, help=".npy of (n, *shape) standard-normal starting noise")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True, help=".npy or .png")
+    p.add_argument("--scale", type=int, default=1, help=".png of images: enlarge the grid this many times, "
+                   "nearest neighbour (default 1: one pixel per sample pixel)")
     args = p.parse_args()
+    if args.scale < 1:
+        fail(f"--scale must be a positive integer, got {args.scale}")
 
     meta_path = args.model.with_suffix(".json")
     if not args.model.is_file() or not meta_path.is_file():
@@ -98,15 +107,21 @@ def main() -> None:
     if args.out.suffix not in (".npy", ".png"):
         fail(f"--out must end in .npy or .png, got {args.out.name!r}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    written = ""
     if args.out.suffix == ".png" and image:
         from PIL import Image
         cols = math.ceil(math.sqrt(args.n))
         rows = math.ceil(args.n / cols)
         h, w, c = x.shape[1:]
-        grid = np.zeros((rows * h, cols * w, c), np.uint8)
+        pad = GRID_PADDING
+        grid = np.zeros((rows * (h + pad) + pad, cols * (w + pad) + pad, c), np.uint8)
         for i, img in enumerate(x):
-            grid[(i // cols) * h:(i // cols + 1) * h, (i % cols) * w:(i % cols + 1) * w] = img
+            top, left = pad + (i // cols) * (h + pad), pad + (i % cols) * (w + pad)
+            grid[top:top + h, left:left + w] = img
+        grid = grid.repeat(args.scale, axis=0).repeat(args.scale, axis=1)
         Image.fromarray(grid[..., 0] if c == 1 else grid).save(args.out)
+        written = (f" ({rows} x {cols} tiles of {h * args.scale}x{w * args.scale} px"
+                   + (f", {args.scale}x enlarged" if args.scale > 1 else "") + ")")
     elif args.out.suffix == ".png":  # vectors: a scatter plot of 2-D data
         if x.shape[1] != 2:
             fail(f"a .png of vector samples is a 2-D scatter plot; this model makes {x.shape[1]}-D vectors: use .npy")
@@ -121,7 +136,7 @@ def main() -> None:
         plt.close(fig)
     else:
         np.save(args.out, x)
-    print(f"wrote {args.n} samples to {args.out}")
+    print(f"wrote {args.n} samples to {args.out}{written}")
 
 
 if __name__ == "__main__":

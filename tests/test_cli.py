@@ -157,7 +157,7 @@ def test_cd_teacher_must_be_an_edm_run(tmp_path, teacher, capsys):
     assert cli("train", "--method", "ct", "--data", "moons", "--steps", 2, "--out", tmp_path / "ct", *TINY) == 0
     assert cli("train", "--method", "cd", "--data", "moons", "--teacher", tmp_path / "ct", "--steps", 2,
                "--out", tmp_path / "cd-of-ct", *TINY_TRAIN) == 2
-    assert "is a ct run; cd needs an edm teacher" in _error_line(capsys)
+    assert "is a cmkit ct run; cd needs an edm teacher" in _error_line(capsys)
     assert cli("train", "--method", "cd", "--data", "moons", "--teacher", tmp_path, "--steps", 2,
                "--out", tmp_path / "cd", *TINY_TRAIN) == 2
     assert "not a cmkit run directory" in _error_line(capsys)
@@ -259,6 +259,7 @@ def test_top_level_help_does_not_import_torch():
             "print('TORCH' if 'torch' in sys.modules else 'NO TORCH')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "train" in out and "demo" in out and out.strip().endswith("NO TORCH"), out
+    assert "encode it into a latent data set" in " ".join(out.split())  # data's summary: each sub-command
 
 
 @pytest.mark.parametrize("argv, words", [
@@ -288,6 +289,20 @@ def test_every_option_has_help():
                 stack.extend(action.choices.values())
             elif not isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
                 assert action.help, f"{p.prog} {'/'.join(action.option_strings) or action.dest} has no help"
+
+
+def test_every_checkpoint_option_says_it_takes_diffusers_folders():
+    import argparse
+    stack, seen = [build_parser()], []
+    while stack:
+        p = stack.pop()
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                stack.extend(action.choices.values())
+            elif "--checkpoint" in action.option_strings:  # every command loads it with load_run
+                assert "diffusers folder" in action.help, f"{p.prog}: {action.help}"
+                seen.append(p.prog)
+    assert {"cmkit sample", "cmkit export", "cmkit eval", "cmkit serve", "cmkit edit inpaint"} <= set(seen)
 
 
 def test_print_config_of_every_method_needs_no_teacher_and_shows_every_section(tmp_path, capsys):

@@ -40,6 +40,45 @@ def test_moons_demo_reports_sw1_beside_the_floor(tmp_path):
     assert again.returncode == 2 and "--force" in again.stderr
 
 
+def test_an_interrupted_demo_finishes_with_resume_and_reuses_its_teacher(tmp_path, monkeypatch, capsys):
+    """Ctrl-C in the CD stage (a checkpoint at step 5 of 10), then `cmkit demo --resume`: the
+    teacher is reused as it was, CD continues from step 5. Quick: few steps, 200 points scored and
+    no figure drawn (the slow tests above judge those)."""
+    import signal
+    import cmkit.demo
+    from cmkit.cli import main
+    from cmkit.training import Trainer
+    from helpers import tree_digest
+    evaluate = cmkit.demo.evaluate_run
+    monkeypatch.setattr(cmkit.demo, "evaluate_run", lambda *args, **kwargs: evaluate(*args, **{**kwargs, "n": 200}))
+    monkeypatch.setattr(cmkit.demo, "_scatter_figure", lambda *args: args[3].write_bytes(b"figure"))
+    out = tmp_path / "m"
+    command = ["demo", "--steps", "20,10", "--out", str(out), "--quiet"]
+    step, restore = Trainer.step, Trainer.restore
+
+    def ctrl_c_in_cd(self, i):
+        if self.config["method"] == "cd" and i == 4:
+            self.stop_signal = signal.SIGINT  # as Ctrl-C does: this step finishes and a checkpoint is saved
+        return step(self, i)
+
+    monkeypatch.setattr(Trainer, "step", ctrl_c_in_cd)
+    assert main(command, own_signals=True) == 130
+    assert "continue with --resume" in capsys.readouterr().err
+    monkeypatch.setattr(Trainer, "step", step)
+    assert main(command) == 2 and "pass --resume" in capsys.readouterr().err  # nothing is lost by accident
+    teacher = tree_digest(out / "teacher")
+    restored = []
+    monkeypatch.setattr(Trainer, "restore", lambda self, run_dir: restored.append(restore(self, run_dir)) or
+                        restored[-1])
+    assert main(["demo", "--out", str(out), "--resume"]) == 0  # to the steps each run was started with
+    assert restored == [5]  # only CD trained, from its checkpoint
+    assert "reusing" in capsys.readouterr().out
+    assert {k: v for k, v in tree_digest(out / "teacher").items() if k in teacher} == teacher
+    assert json.loads((out / "cd" / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 10
+    assert json.loads((out / "metrics.json").read_text())["cd"]["results"][0]["steps"] == 1
+    assert (out / "demo.png").is_file()
+
+
 def test_demo_refuses_other_data_and_bad_steps(tmp_path, capsys):
     from cmkit.cli import main
     assert main(["demo", "--data", "fashion-mnist", "--out", str(tmp_path / "x")]) == 2

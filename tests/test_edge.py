@@ -83,6 +83,32 @@ def test_a_broken_calibration_is_caught_and_nothing_is_written(digits, tmp_path,
     assert list(tmp_path.iterdir()) == []
 
 
+def test_int8_exports_print_their_check_and_force_replaces_them(digits, tmp_path, capsys):
+    """export onnx and export web print the same check, saying which figure the bound is on; an
+    earlier export is replaced with --force, which the refusal without it names."""
+    from cmkit.export.web import ORT_FILES
+    ort = tmp_path / "ort-web"  # stand-ins for onnxruntime-web: the page is not opened here
+    ort.mkdir()
+    for name in ORT_FILES:
+        (ort / name).write_text("")
+    for kind, out, extra in (("onnx", tmp_path / "m.onnx", []), ("web", tmp_path / "site", ["--ort-web", ort])):
+        command = ["export", kind, "--checkpoint", digits / "ect", "--out", out, *extra]
+        capsys.readouterr()
+        assert cli(*command, "--precision", "int8") == 0
+        printed = capsys.readouterr().out
+        meta = out.with_suffix(".json") if kind == "onnx" else out / "model.json"
+        report = json.loads(meta.read_text())["precision_check"]
+        assert list(report["steps"]) == (["1"] if kind == "onnx" else ["1", "2"])  # the site has f(x, sigma)
+        for steps, d in report["steps"].items():
+            line = (f"int8 against fp32 at {steps} step(s), 64 samples: mean pixel difference {d['mean']:.3f} "
+                    f"(the bound 2.5 is on this mean), largest on one pixel {d['max']:.2f}")
+            assert line in printed, printed
+        assert cli(*command) == 2
+        assert "pass --force" in capsys.readouterr().err
+        assert cli(*command, "--force", "--quiet") == 0
+        assert json.loads(meta.read_text())["precision"] == "fp32"
+
+
 def test_edge_refusals_are_one_line(digits, tmp_path, tiny_teacher, capsys):
     def refused(*args) -> str:
         capsys.readouterr()

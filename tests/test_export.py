@@ -142,7 +142,8 @@ def test_export_and_import_refusals(tmp_path, tiny_teacher, image_runs, capsys):
 
     assert "trained on vectors" in error("export", "diffusers", "--checkpoint", tiny_teacher, "--out", tmp_path / "d")
     edm = image_runs["uncond"].parent / "edm-uncond"
-    assert "this is a edm run" in error("export", "diffusers", "--checkpoint", edm, "--out", tmp_path / "d")
+    assert "this is a cmkit edm run (a diffusion model)" in error("export", "diffusers", "--checkpoint", edm,
+                                                                  "--out", tmp_path / "d")
     assert "edm teacher" in error("export", "onnx", "--checkpoint", edm, "--out", tmp_path / "e.onnx")
     assert "must end in .onnx" in error("export", "onnx", "--checkpoint", image_runs["uncond"], "--out", tmp_path / "x")
     # A diffusers folder whose weights are only a pickle (.bin) is refused, not unpickled.
@@ -150,6 +151,37 @@ def test_export_and_import_refusals(tmp_path, tiny_teacher, image_runs, capsys):
     unet = tmp_path / "pkl" / "unet"
     (unet / "diffusion_pytorch_model.safetensors").rename(unet / "diffusion_pytorch_model.bin")
     assert "never unpickles" in error("sample", "--checkpoint", tmp_path / "pkl", "--n", 2, "--out", tmp_path / "s.npy")
+
+
+def test_an_export_is_replaced_only_with_force(tmp_path, image_runs, capsys):
+    def refused(*args) -> str:
+        capsys.readouterr()
+        assert cli(*args) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith("cmkit: error: "), err
+        return err
+
+    run_dir = image_runs["uncond"]
+    onnx = ["export", "onnx", "--checkpoint", run_dir, "--out", tmp_path / "m.onnx", "--no-check", "--quiet"]
+    assert cli(*onnx, "--with-f") == 0
+    assert "pass --force to replace them" in refused(*onnx)
+    (tmp_path / "m.json").write_text("{}")
+    assert cli(*onnx, "--force") == 0  # replaced: the JSON of an export without f(x, sigma)
+    meta = json.loads((tmp_path / "m.json").read_text())
+    assert meta["shape"] == [1, 8, 8] and meta["consistency_function"] is None
+
+    diffusers = ["export", "diffusers", "--checkpoint", run_dir, "--out", tmp_path / "pipe", "--quiet"]
+    assert cli(*diffusers) == 0
+    (tmp_path / "pipe" / "stale.txt").write_text("from before")
+    assert "pass --force to replace the export" in refused(*diffusers)
+    assert cli(*diffusers, "--force") == 0
+    assert not (tmp_path / "pipe" / "stale.txt").exists() and (tmp_path / "pipe" / "model_index.json").is_file()
+    assert cmkit.load_run(tmp_path / "pipe").shape == (1, 8, 8)
+    other = tmp_path / "other"  # not an export: never deleted
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    assert "not a cmkit export" in refused(*diffusers[:-3], "--out", other, "--force")
+    assert (other / "notes.txt").read_text() == "mine" and not list(tmp_path.glob(".pipe.*"))
 
 
 @pytest.mark.parametrize("which", ["vectors", "cond-images"])
@@ -208,6 +240,18 @@ def test_onnx_example_script_needs_no_torch_and_matches_cmkit(image_runs, tmp_pa
                "--out", tmp_path / "torch.npy", "--quiet") == 0
     assert np.abs(np.load(tmp_path / "onnx.npy").astype(int) - np.load(tmp_path / "torch.npy").astype(int)).max() <= 1
     assert example(tmp_path / "m.onnx", "--n", 4, "--steps", 2, "--out", tmp_path / "grid.png").returncode == 0
+    # A .png grid: one pixel per sample pixel (8x8 tiles, 2 px apart, 3 per row for 6), --scale 3 enlarged.
+    done = example(tmp_path / "m.onnx", "--n", 6, "--noise", tmp_path / "noise.npy", "--scale", 3,
+                   "--out", tmp_path / "big.png")
+    assert done.returncode == 0 and "2 x 3 tiles of 24x24 px, 3x enlarged" in done.stdout, done.stdout + done.stderr
+    with Image.open(tmp_path / "big.png") as im:
+        big = np.asarray(im)
+    assert big.shape == (3 * (2 * 10 + 2), 3 * (3 * 10 + 2))
+    grid, samples = big[::3, ::3], np.load(tmp_path / "onnx.npy")[..., 0]
+    for i, sample in enumerate(samples):
+        top, left = 2 + (i // 3) * 10, 2 + (i % 3) * 10
+        assert np.array_equal(grid[top:top + 8, left:left + 8], sample)
+    assert np.array_equal(big, grid.repeat(3, axis=0).repeat(3, axis=1))
 
     (tmp_path / "m.onnx").write_bytes(b"\x08\x07 not a model")  # corrupted
     done = example(tmp_path / "m.onnx", "--n", 2, "--out", tmp_path / "x.npy")

@@ -18,7 +18,7 @@ from cmkit.checkpoint import load_weights, read_run_config
 from cmkit.cli import build_parser
 from cmkit.config import build_config
 from cmkit.noise import broadcast_to_batch
-from cmkit.objectives import MethodSpec, Objective, method_names, methods, register, unregister
+from cmkit.objectives import MethodSpec, Objective, get_method, method_names, methods, register, unregister
 from cmkit.objectives.registry import CONSISTENCY_FUNCTIONS, methods_table, objective_options
 from cmkit.precond import ConsistencyFunction
 
@@ -98,8 +98,9 @@ def test_export_formats_follow_the_wrapper():
         if spec.diffusion:
             assert spec.export_formats == ()
         else:
-            assert "onnx" in spec.export_formats
+            assert ("onnx" in spec.export_formats) == (not spec.latent_only)  # ONNX writes pixel-space generators
             assert ("diffusers" in spec.export_formats) == issubclass(spec.wrapper, CONSISTENCY_FUNCTIONS)
+    assert get_method("lcm-lora").export_formats == ("diffusers",)  # LoRA adapters on a latent model
 
 
 # ---------------------------------------------------------------------------------------------

@@ -113,7 +113,9 @@ def _name_list(text: str) -> list[str]:
     return names
 
 
-def _scale_range(text: str) -> list[float]:
+def _scale_range(text: str) -> list[float] | str:
+    if text.strip().lower() == "none":
+        return "none"  # an unguided student, where a method would guide by default
     try:
         values = [float(v) for v in text.split(",")]
     except ValueError:
@@ -142,6 +144,7 @@ INCEPTION_ENV = "CMKIT_INCEPTION_WEIGHTS"
 TOKEN_ENV = "CMKIT_SERVE_TOKEN"  # cmkit serve's API token
 QUIET_HELP = "print nothing but errors (no progress bars)"
 DEVICE_HELP = "cpu, cuda, cuda:N, mps or auto (default auto: a GPU when there is one)"
+CHECKPOINT_HELP = "a run directory, or a diffusers folder (a pipeline, or a UNet2DModel with its scheduler)"
 
 
 def _sigma_list(text: str) -> list[float]:
@@ -164,7 +167,7 @@ COMMAND_HELP = {
               "page that generates in the browser",
     "serve": "a web page and HTTP API for real-time sampling and editing",
     "serve-site": "serve a site written by export web, with the headers its threads need",
-    "data": "inspect an image source, or pack a folder into tar shards",
+    "data": "inspect an image source, encode it into a latent data set, or pack a folder into tar shards",
     "train-classifier": "train the Fashion-MNIST feature classifier of the fd/pr metrics",
 }
 
@@ -214,7 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=_scale_range, metavar="LO,HI", help=f"methods {by_role(lambda s: s.guided)}: "
                    "distill the "
                    "teacher's classifier-free guidance at scales drawn from [LO, HI]; the student takes the scale "
-                   "as an input (sample it with --guidance W)")
+                   "as an input (sample it with --guidance W). lcm and lcm-lora from a text teacher guide by "
+                   "default (the reference scripts' range, objective.prompt_guidance); none: an unguided student")
     p.add_argument("--seed", type=_seed, help="training seed (batches, noise, initialisation)")
     p.add_argument("--device", help="cpu, cuda, cuda:N, mps or auto (default auto: a GPU when there is one; under "
                    "torchrun each process takes cuda:LOCAL_RANK); also with --resume")
@@ -234,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     p = sub.add_parser("sample", help=COMMAND_HELP["sample"])
-    p.add_argument("--checkpoint", required=True, help="run directory")
+    p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     p.add_argument("--n", type=int, help="number of samples (required, except with --noise: its rows)")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--steps", type=int, help="consistency steps, or Heun/Euler steps for a teacher")
@@ -262,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help=COMMAND_HELP["export"])
     p.add_argument("format", choices=("diffusers", "onnx", "web"), help="diffusers (a ConsistencyModelPipeline "
                    "folder), onnx, or web (a static site that generates in the visitor's browser)")
-    p.add_argument("--checkpoint", required=True, help="run directory")
+    p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     p.add_argument("--out", required=True, help="diffusers, web: a new folder; onnx: a .onnx file")
     p.add_argument("--levels", type=int, help="diffusers: the scheduler's num_train_timesteps, the Karras grid its "
                    "multistep timesteps index (default: CD's num_levels, else 40)")
@@ -273,7 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-check", action="store_true", help="onnx: skip the onnxruntime parity check")
     p.add_argument("--ort-web", help="web: onnxruntime-web's dist folder (default: the repository's "
                    "web/node_modules, from npm ci --prefix web)")
-    p.add_argument("--force", action="store_true", help="web: replace the site in --out")
+    p.add_argument("--force", action="store_true", help="replace an earlier export in --out (onnx: its files; web: "
+                   "a site; diffusers: a folder cmkit exported)")
     p.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp32",
                    help="onnx, web: fp16 halves the file; int8 (quantized, per channel) quarters it and runs faster on "
                    "CPUs; both are checked against fp32 (default fp32)")
@@ -282,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_seed, default=0, help="onnx, web: the noise int8 is calibrated and checked on (default 0)")
     p.add_argument("--quiet", action="store_true", help=QUIET_HELP)
 
-    p = sub.add_parser("data", help=COMMAND_HELP["data"])
+    p = sub.add_parser("data", help=COMMAND_HELP["data"], description=COMMAND_HELP["data"].capitalize() + ".")
     data_sub = p.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
     q = data_sub.add_parser("check", help="count images, sizes, colour, classes; list the ones that do not decode "
                             "(exit status 1 if any)")
@@ -319,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "instead of refusing the folder")
 
     p = sub.add_parser("tune-sigmas", help=COMMAND_HELP["tune-sigmas"])
-    p.add_argument("--checkpoint", required=True, help="run directory")
+    p.add_argument("--checkpoint", required=True, help="run directory (a diffusers folder with --dry-run)")
     p.add_argument("--steps", type=int, required=True, help="number of sampling steps K (>= 2)")
     p.add_argument("--data", help="reference data (default: the run's own held-out split)")
     p.add_argument("--n", type=int, default=2000, help="samples per evaluation (default 2000)")
@@ -331,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help=QUIET_HELP)
 
     p = sub.add_parser("serve", help=COMMAND_HELP["serve"])
-    p.add_argument("--checkpoint", required=True, help="run directory (or a diffusers folder)")
+    p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only; any other "
                    "needs a token or --insecure)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
@@ -360,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
 
     p = sub.add_parser("eval", help=COMMAND_HELP["eval"])
-    p.add_argument("--checkpoint", required=True, help="run directory")
+    p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     p.add_argument("--data", help="reference data (default: the run's own held-out split)")
     p.add_argument("--steps", type=_int_list, help="comma list of step counts (default: 1,2 or 18 for a teacher)")
     p.add_argument("--n", type=int, default=10000, help="samples per step count (capped by the held-out size)")
@@ -391,6 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_seed, default=0, help="training and sampling seed")
     p.add_argument("--steps", type=_int_list, metavar="TEACHER,CD", help="training steps of the teacher and of "
                    "CD (default 4000,3000 on 2-D sets, 1500,1000 on digits; fewer: a quicker, rougher look)")
+    p.add_argument("--resume", action="store_true", help="finish an interrupted demo in --out (after Ctrl-C): a "
+                   "finished run is reused, a stopped one continues from its last checkpoint")
     p.add_argument("--force", action="store_true", help="overwrite an existing --out")
     p.add_argument("--quiet", action="store_true", help=QUIET_HELP)
     return parser
@@ -402,7 +409,7 @@ def _version() -> str:
 
 
 def cmd_train(args) -> None:
-    from .config import build_config
+    from .config import build_config, default_config
     from .training import train
 
     from .objectives import get_method, methods
@@ -417,6 +424,11 @@ def cmd_train(args) -> None:
                "train.bf16": None if args.precision is None else args.precision == "bf16",
                "train.compile": None if args.compile is None else True, "train.compile_mode": args.compile}
     spec = get_method(args.method) if args.method is not None else None
+    sets = list(args.set or [])
+    if args.guidance == "none" and spec is not None:
+        args.guidance = None
+        if "prompt_guidance" in default_config(spec.name)["objective"]:
+            sets.append("objective.prompt_guidance=null")
     for flag, value, role, key, what in (
             ("--guidance", args.guidance, "guided", "objective.guidance", "--guidance (guided distillation)"),
             ("--teacher", args.teacher, "teacher", "teacher", "--teacher"),
@@ -445,7 +457,7 @@ def cmd_train(args) -> None:
             if options[f"train.{key}"] is not None:
                 config["train"][key] = options[f"train.{key}"]
     else:
-        config = build_config(args.method, config_file=args.config, sets=args.set, preview=args.print_config,
+        config = build_config(args.method, config_file=args.config, sets=sets, preview=args.print_config,
                               **options)
         if args.print_config:
             from .training import preview_config
@@ -546,13 +558,12 @@ def cmd_export(args) -> None:
 
     run = load_run(args.checkpoint)
     if args.format == "diffusers":
-        from .export.diffusers_io import export_diffusers
+        from .export.diffusers_io import describe_export, export_diffusers
         if args.levels is not None and args.levels < 2:
             raise CmkitError(f"--levels must be at least 2, got {args.levels}")
-        out = export_diffusers(run, args.out, levels=args.levels, clip_denoised=args.clip_denoised)
+        out = export_diffusers(run, args.out, levels=args.levels, clip_denoised=args.clip_denoised, force=args.force)
         if not args.quiet:
-            kind = "DDPMPipeline with an LCMScheduler" if "vp" in run.config["model"] else "ConsistencyModelPipeline"
-            print(f"wrote a {kind} to {out}")
+            print(describe_export(out))
         return
     if args.max_diff is not None and not args.max_diff >= 0:
         raise CmkitError(f"--max-diff must be >= 0, got {args.max_diff}")
@@ -563,18 +574,20 @@ def cmd_export(args) -> None:
         if not args.quiet:
             print(f"wrote the site {out}: serve it with the headers in {out / '_headers'} (cross-origin isolation "
                   f"for threads), e.g. cmkit serve-site {out}")
+            if args.precision != "fp32":  # the same check as export onnx's
+                from .export.precision import check_lines
+                report = json.loads((out / "model.json").read_text())["precision_check"]
+                print("\n".join(check_lines(args.precision, report)))
         return
     from .export.onnx import export_onnx, onnx_parity
     paths = export_onnx(run, args.out, with_f=args.with_f, guidance=args.guidance, precision=args.precision,
-                        max_diff=args.max_diff, seed=args.seed)
+                        max_diff=args.max_diff, seed=args.seed, force=args.force)
     if not args.quiet:
         print(f"wrote {', '.join(map(str, paths))}")
     if args.precision != "fp32":
         if not args.quiet:
-            report = json.loads(paths[1].read_text())["precision_check"]
-            for steps, d in report["steps"].items():
-                print(f"{args.precision} against fp32 at {steps} step(s), {report['samples']} samples: mean pixel "
-                      f"difference {d['mean']:.3f}, max {d['max']:.2f} (bound {report['bound_mean']})")
+            from .export.precision import check_lines
+            print("\n".join(check_lines(args.precision, json.loads(paths[1].read_text())["precision_check"])))
     elif not args.no_check:
         error = onnx_parity(run, paths[0], guidance=args.guidance)
         if error > 1e-4:
@@ -726,7 +739,7 @@ def cmd_demo(args) -> None:
     from .demo import run_demo
 
     out = args.out or f"runs/demo-{args.data}"
-    run_demo(out, data=args.data, seed=args.seed, force=args.force, progress=not args.quiet,
+    run_demo(out, data=args.data, seed=args.seed, force=args.force, resume=args.resume, progress=not args.quiet,
              own_signals=args.own_signals, steps=None if args.steps is None else tuple(args.steps))
 
 

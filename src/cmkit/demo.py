@@ -2,6 +2,7 @@
 
     cmkit demo                   # a 2-D set (moons): teacher, CD, SW1 against held-out points
     cmkit demo --data digits     # 8x8 digits with a tiny UNet: teacher, CD, FD, one-step inpainting
+    cmkit demo --resume          # after Ctrl-C: a finished run is reused, the stopped one continues
 
 Trains an EDM teacher, distills a consistency model from it, evaluates both against held-out
 data and writes DIR/demo.png (each panel titled with its score and sampling time) and
@@ -13,17 +14,19 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
+from . import checkpoint
 from .config import build_config
 from .data import IMAGE_SETS, TOY_SETS
 from .errors import CmkitError
 from .evaluate import evaluate_run, format_results, reference_data
 from .plotting import pyplot, scatter_panels
 from .run import load_run
+from .safe_io import read_json
 from .training import train
 
 DEMO_ENTRIES = {"teacher", "cd", "metrics.json", "demo.png"}
@@ -50,10 +53,12 @@ PLANS = {
 DEMO_DATA = (*sorted(TOY_SETS), "digits")
 
 
-def run_demo(out: str | Path, *, data: str = "moons", seed: int = 0, force: bool = False,
+def run_demo(out: str | Path, *, data: str = "moons", seed: int = 0, force: bool = False, resume: bool = False,
              progress: bool = True, own_signals: bool = False, steps: tuple[int, int] | None = None) -> dict:
     """``steps``: (teacher, CD) training steps instead of the plan's (a quicker, rougher look).
-    ``own_signals``: as `train`'s (the `cmkit demo` command passes True)."""
+    ``resume``: finish an interrupted demo in ``out``: a run that reached its steps is reused, one
+    that was stopped continues from its last checkpoint (to the steps it was started with, unless
+    ``steps`` says otherwise). ``own_signals``: as `train`'s (the `cmkit demo` command passes True)."""
     if data not in DEMO_DATA:
         raise CmkitError(f"the demo runs on {', '.join(DEMO_DATA)}, not {data!r} (train on other data with "
                          "cmkit train)")
@@ -62,19 +67,24 @@ def run_demo(out: str | Path, *, data: str = "moons", seed: int = 0, force: bool
         if len(steps) != 2 or min(steps) < 1:
             raise CmkitError(f"--steps takes TEACHER,CD: two positive step counts, got {steps}")
         plan = DemoPlan(steps[0], steps[1], plan.shared, "")
-    out = _prepare(Path(out), force)
+    out = _interrupted_demo(Path(out), force, data) if resume else _prepare(Path(out), force)
+    if resume and steps is None:  # each run continues to the steps it was started with
+        plan = replace(plan, teacher_steps=_saved_steps(out / "teacher", plan.teacher_steps),
+                       cd_steps=_saved_steps(out / "cd", plan.cd_steps))
     say = print if progress else (lambda *a, **k: None)
+    options = {"progress": progress, "own_signals": own_signals}
 
     when = f", {plan.minutes} on 2 CPU cores" if plan.minutes else ""
     say(f"[1/4] training an EDM teacher on {data} ({plan.teacher_steps} steps{when})")
     teacher_cfg = build_config("edm", **{"data.name": data, "train.steps": plan.teacher_steps, "train.seed": seed,
                                          **plan.shared, **({"train.lr": 2e-3} if data in IMAGE_SETS else {})})
-    train(teacher_cfg, out / "teacher", progress=progress, own_signals=own_signals)
+    teacher_trained = _train_stage(teacher_cfg, out / "teacher", keep=resume, say=say, **options)
     say(f"[2/4] distilling a consistency model from it (CD, {plan.cd_steps} steps)")
     shared = {k: v for k, v in plan.shared.items() if not k.startswith("model.")}  # CD takes the teacher's network
     cd_cfg = build_config("cd", **{"data.name": data, "train.steps": plan.cd_steps, "train.seed": seed,
                                    "teacher": str(out / "teacher"), **shared})
-    train(cd_cfg, out / "cd", progress=progress, own_signals=own_signals)
+    # A teacher trained further in this session makes an earlier CD run stale: it starts over.
+    _train_stage(cd_cfg, out / "cd", keep=resume and not teacher_trained, say=say, **options)
 
     say("[3/4] evaluating both against held-out data")
     image = data in IMAGE_SETS
@@ -104,12 +114,54 @@ def _prepare(out: Path, force: bool) -> Path:
         raise CmkitError(f"--out {out} is a file, not a directory")
     if out.exists() and any(out.iterdir()):
         if not force:
-            raise CmkitError(f"{out} already exists: pass --force to overwrite it, or another --out")
+            raise CmkitError(f"{out} already exists: pass --resume to finish an interrupted demo there, --force to "
+                             "start it over, or another --out")
         if not (set(p.name for p in out.iterdir()) <= DEMO_ENTRIES and (out / "teacher" / "config.json").is_file()):
             raise CmkitError(f"--force refuses to delete {out}: it is not a cmkit demo directory")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def _interrupted_demo(out: Path, force: bool, data: str) -> Path:
+    """``out``, checked to hold a demo of ``data`` that can be resumed."""
+    if force:
+        raise CmkitError("--resume and --force exclude each other")
+    if not (out.is_dir() and set(p.name for p in out.iterdir()) <= DEMO_ENTRIES
+            and (out / "teacher" / "config.json").is_file()):
+        raise CmkitError(f"cannot resume: {out} holds no cmkit demo (start one without --resume)")
+    started_on = checkpoint.read_run_config(out / "teacher")["data"]["name"]
+    if started_on != data:
+        raise CmkitError(f"{out} holds a demo on {started_on}: pass --data {started_on} to resume it")
+    return out
+
+
+def _saved_steps(run_dir: Path, default: int) -> int:
+    """The steps a run in an interrupted demo was started with (``default`` if it never started)."""
+    if not (run_dir / "config.json").is_file():
+        return default
+    return int(checkpoint.read_run_config(run_dir)["train"]["steps"])
+
+
+def _checkpoint_step(run_dir: Path) -> int | None:
+    """The step of a run's newest checkpoint; None where it has none."""
+    if not checkpoint.has_checkpoint(run_dir):
+        return None
+    return int(read_json(checkpoint.checkpoint_dir(run_dir) / "state.json", "checkpoint state")["step"])
+
+
+def _train_stage(config: dict, run_dir: Path, *, keep: bool, say, **options) -> bool:
+    """Train ``config`` into ``run_dir``; whether it trained. With ``keep`` (a resumed demo), a run
+    there that reached the config's steps is reused and one stopped before continues from its
+    newest checkpoint; otherwise anything there (from an interrupted demo) is replaced."""
+    step = _checkpoint_step(run_dir) if keep else None
+    if step is not None and step >= config["train"]["steps"]:
+        say(f"      reusing {run_dir}, trained to step {step}")
+        return False
+    if step is not None:
+        say(f"      continuing {run_dir} from its checkpoint at step {step}")
+    train(config, run_dir, resume=step is not None, force=step is None and run_dir.exists(), **options)
+    return True
 
 
 def _timed_sample(run, n: int, **kwargs) -> tuple[np.ndarray, float]:

@@ -13,6 +13,8 @@ Grey images through a colour VAE are repeated to three channels and decoded back
 
 from __future__ import annotations
 
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +26,9 @@ from .safe_io import file_sha256
 from .text import refuse_pickles
 
 VAE_WEIGHTS = "diffusion_pytorch_model.safetensors"
+# Where stderr is not a terminal (a log file, a pipe), a progress line this often in place of a bar:
+# a bar redraws itself with carriage returns, which there make one endless line or nothing at all.
+PROGRESS_LINE_SECONDS = 10.0
 
 
 class LatentCodec(nn.Module):
@@ -87,13 +92,20 @@ class LatentCodec(nn.Module):
 
         device = next(self.vae.parameters()).device
         batches = range(0, len(images), batch_size)
-        for start in tqdm(batches, desc="encode", unit="batch", disable=None if progress else True, dynamic_ncols=True):
+        terminal = sys.stderr.isatty()
+        began = last_line = time.monotonic()
+        bar = tqdm(batches, desc="encode", unit="batch", disable=not (progress and terminal), dynamic_ncols=True)
+        for done, start in enumerate(bar, 1):
             batch = images[torch.arange(start, min(start + batch_size, len(images)))]
             x = batch.to(device).float() / 127.5 - 1
             if x.shape[1] != self.vae_channels:
                 x = x.expand(-1, self.vae_channels, -1, -1)
             mean = self.vae.encode(x).latent_dist.mean
             yield batch, ((mean - self.shift_factor) * self.scaling_factor).float().cpu()
+            now = time.monotonic()
+            if progress and not terminal and now - last_line >= PROGRESS_LINE_SECONDS:
+                print(f"encode: {done}/{len(batches)} batches, {now - began:.0f} s", file=sys.stderr, flush=True)
+                last_line = now
 
     @torch.no_grad()
     def decode_tensor(self, latents: torch.Tensor) -> torch.Tensor:

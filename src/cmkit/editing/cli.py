@@ -23,8 +23,8 @@ def add_parser(sub, seed_type, sigma_list, class_spec, help: str) -> None:
     tasks = p.add_subparsers(dest="task", required=True, parser_class=type(p))
     for task in TASKS.values():
         t = tasks.add_parser(task.name, help=task.help)
-        t.add_argument("--checkpoint", required=True, help="run directory (any method; a teacher edits through "
-                       "its ODE flow map)")
+        t.add_argument("--checkpoint", required=True, help="run directory or diffusers folder (any method; a teacher "
+                       "edits through its ODE flow map)")
         t.add_argument("--out", required=True, help=".png, .npz or a folder" if task.image else ".png strip or .gif")
         t.add_argument("--seed", type=seed_type, default=0, help="fixes the noise (default 0)")
         t.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default auto)")

@@ -18,6 +18,9 @@ refused rather than unpickled.
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -44,10 +47,10 @@ def _grid_levels(run) -> int:
     return n if isinstance(n, int) and n >= 2 else GRID_LEVELS
 
 
-def export_diffusers(run, out: str | Path, *, levels: int | None = None, clip_denoised: bool = False) -> Path:
-    """Write ``run`` (an image consistency model) as a ConsistencyModelPipeline folder."""
-    from diffusers import CMStochasticIterativeScheduler, ConsistencyModelPipeline
-
+def export_diffusers(run, out: str | Path, *, levels: int | None = None, clip_denoised: bool = False,
+                     force: bool = False) -> Path:
+    """Write ``run`` (an image consistency model) as a ConsistencyModelPipeline folder: a new one, or
+    with ``force`` in place of an earlier export. The folder appears whole (written beside, then renamed)."""
     if not run.is_image:
         raise CmkitError("diffusers' ConsistencyModelPipeline generates images; this run was trained on vectors "
                          "(use cmkit export onnx)")
@@ -55,11 +58,31 @@ def export_diffusers(run, out: str | Path, *, levels: int | None = None, clip_de
         exportable = [name for name, spec in methods().items()
                       if "diffusers" in spec.export_formats and not spec.frozen_init]
         raise CmkitError(f"export diffusers takes a consistency model with the boundary-condition "
-                         f"parametrization ({', '.join(exportable)}); this is a {run.method} run")
+                         f"parametrization ({', '.join(exportable)}); this is {run.description}")
     backbone = run.model.backbone
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise CmkitError(f"{out} already exists and is not empty")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        earlier = (out / SIDECAR).is_file()  # what this function writes last
+        if not (force and earlier):
+            raise CmkitError(f"{out} already exists" + (": pass --force to replace the export" if earlier else
+                                                        " and is not a cmkit export: choose another --out"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        _write_pipeline(run, backbone, tmp, levels, clip_denoised)
+        os.chmod(tmp, 0o755)  # mkdtemp's 0o700 is not what a folder for others to load should have
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _write_pipeline(run, backbone, out: Path, levels: int | None, clip_denoised: bool) -> Path:
+    from diffusers import CMStochasticIterativeScheduler, ConsistencyModelPipeline
+
     if getattr(backbone, "lora", None):
         return _export_lora(run, out)
     if run.takes_text:
@@ -102,19 +125,23 @@ def _export_lcm(run, out: Path) -> Path:
 
 
 def _export_text_lcm(run, out: Path) -> Path:
-    """A text-conditioned latent student as a ``LatentConsistencyModelPipeline`` folder: its UNet
-    (the guidance scale through ``time_cond_proj_dim``), the run's VAE, tokenizer and text encoder,
-    and an ``LCMScheduler``; ``pipe(prompt, num_inference_steps=k, guidance_scale=w)`` samples what
-    ``cmkit sample --prompt ... --steps k --guidance w`` does."""
-    from diffusers import LatentConsistencyModelPipeline
+    """A text-conditioned latent student with an ``LCMScheduler``, the run's VAE, tokenizer and text
+    encoder: a guided student as a ``LatentConsistencyModelPipeline`` (the scale through the UNet's
+    ``time_cond_proj_dim``: ``pipe(prompt, num_inference_steps=k, guidance_scale=w)`` samples what
+    ``cmkit sample --prompt ... --steps k --guidance w`` does); an unguided one, whose UNet has no
+    such input (which that pipeline requires), as a ``StableDiffusionPipeline``, sampled as an
+    LCM-LoRA is, at ``guidance_scale=1`` (no classifier-free guidance)."""
+    from ..nets.diffusers_text_unet import quiet_torchvision_notice
+    quiet_torchvision_notice()
+    from diffusers import LatentConsistencyModelPipeline, StableDiffusionPipeline
 
     if "vp" not in run.config["model"]:
         raise CmkitError("LatentConsistencyModelPipeline steps an LCMScheduler: this run is not a student of a "
                          "discrete-time (DDPM-family) teacher")
-    pipe = LatentConsistencyModelPipeline(vae=run.codec.vae, text_encoder=run.prompts.text_encoder,
-                                          tokenizer=run.prompts.tokenizer, unet=run.model.backbone.unet,
-                                          scheduler=_lcm_scheduler(run), safety_checker=None, feature_extractor=None,
-                                          requires_safety_checker=False)
+    pipeline = LatentConsistencyModelPipeline if run.model.backbone.guidance_input else StableDiffusionPipeline
+    pipe = pipeline(vae=run.codec.vae, text_encoder=run.prompts.text_encoder, tokenizer=run.prompts.tokenizer,
+                    unet=run.model.backbone.unet, scheduler=_lcm_scheduler(run), safety_checker=None,
+                    feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(str(out), safe_serialization=True)
     _write_sidecar(run, out)
     return out
@@ -142,11 +169,13 @@ def _lcm_scheduler(run):
     # interpolated as before up to there): the teacher's first T' betas give exactly its first T'
     # noise levels, so the pipeline's timesteps stay within the student's range.
     levels = int((sigma_table(table) < run.noise_range.sigma_max).sum()) + 1
-    if levels < table["num_train_timesteps"]:
+    # Sigmoid betas are DDPMScheduler's alone (LCMScheduler raises), so they are written out too.
+    if levels < table["num_train_timesteps"] or table["beta_schedule"] == "sigmoid":
         betas = DDPMScheduler(**table).betas[:levels].tolist()
         table.update(num_train_timesteps=levels, trained_betas=betas)
+    # steps_offset does not move LCMScheduler's timesteps; Stable Diffusion's pipelines warn unless it is 1.
     return LCMScheduler(**table, prediction_type=vp["prediction_type"], clip_sample=False,
-                        timestep_scaling=vp.get("timestep_scaling", 10.0))
+                        timestep_scaling=vp.get("timestep_scaling", 10.0), steps_offset=1)
 
 
 def _write_sidecar(run, out: Path) -> None:
@@ -173,3 +202,15 @@ def diffusers_timesteps(sigmas, noise: NoiseConfig, levels: int) -> list[int]:
     if not np.allclose(grid[index], sigmas, rtol=1e-4):
         raise CmkitError(f"levels {list(sigmas)} are not on the {levels}-level Karras grid the pipeline samples from")
     return sorted(index.tolist(), reverse=True)
+
+
+def describe_export(out: Path) -> str:
+    """What `export_diffusers` wrote to ``out``, and how diffusers loads it, in one line."""
+    from ..checkpoint import LORA_FILE
+
+    if not (out / "model_index.json").is_file():
+        return (f"wrote LCM-LoRA adapters to {out / LORA_FILE}: load them into the teacher's pipeline with "
+                f"pipe.load_lora_weights('{out}') and an LCMScheduler, and sample at guidance_scale=1")
+    index = json.loads((out / "model_index.json").read_text())
+    scheduler = index.get("scheduler", [None, "?"])[1]
+    return f"wrote a {index['_class_name']} (scheduler: {scheduler}) to {out}"

@@ -71,16 +71,18 @@ def _export(module: nn.Module, args: tuple, names: list[str], path: Path) -> Non
 
 
 def export_onnx(run, out: str | Path, *, with_f: bool = False, guidance: float | None = None,
-                precision: str = "fp32", max_diff: float | None = None, seed: int = 0) -> list[Path]:
+                precision: str = "fp32", max_diff: float | None = None, seed: int = 0,
+                force: bool = False) -> list[Path]:
     """Write the run's one-step generator (and with ``with_f`` its f(x, sigma)) at ``precision``;
     return the paths. fp16 and int8 are checked against fp32 before anything is written: a mean
-    pixel difference above ``max_diff`` (default `precision.MAX_MEAN_DIFF`) or a NaN is an error."""
+    pixel difference above ``max_diff`` (default `precision.MAX_MEAN_DIFF`) or a NaN is an error.
+    Existing files are replaced (each by a rename) only with ``force``."""
+    if getattr(run, "is_latent", False):
+        raise CmkitError("export onnx writes pixel-space generators; a latent run's decoder and prompt encoder are "
+                         "not exported yet (export diffusers writes a text-conditioned one for diffusers)")
     if "onnx" not in run.export_formats:
         raise CmkitError("export onnx takes a consistency model (one network call per step); this is an "
                          f"{run.method} teacher")
-    if getattr(run, "is_latent", False):
-        raise CmkitError("export onnx writes pixel-space generators; a latent run's decoder and prompt encoder are "
-                         "not exported yet (export diffusers writes a LatentConsistencyModelPipeline)")
     if precision not in precision_tools.PRECISIONS:
         raise CmkitError(f"--precision must be one of {', '.join(precision_tools.PRECISIONS)}, got {precision!r}")
     if precision != "fp32" and run.config["standardizer"].get("kind") != "image":
@@ -91,8 +93,8 @@ def export_onnx(run, out: str | Path, *, with_f: bool = False, guidance: float |
         raise CmkitError(f"--out must end in .onnx, got {out.name!r}")
     paths = [out, out.with_name(out.stem + ".json")] + ([out.with_name(out.stem + "-f.onnx")] if with_f else [])
     existing = [str(p) for p in paths if p.exists()]
-    if existing:
-        raise CmkitError(f"refusing to overwrite {', '.join(existing)}")
+    if existing and not force:
+        raise CmkitError(f"refusing to overwrite {', '.join(existing)}: pass --force to replace them, or another --out")
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.stem}.") as tmp:
         tmp = Path(tmp)

@@ -184,4 +184,12 @@ def check(reference: OnnxSampler, candidate: OnnxSampler, *, precision: str, bou
     return {"samples": CHECK_SAMPLES, "bound_mean": bound, "steps": report}
 
 
-__all__ = ["MAX_MEAN_DIFF", "OnnxSampler", "PRECISIONS", "check", "quantize_int8", "to_fp16"]
+def check_lines(precision: str, report: dict) -> list[str]:
+    """What an export prints of its `check` report: one line per step count. The bound is on the
+    mean; the largest difference is one pixel's, not bounded (int8 can move a few pixels far)."""
+    return [f"{precision} against fp32 at {steps} step(s), {report['samples']} samples: mean pixel difference "
+            f"{d['mean']:.3f} (the bound {report['bound_mean']} is on this mean), largest on one pixel {d['max']:.2f} "
+            "(0..255 levels)" for steps, d in report["steps"].items()]
+
+
+__all__ = ["MAX_MEAN_DIFF", "OnnxSampler", "PRECISIONS", "check", "check_lines", "quantize_int8", "to_fp16"]

@@ -1,6 +1,6 @@
 """`cmkit export web`: a static site that generates in the visitor's browser with onnxruntime-web.
 
-    cmkit export web --checkpoint runs/fm-ect --out site/ [--precision int8]
+    cmkit export web --checkpoint runs/fm-ect --out runs/site/ [--precision int8] [--force]
 
 writes
     site/index.html, site/cmkit.js   the page and its module (window.cmkit.generate for scripts)
@@ -61,11 +61,11 @@ def ort_version(dist: Path) -> str | None:
 
 def check_web_model(run) -> None:
     """What the page can run: a pixel-space consistency model (one network call per step)."""
+    if getattr(run, "is_latent", False):
+        raise CmkitError("export web runs pixel-space models; a latent model's VAE decoder is not exported yet")
     if "onnx" not in run.export_formats:
         raise CmkitError(f"export web takes a consistency model (one network call per step); this {run.method} "
                          "teacher needs 35 calls per image: distil it first (--method cd or ect)")
-    if getattr(run, "is_latent", False):
-        raise CmkitError("export web runs pixel-space models; a latent model's VAE decoder is not exported yet")
     if run.config["standardizer"].get("kind") != "image":
         raise CmkitError("export web writes a page that draws images; this model makes vectors")
 

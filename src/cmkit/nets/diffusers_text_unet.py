@@ -13,6 +13,7 @@ and ``LatentConsistencyModelPipeline`` embeds w = guidance_scale - 1 as sinusoid
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -51,10 +52,26 @@ def add_lora(unet, rank: int, alpha: float, dropout: float, target_modules: list
     unet.add_adapter(LoraConfig(r=int(rank), lora_alpha=alpha, lora_dropout=dropout, target_modules=targets))
 
 
+class _TorchvisionFallbackNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision (not installed)" not in record.getMessage()
+
+
+def quiet_torchvision_notice() -> None:
+    """Call before importing diffusers' Stable Diffusion pipelines. They import transformers' CLIP
+    image processor (for the safety checker's feature extractor, which cmkit never uses), and
+    without torchvision transformers warns that it falls back to its PIL version: noise in cmkit's
+    output, as nothing of cmkit's needs torchvision. Only that warning is dropped."""
+    logger = logging.getLogger("transformers.utils.import_utils")  # the one transformers warns through
+    if not any(isinstance(f, _TorchvisionFallbackNotice) for f in logger.filters):
+        logger.addFilter(_TorchvisionFallbackNotice())
+
+
 def save_lora(unet, folder, weight_name: str) -> None:
     """The adapters as a diffusers LoRA file (``folder``/``weight_name``), written by
     ``StableDiffusionPipeline.save_lora_weights`` itself with the adapter's config as metadata (its
     alpha included), so ``pipe.load_lora_weights(folder)`` rebuilds exactly these adapters."""
+    quiet_torchvision_notice()
     from diffusers import StableDiffusionPipeline
     from peft.utils import get_peft_model_state_dict
 

@@ -59,9 +59,13 @@ def _builder(objective: type, *own: str):
         if getattr(teacher, "table", None) is None:
             raise CmkitError(f"{config['method']} distils a discrete-time teacher (a diffusers DDPM-family folder: its "
                              "grid is the scheduler's timesteps); distil a cmkit edm teacher with cd")
-        return objective(teacher, noise_config(config), **objective_options(config, "init_from_teacher", *own))
+        return objective(teacher, noise_config(config), **objective_options(config, "init_from_teacher",
+                                                                            "prompt_guidance", *own))
     return build
 
+
+# objective.prompt_guidance: the guidance range a text teacher's student gets by default (null: unguided).
+NULLABLE = {"objective.huber_c": float, "objective.guidance": list, "objective.prompt_guidance": list}
 
 register(MethodSpec(
     name="lcm", summary="latent consistency distillation from a diffusers DDPM-family --teacher (DDIM steps on "
@@ -69,8 +73,7 @@ register(MethodSpec(
     source="Luo et al. 2023, 'Latent consistency models'",
     objective=LatentConsistencyDistillationLoss, wrapper=LCMFunction, teacher=True, starts_from_teacher=True,
     guided=True, whole_table=True,
-    nullable={"objective.huber_c": float, "objective.guidance": list},
-    build=_builder(LatentConsistencyDistillationLoss)))
+    nullable=NULLABLE, build=_builder(LatentConsistencyDistillationLoss)))
 
 
 # LCM-LoRA (Luo et al. 2023b, "LCM-LoRA: a universal Stable-Diffusion acceleration module"): the same
@@ -136,6 +139,5 @@ register(MethodSpec(
                              "adapters off is the teacher; saves pytorch_lora_weights.safetensors)",
     source="Luo et al. 2023, 'LCM-LoRA: a universal Stable-Diffusion acceleration module'",
     objective=LatentConsistencyLoRALoss, wrapper=LCMFunction, teacher=True, starts_from_teacher=True,
-    guided=True, whole_table=True, teacher_view=_teacher_view, resolve=_resolve_lora,
-    nullable={"objective.huber_c": float, "objective.guidance": list},
-    build=_builder(LatentConsistencyLoRALoss, *LORA_KEYS)))
+    guided=True, whole_table=True, latent_only=True, teacher_view=_teacher_view, resolve=_resolve_lora,
+    nullable=NULLABLE, build=_builder(LatentConsistencyLoRALoss, *LORA_KEYS)))

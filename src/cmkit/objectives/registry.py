@@ -61,6 +61,8 @@ class MethodSpec:
     time_derivative  differentiates the network along the noise level (JVP)
     whole_table  from a VP (diffusers DDPM) teacher, trains on its whole noise table, as its
                  grid is the table's own (otherwise students stop at discrete_vp.STUDENT_SIGMA_MAX)
+    latent_only  trains latent models only (LoRA adapters on a Stable-Diffusion --teacher): its runs
+                 export to diffusers, never to ONNX, which writes pixel-space generators
     nullable     types of the method's config keys whose default is null
     config       the defaults file (default: the packaged ``configs/<name>.json``)
     """
@@ -79,6 +81,7 @@ class MethodSpec:
     guided: bool = False
     time_derivative: bool = False
     whole_table: bool = False
+    latent_only: bool = False
     frozen_init: bool = False
     sampling_floor: Callable[[dict], float] | None = None
     # The teacher as a view of the student's own network (LCM-LoRA: the base UNet with its adapters
@@ -103,10 +106,10 @@ class MethodSpec:
 
     @property
     def export_formats(self) -> tuple[str, ...]:
-        """How a trained run exports: ONNX for every consistency model, a diffusers
+        """How a trained run exports: ONNX for every pixel-space consistency model, a diffusers
         ConsistencyModelPipeline for those with its boundary-condition parametrization (a
         ``frozen_init`` method: as its --init run, `export_formats`)."""
-        return _formats(self.diffusion, self.wrapper)
+        return _formats(self.diffusion, self.wrapper, self.latent_only)
 
     def defaults_file(self) -> str:
         """The method's defaults as text."""
@@ -151,10 +154,11 @@ def get_method(name: str) -> MethodSpec:
     return known[name]
 
 
-def _formats(diffusion: bool, wrapper: type) -> tuple[str, ...]:
+def _formats(diffusion: bool, wrapper: type, latent_only: bool) -> tuple[str, ...]:
     if diffusion:
         return ()
-    return ("diffusers", "onnx") if issubclass(wrapper, CONSISTENCY_FUNCTIONS) else ("onnx",)
+    pipeline = ("diffusers",) if issubclass(wrapper, CONSISTENCY_FUNCTIONS) else ()
+    return pipeline + (() if latent_only else ("onnx",))
 
 
 def network_wrapper(config: dict) -> type[nn.Module]:
@@ -171,7 +175,9 @@ def network_wrapper(config: dict) -> type[nn.Module]:
 
 def export_formats(config: dict) -> tuple[str, ...]:
     """How the run ``config`` describes exports (`MethodSpec.export_formats`, with its network's wrapper)."""
-    return _formats(get_method(config["method"]).diffusion, network_wrapper(config))
+    spec, wrapper = get_method(config["method"]), network_wrapper(config)
+    latent_only = spec.latent_only or (spec.frozen_init and get_method(config["init_method"]).latent_only)
+    return _formats(spec.diffusion, wrapper, latent_only)
 
 
 def noise_config(config: dict) -> NoiseConfig:
