@@ -79,18 +79,25 @@ def fingerprint_runs(root: Path) -> dict:
 
 
 def record_for_this_machine(stored: dict) -> dict | None:
-    """The stored record made on this machine (torch and CPU), if any."""
-    return next((r for r in [stored, *stored.get("other_machines", [])] if r["machine"] == machine()), None)
+    """The stored record made on this machine (torch, CPU and the kernels' instruction set), if
+    any; a record from before the instruction set was noted matches on the rest."""
+    here, records = machine(), [stored, *stored.get("other_machines", [])]
+    exact = next((r for r in records if r["machine"] == here), None)
+    return exact or next((r for r in records if "isa" not in r["machine"]
+                          and r["machine"] == {k: v for k, v in here.items() if k != "isa"}), None)
 
 
 def machine() -> dict:
-    """What decides whether float results can be bit-identical: torch and the CPU."""
+    """What decides whether float results can be bit-identical: torch, the CPU and the instruction
+    set torch's kernels use on it (virtual machines name CPUs only "AMD EPYC", AVX2 and AVX-512
+    hosts alike, and the two round training's sums differently)."""
     cpu = ""
     try:
         cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return {"torch": torch.__version__, "machine": platform.machine(), "cpu": cpu}
+    return {"torch": torch.__version__, "machine": platform.machine(), "cpu": cpu,
+            "isa": torch.backends.cpu.get_cpu_capability()}
 
 
 if __name__ == "__main__":
