@@ -1,17 +1,22 @@
 """A diffusers-trained DDPM as cmkit's teacher: the teacher's FD in diffusers and in cmkit, and
-the FD of CD and ECT students distilled from it, side by side in one run.
+the FD of CD, ECT and LCM students distilled from it, side by side in one run.
 
     python bench/ddpm_teacher.py [--data digits] [--teacher-steps 3000] [--student-steps 1500] [--out bench/out/ddpm]
+    python bench/ddpm_teacher.py --teacher-only      # the teacher's rows only (no students)
     python bench/ddpm_teacher.py --data fashion-mnist --resolution 32 --channels 64,128,128 --device cuda ...
 
 1. Trains a UNet2DModel the way diffusers' train_unconditional.py does (DDPMScheduler.add_noise,
    epsilon MSE, 1000 linear betas, AdamW, an EMA of the weights) and saves it as a DDPMPipeline.
-2. Scores it sampled by diffusers (its DDIMPipeline, 50 steps, eta 0, with and without its
-   default x0 clipping; its HeunDiscreteScheduler on an 18-level Karras grid) and by cmkit's Heun
-   on the converted denoiser (18 steps, 35 NFE).
+2. Scores it sampled by diffusers (its DDIMPipeline, 50 steps, eta 0; its HeunDiscreteScheduler
+   on an 18-level Karras grid; each with and without clipping x0 to [-1, 1] at every step) and by
+   cmkit's Heun on the converted denoiser (18 steps, 35 NFE; it does not clip). The folder's
+   DDPMScheduler says clip_sample=True and a scheduler made from its config inherits it, so every
+   diffusers row sets clip_sample itself: only the unclipped Heun row is cmkit's sampler, and it
+   starts from the same noise as cmkit's, so their pixels are compared too.
 3. Distils CD and LCM (--teacher FOLDER) and tunes ECT (--init FOLDER) from the folder with cmkit
-   and scores them at 1, 2 and 4 steps (LCM at LCMScheduler's timesteps). Targets: the teacher's FD with the same sampler in diffusers and in
-   cmkit within 5%; CD within 2x the teacher at 1 step and 1.5x at 2 steps.
+   and scores them at 1, 2 and 4 steps (LCM at LCMScheduler's timesteps); --teacher-only skips
+   this. Targets: the teacher's FD with the same sampler in diffusers and in cmkit within 5%; CD
+   within 2x the teacher at 1 step and 1.5x at 2 steps.
 
 FD is `cmkit eval`'s (the packaged classifier's features, n samples against n held-out images).
 """
@@ -67,11 +72,12 @@ def train_diffusers_ddpm(images: torch.Tensor, out: Path, *, steps: int, batch: 
     return seconds
 
 
-def diffusers_samples(folder: Path, n: int, seed: int, device: str, kind: str, batch: int = 500) -> np.ndarray:
+def diffusers_samples(folder: Path, n: int, seed: int, device: str, kind: str, clip: bool,
+                      noise: torch.Tensor | None = None, batch: int = 500) -> np.ndarray:
     """The folder's UNet sampled by diffusers, uint8 NCHW. ``kind``: "ddim" (DDIMPipeline, 50 steps,
-    eta 0, as its users call it: x0 clipped to [-1, 1] at every step), "ddim-noclip" (the same
-    without clipping) or "heun" (HeunDiscreteScheduler on an 18-level Karras grid, 35 NFE: cmkit's
-    sampler, in diffusers)."""
+    eta 0) or "heun" (HeunDiscreteScheduler on an 18-level Karras grid, 35 NFE: cmkit's sampler, in
+    diffusers, from ``noise`` (n, C, H, W) standard normal when given). ``clip``: x0 clipped to
+    [-1, 1] at every step (clip_sample; set here, as the folder's config says True)."""
     from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, HeunDiscreteScheduler
 
     ddpm = DDPMPipeline.from_pretrained(str(folder))
@@ -80,16 +86,18 @@ def diffusers_samples(folder: Path, n: int, seed: int, device: str, kind: str, b
     chunks = []
     for start in range(0, n, batch):
         size = min(batch, n - start)
-        if kind.startswith("ddim"):
-            pipe = DDIMPipeline(unet=unet, scheduler=DDIMScheduler.from_config(config, clip_sample=kind == "ddim"))
+        if kind == "ddim":
+            pipe = DDIMPipeline(unet=unet, scheduler=DDIMScheduler.from_config(config, clip_sample=clip))
             pipe.set_progress_bar_config(disable=True)
             out = pipe(batch_size=size, generator=gen, num_inference_steps=50, eta=0.0, output_type="np").images
             chunks.append(np.round(out * 255).clip(0, 255).astype(np.uint8).transpose(0, 3, 1, 2))
             continue
-        scheduler = HeunDiscreteScheduler.from_config(config, use_karras_sigmas=True, timestep_spacing="linspace")
+        scheduler = HeunDiscreteScheduler.from_config(config, use_karras_sigmas=True, timestep_spacing="linspace",
+                                                      clip_sample=clip)
         scheduler.set_timesteps(18, device=device)
         shape = (size, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
-        x = torch.randn(shape, generator=gen, device=device) * scheduler.init_noise_sigma
+        x = (torch.randn(shape, generator=gen, device=device) if noise is None
+             else noise[start:start + size].to(device)) * scheduler.init_noise_sigma
         with torch.no_grad():
             for t in scheduler.timesteps:
                 x = scheduler.step(unet(scheduler.scale_model_input(x, t), t).sample, t, x).prev_sample
@@ -111,6 +119,7 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench/out/ddpm")
     p.add_argument("--reuse-teacher", action="store_true", help="keep OUT/teacher if it is there")
+    p.add_argument("--teacher-only", action="store_true", help="score the teacher's rows only (no students)")
     args = p.parse_args()
 
     out = Path(args.out)
@@ -129,17 +138,28 @@ def main():
     n = len(reference)
     scorer = ImageScorer(reference, ["fd"], data.native_size)
     train_part = data.train[torch.from_numpy(rng.permutation(len(data.train))[:n])]
-    rows = [("real training images (floor)", "-", "-", scorer.score(train_part)["fd"])]
-    for label, kind, sampler, nfe in (("diffusers DDIMPipeline", "ddim", "DDIM 50 steps, x0 clipped", 50),
-                                      ("diffusers DDIM", "ddim-noclip", "DDIM 50 steps", 50),
-                                      ("diffusers Heun", "heun", "Heun, 18-level Karras grid", 35)):
-        rows.append((f"teacher, {label}", sampler, nfe,
-                     scorer.score(diffusers_samples(teacher, n, args.seed, args.device, kind))["fd"]))
+    rows = [("real training images (floor)", "-", "-", "-", scorer.score(train_part)["fd"])]
     run = cmkit.load_run(teacher, device=args.device)
-    rows.append(("teacher, cmkit", "Heun 18 steps", 35, scorer.score(run.sample(n, steps=18, seed=args.seed))["fd"]))
+    # cmkit's seed draws this noise for n <= 256; passed to both, so the two Heuns start alike.
+    noise = torch.randn((n, *run.shape), generator=torch.Generator().manual_seed(args.seed))
+    heuns = {}
+    for label, kind, sampler, nfe, clip in (
+            ("diffusers DDIMPipeline", "ddim", "DDIM 50 steps", 50, True),
+            ("diffusers DDIM", "ddim", "DDIM 50 steps", 50, False),
+            ("diffusers Heun", "heun", "Heun, 18-level Karras grid", 35, True),
+            ("diffusers Heun", "heun", "Heun, 18-level Karras grid", 35, False)):
+        images = diffusers_samples(teacher, n, args.seed, args.device, kind, clip, noise=noise)
+        if kind == "heun" and not clip:
+            heuns["diffusers"] = images
+        rows.append((f"teacher, {label}", sampler, "to [-1, 1] each step" if clip else "none", nfe,
+                     scorer.score(images)["fd"]))
+    heuns["cmkit"] = run.sample(n, steps=18, seed=args.seed, noise=noise)
+    rows.append(("teacher, cmkit", "Heun 18 steps", "none", 35, scorer.score(heuns["cmkit"])["fd"]))
+    heun, theirs = rows[-1][4], rows[-2][4]
+    pixels = np.abs(heuns["diffusers"].astype(np.int16) - heuns["cmkit"].astype(np.int16))
     common = {**data_cfg, "train.steps": args.student_steps, "train.batch_size": args.batch,
               "train.device": args.device, "train.sample_every": 0}
-    for method, source in (("cd", "teacher"), ("ect", "init"), ("lcm", "teacher")):
+    for method, source in () if args.teacher_only else (("cd", "teacher"), ("ect", "init"), ("lcm", "teacher")):
         print(f"{method} from the folder ({args.student_steps} steps) ...", flush=True)
         start = time.perf_counter()
         cmkit.train(cmkit.build_config(method, **{source: str(teacher)}, **common), out / method, force=True,
@@ -148,18 +168,20 @@ def main():
         student = cmkit.load_run(out / method, device=args.device)
         for steps in (1, 2, 4):
             fd = scorer.score(student.sample(n, steps=steps, seed=args.seed))["fd"]
-            rows.append((f"{method} student", f"{steps} step" + "s" * (steps > 1), steps, fd))
+            rows.append((f"{method} student", f"{steps} step" + "s" * (steps > 1), "none", steps, fd))
 
-    heun = rows[4][3]
     print(f"\n{args.data}, {n} samples against {n} held-out images; training seconds: "
           + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()) + "\n")
-    print("| model | sampler | NFE | FD | FD / teacher (Heun) |\n|---|---|---|---|---|")
-    for name, sampler, nfe, fd in rows:
-        print(f"| {name} | {sampler} | {nfe} | {fd:.2f} | {fd / heun:.2f} |")
-    theirs, cd1, cd2 = rows[3][3], rows[5][3], rows[6][3]
+    print("| model | sampler | x0 clipping | NFE | FD | FD / teacher (cmkit Heun) |\n|---|---|---|---|---|---|")
+    for name, sampler, clipping, nfe, fd in rows:
+        print(f"| {name} | {sampler} | {clipping} | {nfe} | {fd:.2f} | {fd / heun:.2f} |")
     gap = abs(theirs - heun) / min(theirs, heun)
-    print(f"\nteacher FDs (Heun, diffusers vs cmkit) within 5%: {gap <= 0.05} ({gap:.1%}); "
-          f"CD 1 step within 2x: {cd1 <= 2 * heun}; CD 2 steps within 1.5x: {cd2 <= 1.5 * heun}")
+    print(f"\nteacher FDs (unclipped Heun, diffusers vs cmkit) within 5%: {gap <= 0.05} ({gap:.1%}); the same "
+          f"noise's images differ by {pixels.max()} grey levels at most, {pixels.mean():.3f} on average "
+          f"({(pixels > 1).mean():.2%} of pixels by more than 1)")
+    if not args.teacher_only:
+        cd1, cd2 = (fd for name, _, _, steps, fd in rows if name == "cd student" and steps in (1, 2))
+        print(f"CD 1 step within 2x: {cd1 <= 2 * heun}; CD 2 steps within 1.5x: {cd2 <= 1.5 * heun}")
 
 
 if __name__ == "__main__":

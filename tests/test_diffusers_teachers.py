@@ -81,7 +81,7 @@ def formula(unet, sched, x_edm, t, kind):
 
 
 @pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "sample"])
-@pytest.mark.parametrize("schedule", ["linear", "scaled_linear", "squaredcos_cap_v2", "trained_betas"])
+@pytest.mark.parametrize("schedule", ["linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid", "trained_betas"])
 def test_denoise_on_the_table_equals_the_formula(tmp_path, kind, schedule):
     unet = tiny_unet()
     extra = ({"trained_betas": np.linspace(2e-4, 0.03, 1000).tolist()} if schedule == "trained_betas"
@@ -93,6 +93,10 @@ def test_denoise_on_the_table_equals_the_formula(tmp_path, kind, schedule):
     table = ((1 - sched.alphas_cumprod) / sched.alphas_cumprod).sqrt()
     assert run.noise_range.sigma_min == pytest.approx(float(table[0]), rel=1e-7)
     assert run.noise_range.sigma_max == pytest.approx(float(table[-1]), rel=1e-7)
+    if schedule == "sigmoid":  # diffusers' formula, transcribed (in float64: diffusers' float32 is within 1e-4)
+        betas = torch.sigmoid(torch.linspace(-6, 6, 1000, dtype=torch.float64)) * (0.02 - 0.0001) + 0.0001
+        abar = torch.cumprod(1 - betas, 0)
+        torch.testing.assert_close(run.model.table.sigmas, ((1 - abar) / abar).sqrt(), rtol=1e-4, atol=0)
     t = torch.tensor([0, 1, 10, 250, 500, 998, 999])
     sigma = table[t]
     x = torch.randn(len(t), 1, 8, 8, generator=torch.Generator().manual_seed(1)).double() * (1 + sigma.view(-1, 1, 1, 1))
@@ -100,6 +104,15 @@ def test_denoise_on_the_table_equals_the_formula(tmp_path, kind, schedule):
     theirs = formula(unet, sched, x, t, kind)
     scale = theirs.flatten(1).abs().amax(1)
     assert ((ours - theirs).flatten(1).abs().amax(1) / scale).max() < 1e-5
+
+
+def test_a_whole_table_student_of_sigmoid_betas_exports(tmp_path):
+    """Only DDPMScheduler computes sigmoid betas (LCMScheduler raises): the export writes them out."""
+    save_ddpm(tmp_path / "t", tiny_unet(), beta_schedule="sigmoid")
+    assert cli("train", "--method", "lcm", "--teacher", tmp_path / "t", *DIGITS, "--steps", 2, "--out", tmp_path / "lcm") == 0
+    assert cli("export", "diffusers", "--checkpoint", tmp_path / "lcm", "--out", tmp_path / "pipe", "--quiet") == 0
+    run, back = cmkit.load_run(tmp_path / "lcm"), cmkit.load_run(tmp_path / "pipe")
+    assert len(run.model.table.sigmas) == 1000 and torch.equal(back.model.table.sigmas, run.model.table.sigmas)
 
 
 def test_time_input_between_levels_is_diffusers_interpolation(teacher):

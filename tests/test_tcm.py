@@ -17,6 +17,7 @@ from cmkit.objectives import TruncatedConsistencyLoss, TruncatedLogStudentT
 from cmkit.objectives.registry import export_formats
 
 from helpers import TINY_TRAIN, cli
+from test_diffusers_teachers import save_ddpm, tiny_unet
 
 
 def test_time_distribution_is_the_truncated_student_t_on_log_sigma():
@@ -91,13 +92,16 @@ def test_a_tcm_run_is_its_stage1_network_sampled_above_the_transition(tiny_consi
 
 @pytest.mark.parametrize("args, message", [
     ([], "pass --init RUN (a trained"),
-    (["--init", "TEACHER"], "is a edm run; tcm continues a consistency model"),
+    (["--init", "TEACHER"], "is a cmkit edm run (a diffusion model); tcm continues a consistency model"),
+    (["--init", "DDPM"], "is a diffusers DDPM teacher (a diffusion model); tcm continues a consistency model"),
     (["--init", "CM", "--set", "objective.transition_sigma=80"], "transition_sigma must lie inside the noise range"),
     (["--init", "CM", "--set", "objective.transition_sigma=0.001"], "transition_sigma must lie inside"),
     (["--init", "CM", "--set", "objective.boundary_prob=1.0"], "boundary_prob must be in [0, 1)"),
 ])
 def test_refusals_are_one_line(args, message, tiny_teacher, tiny_consistency, tmp_path, capsys):
-    args = [{"TEACHER": tiny_teacher, "CM": tiny_consistency}.get(a, a) for a in args]
+    if "DDPM" in args:
+        save_ddpm(tmp_path / "ddpm", tiny_unet())
+    args = [{"TEACHER": tiny_teacher, "CM": tiny_consistency, "DDPM": tmp_path / "ddpm"}.get(a, a) for a in args]
     capsys.readouterr()
     assert cli("train", "--method", "tcm", *args, "--data", "moons", "--steps", 2, "--out", tmp_path / "r",
                *TINY_TRAIN) == 2

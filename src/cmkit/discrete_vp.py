@@ -23,7 +23,7 @@ VP_SCHEDULERS = ("DDPMScheduler", "DDIMScheduler", "PNDMScheduler", "EulerDiscre
                  "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler", "LMSDiscreteScheduler",
                  "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler", "DEISMultistepScheduler",
                  "UniPCMultistepScheduler", "KDPM2DiscreteScheduler", "LCMScheduler")
-BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")  # DDPMScheduler's
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 TIME_INPUTS = ("nearest", "interpolated")
 # The highest level a student of a VP teacher trains and samples at. Its output is the teacher's
