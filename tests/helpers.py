@@ -17,6 +17,15 @@ def cli(*args) -> int:
     return main([str(a) for a in args])
 
 
+def refused(capsys, *args) -> str:
+    """The error of a command that must be refused: exit status 2 and one line, no traceback."""
+    capsys.readouterr()
+    assert cli(*args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("cmkit: error: "), err
+    return err
+
+
 def _content(path: Path) -> bytes:
     """A file's bytes; for metrics.jsonl, less the timing and memory fields no two runs share."""
     if path.name != "metrics.jsonl":

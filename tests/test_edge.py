@@ -24,7 +24,7 @@ import cmkit
 from cmkit.data import load_images
 from cmkit.errors import CmkitError
 from cmkit.export import precision
-from helpers import TINY, chromium, cli
+from helpers import TINY, chromium, cli, refused
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -110,23 +110,16 @@ def test_int8_exports_print_their_check_and_force_replaces_them(digits, tmp_path
 
 
 def test_edge_refusals_are_one_line(digits, tmp_path, tiny_teacher, capsys):
-    def refused(*args) -> str:
-        capsys.readouterr()
-        assert cli(*args) == 2
-        err = capsys.readouterr().err.strip()
-        assert len(err.splitlines()) == 1 and err.startswith("cmkit: error: "), err
-        return err
-
     vectors = tmp_path / "cd"
     assert cli("train", "--method", "cd", "--data", "moons", "--teacher", tiny_teacher, *TINY[6:], "--steps", 2,
                "--out", vectors) == 0
-    assert "35 calls" in refused("export", "web", "--checkpoint", tiny_teacher, "--out", tmp_path / "s")
-    assert "makes vectors" in refused("export", "web", "--checkpoint", vectors, "--out", tmp_path / "s")
-    assert "for image models" in refused("export", "onnx", "--checkpoint", vectors, "--out", tmp_path / "v.onnx",
-                                         "--precision", "int8")
-    assert "invalid choice" in refused("export", "onnx", "--checkpoint", digits / "ect", "--out",
+    assert "35 calls" in refused(capsys, "export", "web", "--checkpoint", tiny_teacher, "--out", tmp_path / "s")
+    assert "makes vectors" in refused(capsys, "export", "web", "--checkpoint", vectors, "--out", tmp_path / "s")
+    assert "for image models" in refused(capsys, "export", "onnx", "--checkpoint", vectors, "--out",
+                                         tmp_path / "v.onnx", "--precision", "int8")
+    assert "invalid choice" in refused(capsys, "export", "onnx", "--checkpoint", digits / "ect", "--out",
                                        tmp_path / "m.onnx", "--precision", "int4")
-    err = refused("export", "web", "--checkpoint", digits / "ect", "--out", tmp_path / "s", "--ort-web",
+    err = refused(capsys, "export", "web", "--checkpoint", digits / "ect", "--out", tmp_path / "s", "--ort-web",
                   tmp_path / "nowhere")
     assert "npm ci --prefix web" in err
     assert not any(tmp_path.glob("s*")) and not any(tmp_path.glob("*.onnx"))

@@ -24,7 +24,7 @@ from cmkit.condition import Condition
 from cmkit.export.diffusers_io import diffusers_timesteps
 from cmkit.export.onnx import onnx_parity
 from cmkit.run import generate
-from helpers import TINY, cli
+from helpers import TINY, cli, refused
 
 REPO = Path(__file__).resolve().parents[1]
 DIGITS = ["--data", "digits", "--batch-size", "8", "--quiet", "--set", "train.sample_every=0"]
@@ -154,17 +154,10 @@ def test_export_and_import_refusals(tmp_path, tiny_teacher, image_runs, capsys):
 
 
 def test_an_export_is_replaced_only_with_force(tmp_path, image_runs, capsys):
-    def refused(*args) -> str:
-        capsys.readouterr()
-        assert cli(*args) == 2
-        err = capsys.readouterr().err.strip()
-        assert len(err.splitlines()) == 1 and err.startswith("cmkit: error: "), err
-        return err
-
     run_dir = image_runs["uncond"]
     onnx = ["export", "onnx", "--checkpoint", run_dir, "--out", tmp_path / "m.onnx", "--no-check", "--quiet"]
     assert cli(*onnx, "--with-f") == 0
-    assert "pass --force to replace them" in refused(*onnx)
+    assert "pass --force to replace them" in refused(capsys, *onnx)
     (tmp_path / "m.json").write_text("{}")
     assert cli(*onnx, "--force") == 0  # replaced: the JSON of an export without f(x, sigma)
     meta = json.loads((tmp_path / "m.json").read_text())
@@ -173,14 +166,14 @@ def test_an_export_is_replaced_only_with_force(tmp_path, image_runs, capsys):
     diffusers = ["export", "diffusers", "--checkpoint", run_dir, "--out", tmp_path / "pipe", "--quiet"]
     assert cli(*diffusers) == 0
     (tmp_path / "pipe" / "stale.txt").write_text("from before")
-    assert "pass --force to replace the export" in refused(*diffusers)
+    assert "pass --force to replace the export" in refused(capsys, *diffusers)
     assert cli(*diffusers, "--force") == 0
     assert not (tmp_path / "pipe" / "stale.txt").exists() and (tmp_path / "pipe" / "model_index.json").is_file()
     assert cmkit.load_run(tmp_path / "pipe").shape == (1, 8, 8)
     other = tmp_path / "other"  # not an export: never deleted
     other.mkdir()
     (other / "notes.txt").write_text("mine")
-    assert "not a cmkit export" in refused(*diffusers[:-3], "--out", other, "--force")
+    assert "not a cmkit export" in refused(capsys, *diffusers[:-3], "--out", other, "--force")
     assert (other / "notes.txt").read_text() == "mine" and not list(tmp_path.glob(".pipe.*"))
 
 

@@ -24,7 +24,7 @@ from cmkit.condition import Condition
 from cmkit.config import build_config
 from cmkit.discrete_vp import skipping_grid
 from cmkit.training import Trainer
-from helpers import cli, tree_digest
+from helpers import cli, refused, tree_digest
 from test_lcm import (_perturb, assert_equals_reference, assert_parts_equal_reference, expand, ref_eps, ref_x0,
                       reference_lcm_loss)
 from tiny_sd import captioned_folder, save_sd
@@ -299,11 +299,11 @@ def test_a_sharded_cache_streams_into_training_bit_for_bit(tmp_path, sd, capsys,
     changed = bytearray(shard.read_bytes())
     changed[-1] ^= 1
     shard.write_bytes(bytes(changed))
-    err = _refused(capsys, "train", *args, "--steps", 1, "--out", tmp_path / "run")
+    err = refused(capsys, "train", *args, "--steps", 1, "--out", tmp_path / "run")
     assert f"{shard} changed since it was written" in err and not (tmp_path / "run").exists()
     meta["version"] = 1
     (sharded / "latents.json").write_text(json.dumps(meta))
-    assert "encode the source again" in _refused(capsys, "train", *args, "--steps", 1, "--out", tmp_path / "run")
+    assert "encode the source again" in refused(capsys, "train", *args, "--steps", 1, "--out", tmp_path / "run")
 
 
 def test_captions_encoded_in_each_step_are_the_cached_embeddings(tmp_path, sd):
@@ -330,27 +330,19 @@ def test_captions_encoded_in_each_step_are_the_cached_embeddings(tmp_path, sd):
                tmp_path / "run", *FAST) == 0
 
 
-def _refused(capsys, *args) -> str:
-    capsys.readouterr()
-    assert cli(*args) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    return err
-
-
 def test_hostile_captions_and_folders_are_refused_in_one_line(tmp_path, sd, capsys):
     folder, _ = sd
     images = captioned_folder(tmp_path / "images")
     out = tmp_path / "latents"
     (images / "00003.txt").write_bytes("a photo of a caf\xe9".encode("latin-1"))
-    assert "not UTF-8" in _refused(capsys, "data", "encode", images, "--pipeline", folder, "--out", out)
+    assert "not UTF-8" in refused(capsys, "data", "encode", images, "--pipeline", folder, "--out", out)
     (images / "00003.txt").unlink()
-    assert "00003.png has no caption" in _refused(capsys, "data", "encode", images, "--pipeline", folder, "--out", out)
+    assert "00003.png has no caption" in refused(capsys, "data", "encode", images, "--pipeline", folder, "--out", out)
     (images / "00003.txt").write_text("a photo of a digit three")
     victim = sorted(images.glob("*.png"))[5]
     good = victim.read_bytes()
     victim.write_bytes(good[:40])  # truncated: captions would shift if it were skipped
-    assert "do not decode" in _refused(capsys, "data", "encode", images, "--pipeline", folder, "--out", out)
+    assert "do not decode" in refused(capsys, "data", "encode", images, "--pipeline", folder, "--out", out)
     victim.write_bytes(good)
     assert not out.exists()
     # A pipeline folder whose weights are pickles only is never unpickled.
@@ -358,11 +350,11 @@ def test_hostile_captions_and_folders_are_refused_in_one_line(tmp_path, sd, caps
     save_sd(pickled)
     weights = pickled / "unet" / "diffusion_pytorch_model.safetensors"
     weights.rename(weights.with_suffix(".bin"))
-    assert "pickled weights" in _refused(capsys, "sample", "--checkpoint", pickled, "--n", 1, "--out",
+    assert "pickled weights" in refused(capsys, "sample", "--checkpoint", pickled, "--n", 1, "--out",
                                          tmp_path / "x.npy")
     weights = pickled / "text_encoder" / "model.safetensors"
     weights.rename(weights.with_suffix(".bin"))
-    assert "pickled weights" in _refused(capsys, "data", "encode", images, "--pipeline", pickled, "--out", out)
+    assert "pickled weights" in refused(capsys, "data", "encode", images, "--pipeline", pickled, "--out", out)
     assert not out.exists() and not (tmp_path / "x.npy").exists()
     # SDXL-style folders are refused with the reason.
     index = json.loads((folder / "model_index.json").read_text())
@@ -370,9 +362,9 @@ def test_hostile_captions_and_folders_are_refused_in_one_line(tmp_path, sd, caps
     sdxl.mkdir()
     (sdxl / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusionXLPipeline",
                                                         "text_encoder_2": ["transformers", "CLIPTextModel"]}))
-    assert "SDXL" in _refused(capsys, "sample", "--checkpoint", sdxl, "--n", 1, "--out", tmp_path / "x.npy")
+    assert "SDXL" in refused(capsys, "sample", "--checkpoint", sdxl, "--n", 1, "--out", tmp_path / "x.npy")
     # A class for a text model: it takes a prompt.
-    assert "takes a prompt, not class labels" in _refused(capsys, "sample", "--checkpoint", folder, "--n", 1,
+    assert "takes a prompt, not class labels" in refused(capsys, "sample", "--checkpoint", folder, "--n", 1,
                                                           "--class", 1, "--out", tmp_path / "x.npy")
 
 
@@ -383,7 +375,7 @@ def test_images_given_to_a_latent_teacher_are_refused_with_the_line_that_encodes
     folder, _ = sd
     monkeypatch.chdir(tmp_path)
     captioned_folder(tmp_path / "images")
-    err = _refused(capsys, "train", "--method", "lcm", "--teacher", folder, "--data", "images", "--steps", 1,
+    err = refused(capsys, "train", "--method", "lcm", "--teacher", folder, "--data", "images", "--steps", 1,
                    "--out", "runs/lcm")
     assert "latent model" in err, err
     encode, data = re.search(r"\((cmkit data encode [^)]*)\), then train with --data (\S+)", err).groups()
@@ -521,9 +513,9 @@ def test_an_lcm_lora_run_resumes_and_its_lora_file_loads_into_the_base_pipeline(
             files.append(({k: f.get_tensor(k) for k in f.keys()}, f.metadata()))
     assert files[0][1] == files[1][1] and files[0][0].keys() == files[1][0].keys()
     assert all(torch.equal(files[0][0][k], files[1][0][k]) for k in files[0][0])
-    assert "takes no guidance scale" in _refused(capsys, "sample", "--checkpoint", whole, "--n", 1, "--prompt", PROMPT,
+    assert "takes no guidance scale" in refused(capsys, "sample", "--checkpoint", whole, "--n", 1, "--prompt", PROMPT,
                                                  "--guidance", 8, "--out", tmp_path / "x.npy")
-    assert "pixel-space" in _refused(capsys, "export", "onnx", "--checkpoint", whole, "--out", tmp_path / "x.onnx")
+    assert "pixel-space" in refused(capsys, "export", "onnx", "--checkpoint", whole, "--out", tmp_path / "x.onnx")
     assert cli("export", "diffusers", "--checkpoint", whole, "--out", tmp_path / "lora") == 0
     assert "load_lora_weights" in capsys.readouterr().out
     for source in (whole, tmp_path / "lora"):

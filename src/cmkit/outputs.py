@@ -4,6 +4,10 @@ Shared by `cmkit sample` and `cmkit edit` (and anything else that writes beside 
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +15,23 @@ import numpy as np
 from .checkpoint import read_run_config
 from .diffusers_runs import is_diffusers_folder
 from .errors import CmkitError
+
+
+@contextlib.contextmanager
+def whole_folder(out: Path):
+    """Yield a new folder beside ``out`` to write into; on success it replaces ``out`` in one rename,
+    on any error it is removed, so ``out`` is always the old folder or the whole new one."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o755)  # mkdtemp's 0o700 is not what a folder for others to load should have
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def refuse_to_clobber(out: Path, run_dir: str | Path) -> None:

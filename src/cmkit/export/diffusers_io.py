@@ -18,9 +18,6 @@ refused rather than unpickled.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +27,7 @@ from ..discrete_vp import sigma_table
 from ..errors import CmkitError
 from ..noise import NoiseConfig
 from ..objectives import methods
+from ..outputs import whole_folder
 
 GRID_LEVELS = 40  # num_train_timesteps when the run has no grid of its own (OpenAI's CD used 40)
 
@@ -66,17 +64,8 @@ def export_diffusers(run, out: str | Path, *, levels: int | None = None, clip_de
         if not (force and earlier):
             raise CmkitError(f"{out} already exists" + (": pass --force to replace the export" if earlier else
                                                         " and is not a cmkit export: choose another --out"))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
+    with whole_folder(out) as tmp:
         _write_pipeline(run, backbone, tmp, levels, clip_denoised)
-        os.chmod(tmp, 0o755)  # mkdtemp's 0o700 is not what a folder for others to load should have
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

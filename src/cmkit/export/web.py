@@ -20,11 +20,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from importlib import resources
 from pathlib import Path
 
 from ..errors import CmkitError
+from ..outputs import whole_folder
 from ..safe_io import read_json
 from .onnx import export_onnx
 
@@ -83,9 +83,7 @@ def export_web(run, out: str | Path, *, precision: str = "fp32", max_diff: float
             raise CmkitError(f"{out} already exists" + (": pass --force to replace the site" if
                                                         (out / "model.json").is_file() else
                                                         " and is not a cmkit site: choose another --out"))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
+    with whole_folder(out) as tmp:
         export_onnx(run, tmp / "model.onnx", with_f=True, precision=precision, max_diff=max_diff, seed=seed)
         meta = json.loads((tmp / "model.json").read_text())
         meta.update(ort_web=ort_version(dist), default_steps=1, max_batch=64)
@@ -98,13 +96,6 @@ def export_web(run, out: str | Path, *, precision: str = "fp32", max_diff: float
             shutil.copyfile(dist / name, tmp / "ort" / name)
         headers = "".join(f"  {k}: {v}\n" for k, v in ISOLATION_HEADERS.items())
         (tmp / "_headers").write_text(f"/*\n{headers}")  # Netlify's and Cloudflare Pages' format
-        os.chmod(tmp, 0o755)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
