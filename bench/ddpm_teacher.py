@@ -14,7 +14,8 @@ the FD of CD, ECT and LCM students distilled from it, side by side in one run.
    diffusers row sets clip_sample itself: only the unclipped Heun row is cmkit's sampler, and it
    starts from the same noise as cmkit's, so their pixels are compared too.
 3. Distils CD and LCM (--teacher FOLDER) and tunes ECT (--init FOLDER) from the folder with cmkit
-   and scores them at 1, 2 and 4 steps (LCM at LCMScheduler's timesteps); --teacher-only skips
+   and scores them at 1, 2 and 4 steps (LCM at LCMScheduler's timesteps, its EMA and its online
+   weights, which the reference scripts save); --teacher-only skips
    this. Targets: the teacher's FD with the same sampler in diffusers and in cmkit within 5%; CD
    within 2x the teacher at 1 step and 1.5x at 2 steps.
 
@@ -165,10 +166,13 @@ def main():
         cmkit.train(cmkit.build_config(method, **{source: str(teacher)}, **common), out / method, force=True,
                     progress=False)
         seconds[method] = time.perf_counter() - start
-        student = cmkit.load_run(out / method, device=args.device)
-        for steps in (1, 2, 4):
-            fd = scorer.score(student.sample(n, steps=steps, seed=args.seed))["fd"]
-            rows.append((f"{method} student", f"{steps} step" + "s" * (steps > 1), "none", steps, fd))
+        # LCM's reference scripts sample the online network; cmkit samples its EMA (train.ema_rate).
+        for weights in ("ema", "model") if method == "lcm" else ("ema",):
+            student = cmkit.load_run(out / method, weights=weights, device=args.device)
+            name = f"{method} student" + (", online weights (the reference's)" if weights == "model" else "")
+            for steps in (1, 2, 4):
+                fd = scorer.score(student.sample(n, steps=steps, seed=args.seed))["fd"]
+                rows.append((name, f"{steps} step" + "s" * (steps > 1), "none", steps, fd))
 
     print(f"\n{args.data}, {n} samples against {n} held-out images; training seconds: "
           + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()) + "\n")
