@@ -264,8 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help=QUIET_HELP)
 
     p = sub.add_parser("export", help=COMMAND_HELP["export"])
-    p.add_argument("format", choices=("diffusers", "onnx", "web"), help="diffusers (a ConsistencyModelPipeline "
-                   "folder), onnx, or web (a static site that generates in the visitor's browser)")
+    p.add_argument("format", choices=("diffusers", "onnx", "web"), help="diffusers (a pipeline folder: "
+                   "ConsistencyModelPipeline, or for LCM students an LCMScheduler pipeline or LoRA file), onnx, or web (a static site that generates in the visitor's browser)")
     p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     p.add_argument("--out", required=True, help="diffusers, web: a new folder; onnx: a .onnx file")
     p.add_argument("--levels", type=int, help="diffusers: the scheduler's num_train_timesteps, the Karras grid its "
@@ -425,7 +425,7 @@ def cmd_train(args) -> None:
                "train.compile": None if args.compile is None else True, "train.compile_mode": args.compile}
     spec = get_method(args.method) if args.method is not None else None
     sets = list(args.set or [])
-    if args.guidance == "none" and spec is not None:
+    if args.guidance == "none" and spec is not None and not args.resume:  # a resume refuses --guidance below
         args.guidance = None
         if "prompt_guidance" in default_config(spec.name)["objective"]:
             sets.append("objective.prompt_guidance=null")
