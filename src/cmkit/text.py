@@ -29,16 +29,19 @@ PICKLES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 
 
 def check_prompt(prompt) -> str:
-    """A user's prompt: a string of at most `MAX_PROMPT_CHARS` printable characters (line breaks
-    and tabs become spaces). Raises ValueError with a one-line reason."""
+    """A user's prompt: a string of at most `MAX_PROMPT_CHARS` characters without control
+    characters (C0, DEL, C1) or unpaired surrogates; line breaks and tabs become spaces. Format
+    characters (ZWJ in emoji, ZWNJ in Persian, the soft hyphen) and code points newer than this
+    Python's Unicode table are text and stay. Raises ValueError with a one-line reason."""
     if not isinstance(prompt, str):
         raise ValueError(f"a prompt must be text, got {type(prompt).__name__}")
     if len(prompt) > MAX_PROMPT_CHARS:
         raise ValueError(f"a prompt may have at most {MAX_PROMPT_CHARS} characters, got {len(prompt)}")
     prompt = prompt.replace("\r", " ").replace("\n", " ").replace("\t", " ")
-    bad = next((c for c in prompt if unicodedata.category(c)[0] == "C"), None)
+    bad = next((c for c in prompt if unicodedata.category(c) in ("Cc", "Cs")), None)
     if bad is not None:
-        raise ValueError(f"a prompt may not contain control or unassigned characters (U+{ord(bad):04X})")
+        kind = "an unpaired surrogate" if unicodedata.category(bad) == "Cs" else "a control character"
+        raise ValueError(f"a prompt may not contain {kind} (U+{ord(bad):04X})")
     return prompt
 
 

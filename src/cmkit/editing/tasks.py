@@ -7,6 +7,8 @@ them.
 
 from __future__ import annotations
 
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
@@ -19,8 +21,10 @@ from ..noise import check_sigmas, karras_sigmas
 from .algorithm import edit, flow_map, slerp
 from .operators import ChannelMix, Identity, PatchOrthogonal
 
-# SDEdit-style stroke editing: the paper's two levels (data in [-1, 1], like cmkit's images).
+# SDEdit-style stroke editing: the paper's two levels (data in [-1, 1], like cmkit's images), and
+# the strength live editing starts from (5.38 on the default Karras axis, 80 and rho 7).
 STROKE_SIGMAS = (5.38, 2.24)
+STROKE_STRENGTH = 0.6
 EDIT_STEPS = 10
 EDIT_SIGMA_LOW = 0.02
 
@@ -86,12 +90,43 @@ def _check_batch(run, images: np.ndarray, task: str, channels: int | None = None
     return torch.from_numpy(np.array(images))  # a copy: decoded images may be read-only
 
 
+def strength_levels(run, strength: float, steps: int = 1) -> list[float]:
+    """Image-to-image levels: ``steps`` levels evenly spaced on the run's time axis from the fraction
+    ``strength`` of it down (strength 1: pure noise; at steps k: u = strength (1 - i/k), i < k), as
+    diffusers' LCM img2img spaces its timesteps below ``strength`` x 1000. The axis is the
+    network's noise table where it has one (an LCM's DDPM table), else the Karras rho-axis
+    between sigma_min and sigma_max."""
+    if not 0 < strength <= 1:
+        raise CmkitError(f"strength must be in (0, 1], got {strength}")
+    if steps < 1:
+        raise CmkitError(f"steps must be at least 1, got {steps}")
+    table = getattr(getattr(run.model, "table", None), "sigmas", None)
+    fractions = [strength * (1 - i / steps) for i in range(steps)]
+    if table is not None:
+        levels = [float(table[max(1, round(u * (len(table) - 1)))]) for u in fractions]
+    else:
+        noise = run.noise_range
+        lo, hi = noise.sigma_min ** (1 / noise.rho), noise.sigma_max ** (1 / noise.rho)
+        levels = [(lo + u * (hi - lo)) ** noise.rho for u in fractions]
+    return sorted(set(levels), reverse=True)  # distinct and decreasing where a short table repeats a level
+
+
 def _run_edit(run, y: torch.Tensor, *, sigmas, operator=None, mask=None, n: int = 1, seed: int = 0,
-              teacher_steps: int = 10, class_labels=None, guidance: float | None = None) -> np.ndarray:
+              teacher_steps: int = 10, class_labels=None, guidance: float | None = None, prompt=None,
+              text: torch.Tensor | None = None, scaler=None, watch=None) -> np.ndarray:
+    """Algorithm 4 on ``y`` (model units), conditioned on the labels, and on ``prompt`` or its
+    embedding ``text`` ((1, L, D), e.g. cached) for a text model; uint8 images out."""
     if n < 1:
         raise CmkitError(f"--n must be positive, got {n}")
+    watch = watch or Stopwatch()
     labels = edit_labels(run, class_labels, len(y), n, seed)
     model = consistency_function(run, teacher_steps, guidance, labels)
+    condition = Condition(labels=labels)
+    if prompt is not None:
+        with watch("text"):
+            text = run.text_condition(prompt, 1).text
+    if text is not None:
+        condition = condition.replace(text=text.expand(len(y) * n, -1, -1))
     try:
         sigmas = check_sigmas(sigmas, run.noise_range)
     except ValueError as e:
@@ -102,12 +137,16 @@ def _run_edit(run, y: torch.Tensor, *, sigmas, operator=None, mask=None, n: int 
     gen = torch.Generator().manual_seed(seed)
     clip = None if getattr(run, "is_latent", False) else (-1.0, 1.0)  # latents have no fixed range
     try:
-        x = edit(model, y, sigmas, operator=operator, mask=None if mask is None else mask.to(run.device),
-                 sigma_min=run.noise_range.sigma_min, generator=gen, clip=clip,
-                 condition=Condition(labels=labels).to(run.device))
+        with watch("network"):
+            x = edit(model, y, sigmas, operator=operator, mask=None if mask is None else mask.to(run.device),
+                     sigma_min=run.noise_range.sigma_min, generator=gen, clip=clip, condition=condition.to(run.device))
     except ValueError as e:
         raise CmkitError(str(e)) from None
-    return run.scaler.to_data(x)
+    if not bool(torch.isfinite(x).all()):
+        raise CmkitError("the edit produced values that are not finite (NaN or inf)" +
+                         (f" at guidance {guidance:g}: use a smaller scale" if guidance is not None else ""))
+    with watch("decode"):
+        return (scaler or run.scaler).to_data(x)
 
 
 def inpaint(run, images: np.ndarray, mask: np.ndarray, *, sigmas=None, steps: int = EDIT_STEPS, n: int = 1,
@@ -188,12 +227,22 @@ def downscale(images: np.ndarray, factor: int) -> np.ndarray:
     return np.clip(np.round(patches.mean(axis=(3, 5))), 0, 255).astype(np.uint8)
 
 
-def stroke(run, images: np.ndarray, *, sigmas=STROKE_SIGMAS, n: int = 1, seed: int = 0, **cond) -> np.ndarray:
-    """SDEdit: a stroke painting, noised to sigmas[0], becomes a realistic image (a latent model:
-    the painting's latents)."""
+def stroke(run, images: np.ndarray, *, sigmas=None, strength: float | None = None, steps: int | None = None,
+           n: int = 1, seed: int = 0, prompt=None, scaler=None, watch=None, **cond) -> np.ndarray:
+    """SDEdit: a stroke painting, noised to sigmas[0], becomes a realistic image; for a latent
+    model, image-to-image on the painting's latents (with a text model's ``prompt``). The levels:
+    ``sigmas``, else `strength_levels` (``strength``, ``steps``: 1), else the paper's two levels.
+    ``scaler``: the image <-> model map (default the run's; a preview VAE's for live frames);
+    ``watch``: a `Stopwatch` that times the parts."""
     _require_images(run, "stroke editing", latent=True)
-    y = run.scaler.to_model(_check_batch(run, images, "stroke editing"))
-    return _run_edit(run, y, sigmas=list(sigmas), n=n, seed=seed, **cond)
+    if sigmas is None:
+        sigmas = STROKE_SIGMAS if strength is None and steps is None else \
+            strength_levels(run, STROKE_STRENGTH if strength is None else strength, steps or 1)
+    watch = watch or Stopwatch()
+    pixels = _check_batch(run, images, "stroke editing")
+    with watch("encode"):
+        y = (scaler or run.scaler).to_model(pixels)
+    return _run_edit(run, y, sigmas=list(sigmas), n=n, seed=seed, prompt=prompt, scaler=scaler, watch=watch, **cond)
 
 
 def denoise(run, noisy: np.ndarray, sigma: float, *, class_labels=None, guidance: float | None = None) -> np.ndarray:
@@ -230,6 +279,21 @@ def interpolate(run, seed_a: int, seed_b: int, frames: int, *, class_labels=None
         f = consistency_function(run, teacher_steps=18, guidance=guidance, labels=labels)
         x = f(z.to(run.device) * sigma, sigma, Condition(labels=labels))
     return run.scaler.to_data(x)
+
+
+class Stopwatch:
+    """Seconds spent per named part (``with watch("network"): ...``), summed over repeats."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, part: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[part] = self.seconds.get(part, 0.0) + time.perf_counter() - start
 
 
 @dataclass(frozen=True)
@@ -272,7 +336,7 @@ TASKS = {task.name: task for task in (
 
 def run_task(run, name: str, images: np.ndarray, *, mask=None, factor: int | None = None, sigma: float | None = None,
              n: int = 1, seed: int = 0, sigmas=None, steps: int | None = None, class_labels=None,
-             guidance: float | None = None) -> np.ndarray:
+             guidance: float | None = None, **options) -> np.ndarray:
     """Run the image task ``name`` (`TASKS`) on uint8 ``images`` with what it takes of the rest
     (options it does not take are ignored; None means the task's default)."""
     if name not in TASKS or not TASKS[name].image:
@@ -281,7 +345,7 @@ def run_task(run, name: str, images: np.ndarray, *, mask=None, factor: int | Non
     task = TASKS[name]
     args = [images] + [value for wanted, value in ((task.mask, mask), (task.factor, factor), (task.sigma, sigma))
                        if wanted]
-    options = {"class_labels": class_labels, "guidance": guidance}
+    options = {"class_labels": class_labels, "guidance": guidance, **options}  # a task's own (stroke: strength)
     if task.variations:
         options.update(n=n, seed=seed)
     if task.levels and sigmas is not None:

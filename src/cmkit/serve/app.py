@@ -49,10 +49,11 @@ from starlette.exceptions import HTTPException
 
 from ..errors import CmkitError
 from ..text import MAX_PROMPT_CHARS
-from .batcher import Busy, MicroBatcher
+from .batcher import Busy, ClientGone, MicroBatcher, Superseded
 from ..editing.tasks import LATENT_TASKS
 from .engine import EDIT_TASKS, Engine, Limits
 from .guard import Access, Guard
+from .live import add_live_route
 from .metrics import ServeMetrics
 from .static_site import TYPES, BrowserSite
 from ..export.web import ISOLATION_HEADERS
@@ -152,6 +153,26 @@ def _class_spec(value):
     return parse_class_spec(text)
 
 
+SESSION_HEADER = "x-cmkit-session"
+SESSION_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+def session_of(request: Request) -> str | None:
+    """The live session a request belongs to (``X-Cmkit-Session``): a newer request of the same
+    session drops this one while it waits."""
+    session = request.headers.get(SESSION_HEADER)
+    if session is not None and not SESSION_PATTERN.fullmatch(session):
+        raise CmkitError("X-Cmkit-Session must be 1 to 64 letters, digits, '_', '.' or '-'")
+    return session
+
+
+async def disconnected(request: Request) -> None:
+    """Finishes when the client has gone (after the body was read, ASGI's next message is the
+    disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 def client_message(text: str) -> str:
     """An error message safe to send: one line, no object addresses."""
     text = re.sub(r" at 0x[0-9a-fA-F]+", "", str(text)).strip()
@@ -169,9 +190,11 @@ def create_app(run, *, limits: Limits = Limits(), access: Access = Access(), win
     """The ASGI app serving ``run`` (see the module docstring)."""
     engine, metrics = Engine(run, limits), ServeMetrics()
     generations = MicroBatcher(engine.run_group, window=window, max_batch=limits.max_n, max_queue=max_queue,
-                               on_batch=metrics.batch_size.labels("generate").observe)
+                               on_batch=metrics.batch_size.labels("generate").observe,
+                               on_drop=lambda reason: metrics.dropped.labels("generate", reason).inc())
     edits = MicroBatcher(engine.run_group, window=0, max_batch=1, max_queue=max_queue,
-                         on_batch=metrics.batch_size.labels("edit").observe)
+                         on_batch=metrics.batch_size.labels("edit").observe,
+                         on_drop=lambda reason: metrics.dropped.labels("edit", reason).inc())
     metrics.queue_depth.labels("generate").set_function(generations.depth)
     metrics.queue_depth.labels("edit").set_function(edits.depth)
 
@@ -207,6 +230,14 @@ def create_app(run, *, limits: Limits = Limits(), access: Access = Access(), win
     async def busy(request: Request, e: Busy):
         return error(503, str(e), {"Retry-After": "1"})
 
+    @app.exception_handler(Superseded)
+    async def superseded(request: Request, e: Superseded):
+        return error(409, str(e))
+
+    @app.exception_handler(ClientGone)
+    async def gone(request: Request, e: ClientGone):
+        return error(499, str(e))  # nginx's "client closed request": nobody reads it, the metrics do
+
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, e: RequestValidationError):
         return error(400, _validation_message(e.errors()))
@@ -214,11 +245,6 @@ def create_app(run, *, limits: Limits = Limits(), access: Access = Access(), win
     @app.exception_handler(ValidationError)
     async def invalid_fields(request: Request, e: ValidationError):
         return error(400, _validation_message(e.errors()))
-
-    @app.exception_handler(Exception)
-    async def crash(request: Request, e: Exception):
-        log.exception("request failed")
-        return error(500, "internal error; the server log has the details")
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page():
@@ -252,35 +278,32 @@ def create_app(run, *, limits: Limits = Limits(), access: Access = Access(), win
                 "in_browser": browser.unavailable() is None and access.token is None}
 
     @app.post("/api/generate")
-    async def generate(req: GenerateRequest):
+    async def generate(req: GenerateRequest, request: Request):
         start = time.perf_counter()
         key, work = engine.generation(n=req.n, seed=req.seed, steps=req.steps, sigmas=req.sigmas,
                                       class_spec=_class_spec(req.class_), guidance=req.guidance, prompt=req.prompt)
-        data = await generations.submit(key, work.n, work)
+        data = await generations.submit(key, work.n, work, session=session_of(request), gone=lambda: disconnected(request))
         return await answer(data, req.format, run.is_image, start, metrics)
 
+    add_live_route(app, engine=engine, generations=generations, edits=edits, limits=limits, metrics=metrics,
+                   encode_png=png_bytes)
+
     @app.post("/api/interpolate")
-    async def interpolate(req: InterpolateRequest):
+    async def interpolate(req: InterpolateRequest, request: Request):
         start = time.perf_counter()
         job = engine.interpolation(seed_a=req.seed_a, seed_b=req.seed_b, frames=req.frames,
                                    class_spec=_class_spec(req.class_), guidance=req.guidance)
-        data = await edits.submit(None, req.frames, job)
+        data = await edits.submit(None, req.frames, job, gone=lambda: disconnected(request))
         return await answer(data, req.format, run.is_image, start, metrics)
 
     def decode_upload(upload: UploadFile | None, what: str, size: tuple[int, int], grey: bool) -> np.ndarray:
         """(1, C, H, W) uint8 at ``size`` from an uploaded PNG/JPEG (a worker thread runs this)."""
-        from PIL import Image
-
-        from ..safe_io import read_image
         if upload is None:
             raise CmkitError(f"this task needs an {what} upload")
         if upload.size is not None and upload.size > limits.max_upload_bytes:
             raise HTTPException(413, f"the {what} is over the upload limit of {limits.max_upload_bytes} bytes")
         upload.file.seek(0)
-        arr = read_image(upload.file, name=what, mode="L" if grey else "RGB", max_pixels=limits.max_upload_pixels)
-        if arr.shape[:2] != size:
-            arr = np.asarray(Image.fromarray(arr).resize((size[1], size[0]), Image.BILINEAR))
-        return (arr[None, None] if arr.ndim == 2 else arr.transpose(2, 0, 1)[None]).copy()
+        return engine.decode_picture(upload.file, what, size, grey)
 
     @app.post("/api/edit/{task}", openapi_extra={"requestBody": {"content": {"multipart/form-data": {"schema": {
         "type": "object", "properties": {"image": {"type": "string", "format": "binary"},
@@ -306,9 +329,10 @@ def create_app(run, *, limits: Limits = Limits(), access: Access = Access(), win
             picture = await asyncio.to_thread(decode_upload, files.get("image"), "image", checked.size, checked.grey)
             holes = None
             if checked.needs_mask:
-                mask = await asyncio.to_thread(decode_upload, files.get("mask"), "mask", run.shape[1:], True)
-                holes = mask[0, 0] > 127
-        data = await edits.submit(None, values.n, engine.edit_call(checked, picture, holes))
+                mask = await asyncio.to_thread(decode_upload, files.get("mask"), "mask", run.image_shape[1:], True)
+                holes = mask[0, 0] > 127  # on the image's grid: a latent model maps it to its cells itself
+        data = await edits.submit(None, values.n, engine.edit_call(checked, picture, holes),
+                                  session=session_of(request), gone=lambda: disconnected(request))
         return await answer(data, values.format, True, start, metrics)
 
     return app

@@ -10,7 +10,8 @@ which other requests shared its network call.
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from contextlib import nullcontext
 from functools import partial
 
 import numpy as np
@@ -38,6 +39,8 @@ class Limits:
     max_upload_bytes: int = 4 * 2**20  # per uploaded file
     max_upload_pixels: int = 2**22  # 2048 x 2048: decoding is refused above this, before it starts
     max_json_bytes: int = 64 * 2**10  # a generation request is a few hundred bytes
+    max_live_sessions: int = 32  # open live (WebSocket) connections
+    max_live_rate: float = 240.0  # messages per second on one live connection (bursts of a second's worth)
 
     def body_bytes(self, multipart: bool) -> int:
         """The largest request body: two uploads and their fields for editing, else JSON."""
@@ -52,6 +55,15 @@ class Generation:
     labels: torch.Tensor | None
     guidance: float | None
     prompt: str | None = None  # a text-conditioned model's (checked; "" is the empty prompt)
+    preview: bool = False  # decode with the run's preview VAE (live frames)
+    watch: tasks.Stopwatch = field(default_factory=tasks.Stopwatch, compare=False, repr=False)  # its group's times
+
+
+def check_finite(x: torch.Tensor, guidance) -> None:
+    """Refuse a result that is not a number (a huge guidance scale overflows the model)."""
+    if not bool(torch.isfinite(x).all()):
+        hint = f" at guidance {guidance:g}: use a smaller scale" if guidance is not None else ""
+        raise CmkitError(f"the model produced values that are not finite (NaN or inf){hint}")
 
 
 @dataclass(frozen=True)
@@ -84,12 +96,13 @@ class Engine:
         except ValueError as e:
             raise CmkitError(str(e)) from None
 
-    def _embedding(self, prompt: str) -> torch.Tensor:
+    def _embedding(self, prompt: str, watch: tasks.Stopwatch | None = None) -> torch.Tensor:
         """(1, L, D) embedding of a checked prompt, from a small LRU cache (worker thread)."""
         if prompt in self._embeddings:
             self._embeddings.move_to_end(prompt)
         else:
-            self._embeddings[prompt] = self.run.text_condition(prompt, 1).text
+            with watch("text") if watch is not None else nullcontext():
+                self._embeddings[prompt] = self.run.text_condition(prompt, 1).text
             if len(self._embeddings) > PROMPT_CACHE:
                 self._embeddings.popitem(last=False)
         return self._embeddings[prompt]
@@ -100,7 +113,8 @@ class Engine:
         self.run.network(guidance, labels)  # checks the guidance request now, not in the worker
         return labels, guidance
 
-    def generation(self, *, n, seed, steps, sigmas, class_spec, guidance, prompt=None) -> tuple[tuple, Generation]:
+    def generation(self, *, n, seed, steps, sigmas, class_spec, guidance, prompt=None,
+                   preview: bool = False) -> tuple[tuple, Generation]:
         """(batching key, work) for one generation request."""
         run, limits = self.run, self.limits
         n = check_int("n", n, 1, limits.max_n)
@@ -112,8 +126,36 @@ class Engine:
             raise CmkitError(f"give 1 to {cap} sigmas, got {len(sigmas)}")
         levels = run.sigmas_for(steps, sigmas)  # noise.check_sigmas: finite, positive, decreasing, in range
         labels, guidance = self._labels_and_guidance(class_spec, n, seed, guidance)
-        key = ("generate", tuple(levels.tolist()), guidance)
-        return key, Generation(levels, seed, n, labels, guidance, self._prompt(prompt))
+        preview = preview and self.preview is not None
+        key = ("generate", tuple(levels.tolist()), guidance, preview)
+        return key, Generation(levels, seed, n, labels, guidance, self._prompt(prompt), preview)
+
+    @property
+    def preview(self):
+        """The run's preview VAE (a scaler), if it has one: live frames decode with it."""
+        return getattr(self.run, "preview", None)
+
+    def stroke(self, *, seed, strength, steps, class_spec, guidance, prompt=None, preview: bool = False) -> tuple:
+        """(checked options, call maker) of a live canvas frame: stroke editing (SDEdit; for a
+        latent model image-to-image through its VAE, with a text model's prompt) of one canvas."""
+        run, limits = self.run, self.limits
+        if not run.is_image:
+            raise CmkitError("the canvas needs an image model")
+        seed = check_seed(seed)
+        strength = check_float("strength", strength, 0.01, 1)
+        steps = check_int("steps", steps, 1, limits.max_steps)
+        if class_spec is None and run.num_classes and not run.has_null_label:
+            raise CmkitError("this model is class-conditional and has no unconditional label: send a class")
+        _, guidance = self._labels_and_guidance(class_spec, 1, seed, guidance)
+        prompt = self._prompt(prompt)
+        scaler = self.preview if preview else None
+        levels = run.sigmas_for(sigmas=tasks.strength_levels(run, strength, steps)).tolist()
+
+        def call(picture: np.ndarray, watch: tasks.Stopwatch):
+            text = None if prompt is None else self._embedding(prompt, watch)
+            return tasks.stroke(run, picture, sigmas=levels, seed=seed, class_labels=class_spec, guidance=guidance,
+                                text=text, scaler=scaler, watch=watch)
+        return call
 
     def interpolation(self, *, seed_a, seed_b, frames, class_spec, guidance):
         """A call computing ``frames`` images between two seeds' samples."""
@@ -157,6 +199,21 @@ class Engine:
                     options=dict(factor=factor, sigma=sigma, n=n, seed=seed, steps=steps, class_labels=class_spec,
                                  guidance=guidance))
 
+    def decode_picture(self, source, what: str, size: tuple[int, int], grey: bool) -> np.ndarray:
+        """(1, C, H, W) uint8 at ``size`` from an uploaded PNG/JPEG (a binary file or bytes; a
+        worker thread runs this): allow-listed formats, pixels capped before decoding."""
+        import io
+
+        from PIL import Image
+
+        from ..safe_io import read_image
+        if isinstance(source, (bytes, bytearray)):
+            source = io.BytesIO(source)
+        arr = read_image(source, name=what, mode="L" if grey else "RGB", max_pixels=self.limits.max_upload_pixels)
+        if arr.shape[:2] != tuple(size):
+            arr = np.asarray(Image.fromarray(arr).resize((size[1], size[0]), Image.BILINEAR))
+        return (arr[None, None] if arr.ndim == 2 else arr.transpose(2, 0, 1)[None]).copy()
+
     def edit_call(self, edit: Edit, picture: np.ndarray, mask: np.ndarray | None):
         """The call running a checked edit on its decoded uploads ((1, C, H, W) uint8 and (H, W) bool)."""
         return partial(tasks.run_task, self.run, edit.task, picture, mask=mask, **edit.options)
@@ -178,13 +235,18 @@ class Engine:
         noise = torch.cat(noise).to(run.device)
         renoise = [torch.cat(draws).to(run.device) for draws in renoise] or None
         labels = None if first.labels is None else torch.cat([w.labels for w in work]).to(run.device)
+        watch = first.watch
         text = None
         if run.takes_text:
-            text = torch.cat([self._embedding(w.prompt).expand(w.n, -1, -1) for w in work]).to(run.device)
+            text = torch.cat([self._embedding(w.prompt, watch).expand(w.n, -1, -1) for w in work]).to(run.device)
         model = run.network(first.guidance, labels)
         levels = levels.to(run.device)
-        x = sample_levels(model, noise * levels[0], levels, Condition(labels=labels, text=text),
-                          diffusion=run.is_diffusion,
-                          sigma_min=run.noise_range.sigma_min, noises=renoise)
-        data = run.scaler.to_data(x.float().cpu())
+        with watch("network"):
+            x = sample_levels(model, noise * levels[0], levels, Condition(labels=labels, text=text),
+                              diffusion=run.is_diffusion, sigma_min=run.noise_range.sigma_min, noises=renoise)
+        check_finite(x, first.guidance)
+        with watch("decode"):
+            data = (self.preview if first.preview else run.scaler).to_data(x.float().cpu())
+        for w in work[1:]:
+            w.watch.seconds.update(watch.seconds)
         return list(np.split(data, np.cumsum([w.n for w in work])[:-1]))

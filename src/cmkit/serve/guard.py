@@ -11,7 +11,13 @@ In order, it
 - refuses a body over its route's limit, from Content-Length at once, else while it streams (the
   count runs on every chunk, so nothing larger is ever buffered or spooled), and a body whose
   chunks stop arriving for ``read_timeout`` seconds;
-- adds security headers to every answer and counts every answer in the metrics.
+- answers HEAD wherever GET is answered (the GET route runs; its body is not sent);
+- turns an unexpected exception into the API's 500 (logged, never sent to the client);
+- adds security headers to every answer, 500s included, and counts every answer in the metrics.
+
+A WebSocket handshake passes the same checks: Host, Origin (a browser always sends one), and the
+token, as ``Authorization: Bearer`` or, from a browser (which cannot set headers on a WebSocket),
+as the subprotocol ``cmkit.bearer.<base64url(token)>``; refused, it gets 403 before it opens.
 
 Its refusals use the API's one error shape, ``{"error": message}``.
 """
@@ -19,14 +25,20 @@ Its refusals use the API's one error shape, ``{"error": message}``.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import hmac
+import ipaddress
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 
 from starlette.exceptions import HTTPException
 
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+TOKEN_PROTOCOL = "cmkit.bearer."  # a browser's WebSocket carries the token as a subprotocol
+log = logging.getLogger("cmkit.serve")
 CLIENT_HEADER = "x-cmkit-client"
 OPEN_PATHS = ("/", "/healthz")  # no token: the page holds no data, and probes have none
 SECURITY_HEADERS = [
@@ -47,7 +59,38 @@ class Access:
     allowed_hosts: tuple[str, ...] = field(default_factory=tuple)
 
     def host_allowed(self, host: str) -> bool:
-        return "*" in self.allowed_hosts or host in LOOPBACK_HOSTS or host in self.allowed_hosts
+        return "*" in self.allowed_hosts or is_loopback(host) or host in self.allowed_hosts
+
+    def token_ok(self, given: str | None) -> bool:
+        return self.token is None or given is not None and hmac.compare_digest(given.encode(), self.token.encode())
+
+
+def is_loopback(host: str) -> bool:
+    """localhost, or any loopback address (all of 127.0.0.0/8, ::1)."""
+    if host in LOOPBACK_HOSTS:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def bearer(headers: dict) -> str | None:
+    scheme, _, credential = headers.get("authorization", "").partition(" ")
+    return credential.strip() if scheme.lower() == "bearer" else None
+
+
+def protocol_token(headers: dict) -> str | None:
+    """The token a browser sent as the WebSocket subprotocol ``cmkit.bearer.<base64url>``."""
+    for offered in headers.get("sec-websocket-protocol", "").split(","):
+        offered = offered.strip()
+        if offered.startswith(TOKEN_PROTOCOL):
+            encoded = offered[len(TOKEN_PROTOCOL):]
+            try:
+                return base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)).decode()
+            except (binascii.Error, UnicodeDecodeError, ValueError):
+                return None
+    return None
 
 
 class Refused(HTTPException):
@@ -78,9 +121,14 @@ class Guard:
         self.read_timeout, self.metrics = read_timeout, metrics
 
     async def __call__(self, scope, receive, send):
+        if scope["type"] == "websocket":
+            return await self.websocket(scope, receive, send)
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         start, status = time.perf_counter(), [None]  # the answer's status, once it has started
+        head = scope["method"] == "HEAD"
+        if head:  # answered as the GET, without its body
+            scope = {**scope, "method": "GET"}
 
         async def send_with_headers(message):
             if message["type"] == "http.response.start":
@@ -88,6 +136,8 @@ class Guard:
                 names = {name.lower() for name, _ in message.get("headers", [])}
                 message = {**message, "headers": [*message.get("headers", []),
                                                   *(h for h in SECURITY_HEADERS if h[0] not in names)]}
+            elif head and message["type"] == "http.response.body":
+                message = {**message, "body": b""}
             await send(message)
 
         try:
@@ -98,29 +148,50 @@ class Guard:
             if status[0] is not None:  # the answer is on its way: nothing better to do than stop
                 raise
             await self.refuse(e, send_with_headers)
+        except Exception:
+            log.exception("request failed")
+            if status[0] is not None:
+                raise
+            await self.refuse(Refused(500, "internal error; the server log has the details"), send_with_headers)
         finally:
             if self.metrics is not None:
                 self.metrics.observe_request(scope["path"], status[0] or 500, time.perf_counter() - start)
 
-    def check(self, scope, headers: dict) -> None:
+    async def websocket(self, scope, receive, send):
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        try:
+            self.check_host(headers)
+            self.check_origin(headers)
+            if not self.access.token_ok(bearer(headers) or protocol_token(headers)):
+                raise Refused(401, "missing or wrong token")
+        except Refused:
+            await send({"type": "websocket.close", "code": 1008})  # before the handshake: HTTP 403
+            return
+        await self.app(scope, receive, send)
+
+    def check_host(self, headers: dict) -> None:
         host = headers.get("host")
         if host is None or not self.access.host_allowed(host_name(host)):
             raise Refused(400, f"Host {host!r} is not served here; start the server with --allowed-host NAME "
                                "to answer to another name")
-        token = self.access.token
-        if token is not None and scope["path"] not in OPEN_PATHS:
-            given = headers.get("authorization", "")
-            scheme, _, credential = given.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(credential.strip().encode(), token.encode()):
-                raise Refused(401, "missing or wrong token: send 'Authorization: Bearer TOKEN'",
-                              {"www-authenticate": "Bearer"})
+
+    def check_origin(self, headers: dict) -> None:
+        """An Origin, when sent, must be the server's own or an allowed host's."""
+        origin = headers.get("origin")
+        if origin is None:
+            return
+        scheme, _, authority = origin.partition("://")
+        if origin == "null" or host_name(authority) != host_name(headers.get("host", "")) and \
+                not self.access.host_allowed(host_name(authority)):
+            raise Refused(403, f"cross-origin request from {origin} refused")
+
+    def check(self, scope, headers: dict) -> None:
+        self.check_host(headers)
+        if scope["path"] not in OPEN_PATHS and not self.access.token_ok(bearer(headers)):
+            raise Refused(401, "missing or wrong token: send 'Authorization: Bearer TOKEN'",
+                          {"www-authenticate": "Bearer"})
         if scope["method"] not in ("GET", "HEAD", "OPTIONS"):
-            origin = headers.get("origin")
-            if origin is not None:
-                scheme, _, authority = origin.partition("://")
-                if origin == "null" or host_name(authority) != host_name(host) and \
-                        not self.access.host_allowed(host_name(authority)):
-                    raise Refused(403, f"cross-origin request from {origin} refused")
+            self.check_origin(headers)
             json_body = headers.get("content-type", "").split(";")[0].strip().lower() == "application/json"
             if not (json_body or CLIENT_HEADER in headers or "authorization" in headers):
                 raise Refused(403, "a form POST is refused: send a JSON body or the X-Cmkit-Client header")

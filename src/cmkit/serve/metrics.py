@@ -5,7 +5,11 @@ one process, as in tests, do not share counters).
     cmkit_request_seconds{route}               latency histogram, request start to response start
     cmkit_batch_size{lane}                     samples per network call (generate) or per edit call
     cmkit_queue_depth{lane}                    requests waiting for the worker
-    cmkit_images_total                         samples returned; rate(cmkit_images_total[1m]) is images/s
+    cmkit_images_total                         samples delivered to clients; rate(cmkit_images_total[1m]) is images/s
+    cmkit_dropped_total{lane, reason}          requests dropped before they ran: "disconnected" (the client
+                                               left), "superseded" (a newer request of its live session came)
+    cmkit_live_sessions                        open live (WebSocket) connections
+    cmkit_live_frames_total                    frames sent on live connections (also in cmkit_images_total)
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
-ROUTES = ("/", "/api/info", "/api/generate", "/api/edit", "/api/interpolate", "/healthz", "/metrics",
+ROUTES = ("/", "/api/info", "/api/generate", "/api/edit", "/api/interpolate", "/api/live", "/healthz", "/metrics",
           "/openapi.json", "/docs")
 
 
@@ -37,7 +41,11 @@ class ServeMetrics:
         self.batch_size = Histogram("cmkit_batch_size", "samples per model call", ["lane"], buckets=BATCH_BUCKETS,
                                     registry=registry)
         self.queue_depth = Gauge("cmkit_queue_depth", "requests waiting for the model", ["lane"], registry=registry)
-        self.images = Counter("cmkit_images", "samples returned to clients", registry=registry)
+        self.images = Counter("cmkit_images", "samples delivered to clients", registry=registry)
+        self.dropped = Counter("cmkit_dropped", "requests dropped before they ran", ["lane", "reason"],
+                               registry=registry)
+        self.live_sessions = Gauge("cmkit_live_sessions", "open live connections", registry=registry)
+        self.live_frames = Counter("cmkit_live_frames", "frames sent on live connections", registry=registry)
 
     def observe_request(self, path: str, status: int, seconds: float) -> None:
         route = route_label(path)
