@@ -57,13 +57,14 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def serving(app):
-    """A real uvicorn server of ``app`` on 127.0.0.1 in a thread, for the block: yields its URL."""
+    """A real server of ``app`` on 127.0.0.1 in a thread, on cmkit's hardened uvicorn stack
+    (`cmkit.serve.server`), for the block: yields its URL."""
     import threading
     import time
 
-    import uvicorn
+    from cmkit.serve.server import DrainingServer, config
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    server = DrainingServer(config(app, host="127.0.0.1", port=port))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 60

@@ -77,6 +77,7 @@ def test_the_token_is_required_on_every_api_call(guarded):
 
 
 @pytest.mark.parametrize("host, status", [("localhost:8000", 200), ("127.0.0.1", 200), ("[::1]:8000", 200),
+                                          ("127.0.0.2:8000", 200), ("127.255.0.9", 200), ("128.0.0.1", 400),
                                           ("cmkit.lan:8000", 200), ("evil.example", 400),
                                           ("localhost.evil.example", 400), ("", 400)])
 def test_host_allow_list(guarded, host, status):
@@ -119,6 +120,26 @@ def test_one_error_shape_and_security_headers(client):
         assert out.headers["content-security-policy"] == "frame-ancestors 'none'"
         assert out.headers["referrer-policy"] == "no-referrer"
     assert "/api/generate" in client.get("/openapi.json").json()["paths"]  # docs: off; the schema: there
+    head = client.head("/api/info")  # HEAD wherever GET is answered, without the body
+    assert head.status_code == 200 and head.content == b"" and head.headers["x-content-type-options"] == "nosniff"
+
+
+def test_a_failure_inside_is_a_500_with_the_security_headers(run, monkeypatch):
+    app = create_app(run, limits=LIMITS, warmup=False)
+    with local_client(app, raise_server_exceptions=False) as c:
+        monkeypatch.setattr(app.state.engine, "generation", lambda **kw: 1 / 0)
+        out = c.post("/api/generate", json={"n": 1})
+    assert out.status_code == 500 and out.json() == {"error": "internal error; the server log has the details"}
+    assert out.headers["x-content-type-options"] == "nosniff" and out.headers["x-frame-options"] == "DENY"
+    assert "ZeroDivision" not in out.text
+
+
+def test_a_guidance_that_overflows_the_model_is_an_error_not_black_images(image_run):
+    teacher = cmkit.load_run(image_run.parent / "edm")
+    with local_client(create_app(teacher, limits=LIMITS, warmup=False)) as c:
+        out = c.post("/api/generate", json={"n": 1, "class": "1", "guidance": 1e38, "steps": 2})
+        assert out.status_code == 400 and "not finite" in out.json()["error"] and "1e+38" in out.json()["error"]
+        assert c.post("/api/generate", json={"n": 1, "class": "1", "guidance": 2.0, "steps": 2}).status_code == 200
 
 
 def test_error_messages_carry_no_object_addresses(client):
@@ -358,11 +379,11 @@ def _status(sock: socket.socket) -> tuple[int, bytes]:
 
 @pytest.fixture(scope="module")
 def live(run):
-    """A uvicorn server in this process (so the test can watch its temporary files)."""
-    import uvicorn
+    """A server on cmkit's stack in this process (so the test can watch its temporary files)."""
+    from cmkit.serve.server import DrainingServer, config
     port = free_port()
     app = create_app(run, limits=LIMITS, read_timeout=1.0, warmup=False)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    server = DrainingServer(config(app, host="127.0.0.1", port=port))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     _wait_up(port)
@@ -438,6 +459,25 @@ def test_sigterm_drains_and_exits_zero_while_a_slow_body_is_in_flight(image_run)
         took = time.monotonic() - start
         sock.close()
         assert rc == 0 and took < 2 + 5, (rc, took, process.stderr.read())
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+@pytest.mark.slow
+def test_sigterm_stops_an_idle_server_within_two_seconds(image_run):
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "cmkit", "serve", "--checkpoint", str(image_run), "--port",
+                                str(port), "--device", "cpu"], stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_up(port, process)
+        idle = socket.create_connection(("127.0.0.1", port))  # a kept-alive client does not hold it up
+        start = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        rc = process.wait(timeout=20)
+        took = time.monotonic() - start
+        idle.close()
+        assert rc == 0 and took < 2, (rc, took, process.stderr.read())
     finally:
         if process.poll() is None:
             process.kill()

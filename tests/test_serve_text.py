@@ -52,6 +52,61 @@ def test_prompts_through_the_api(teacher):
         assert r.status_code == 400 and "takes a prompt, not class labels" in r.json()["error"], r.text
         r = c.post("/api/edit/colorize", files={"image": ("i.png", b"\x89PNG")})
         assert r.status_code == 400 and "latents" in r.json()["error"]
+        r = c.post("/api/edit/stroke", files={"image": ("i.png", _png(np.zeros((16, 16), np.uint8)))},
+                   data={"class": "1"})
+        assert r.status_code == 400 and "takes a prompt, not class labels" in r.json()["error"], r.text
+
+
+# Real text: an emoji joined by ZWJ, Persian with a ZWNJ, a soft hyphen, a code point newer than
+# Python's Unicode table; refused: C0/C1 controls and an unpaired surrogate.
+REAL_TEXT = ["family \U0001F468\u200D\U0001F469\u200D\U0001F467", "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645",
+             "co\u00adoperate", "new \U0001FAE9 glyph"]
+NOT_TEXT = ["bell \u0007", "c1 \u0085", "del \u007f", "lone \ud800"]
+
+
+def test_the_prompt_rule_keeps_real_text_and_refuses_controls(teacher):
+    from cmkit.text import check_prompt
+    for text in REAL_TEXT:
+        assert check_prompt(text) == text
+    for text in NOT_TEXT:
+        with pytest.raises(ValueError, match="control character|unpaired surrogate"):
+            check_prompt(text)
+    run = cmkit.load_run(teacher)
+    with local_client(create_app(run, limits=Limits(max_n=8), warmup=False)) as c:
+        for text in REAL_TEXT:
+            r = c.post("/api/generate", json={"n": 1, "prompt": text, "format": "json"})
+            assert r.status_code == 200, (text, r.text)
+        r = c.post("/api/generate", json={"n": 1, "prompt": "bell \u0007"})
+        assert r.status_code == 400 and "U+0007" in r.json()["error"]
+
+
+def _png(array: np.ndarray) -> bytes:
+    import io
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_latent_inpainting_through_the_server_keeps_the_known_pixels(teacher):
+    """The mask is on the image's grid, not the latents': the server keeps it there."""
+    run = cmkit.load_run(teacher)
+    c, h, w = run.image_shape
+    assert run.shape[1:] != (h, w)
+    picture = (np.random.default_rng(1).random((h, w)) * 255).astype(np.uint8)
+    mask = np.zeros((h, w), np.uint8)
+    mask[2:5, 3:7] = 255
+    with local_client(create_app(run, limits=Limits(max_n=8), warmup=False)) as c:
+        r = c.post("/api/edit/inpaint", files={"image": ("i.png", _png(picture)), "mask": ("m.png", _png(mask))},
+                   data={"seed": "2", "steps": "2"})
+        assert r.status_code == 200, r.text
+    out = np.asarray(Image.open(__import__("io").BytesIO(r.content)))
+    assert np.array_equal(out[mask == 0], picture[mask == 0])
+    assert np.array_equal(out, run_task_inpaint(run, picture, mask))
+
+
+def run_task_inpaint(run, picture, mask):
+    from cmkit.editing import tasks
+    return tasks.inpaint(run, picture[None, None], mask > 127, steps=2, seed=2)[0, 0]
 
 
 @pytest.mark.slow
