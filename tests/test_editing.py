@@ -179,6 +179,32 @@ def test_stroke_and_denoise_are_seeded_and_move_toward_the_model(runs):
     np.testing.assert_array_equal(denoise(run, images, 0.3), run.scaler.to_data(run.model(y, 0.3)))
 
 
+def test_strength_levels_are_diffusers_lcm_img2img_and_the_karras_axis(runs, tmp_path):
+    from diffusers import LCMScheduler
+
+    from cmkit.discrete_vp import lcm_timesteps
+    from cmkit.editing.tasks import strength_levels
+    for steps, strength in ((1, 1.0), (4, 1.0), (1, 0.5), (2, 0.5), (4, 0.5), (4, 0.3), (3, 0.08)):
+        scheduler = LCMScheduler()
+        scheduler.set_timesteps(steps, strength=strength)
+        assert lcm_timesteps(1000, steps, strength=strength).tolist() == scheduler.timesteps.tolist(), (steps, strength)
+    with pytest.raises(ValueError, match="fewer than 4 steps"):
+        lcm_timesteps(1000, 4, strength=0.06)
+    run = runs["grey"]  # no table: the Karras axis, evenly spaced in u below the strength
+    noise = run.noise_range
+    lo, hi = noise.sigma_min ** (1 / noise.rho), noise.sigma_max ** (1 / noise.rho)
+    assert strength_levels(run, 1.0, 1) == pytest.approx([noise.sigma_max])
+    assert strength_levels(run, 0.6, 3) == pytest.approx([(lo + u * (hi - lo)) ** noise.rho for u in (0.6, 0.4, 0.2)])
+    images = _images(1, n=1)
+    picture = _png(tmp_path / "in.png", images[0, 0])
+    assert main(["edit", "stroke", "--checkpoint", str(run.path), "--input", picture, "--strength", "0.6", "--steps", "2",
+               "--seed", "4", "--out", str(tmp_path / "out.npz"), "--quiet"]) == 0
+    with np.load(tmp_path / "out.npz") as z:
+        got = z["images"]
+    want = stroke(run, images, sigmas=strength_levels(run, 0.6, 2), seed=4)
+    np.testing.assert_array_equal(got, want.transpose(0, 2, 3, 1))
+
+
 @pytest.mark.parametrize("which", ["grey", "teacher"])
 def test_interpolation_endpoints_are_the_seeds_one_step_samples(runs, which):
     run = runs[which]

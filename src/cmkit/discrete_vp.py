@@ -115,12 +115,18 @@ def skipping_grid(num_train_timesteps: int, num_ddim_timesteps: int) -> tuple[to
     return torch.arange(1, num_ddim_timesteps + 1, dtype=torch.int64) * k - 1, k
 
 
-def lcm_timesteps(num_train_timesteps: int, steps: int, original_steps: int = 50) -> torch.Tensor:
-    """The timesteps ``LCMScheduler.set_timesteps(steps)`` samples at: ``steps`` evenly spaced
-    indices into the reversed skipping grid (4 steps of 1000, 50: [999, 759, 499, 259])."""
+def lcm_timesteps(num_train_timesteps: int, steps: int, original_steps: int = 50,
+                  strength: float = 1.0) -> torch.Tensor:
+    """The timesteps ``LCMScheduler.set_timesteps(steps, strength=strength)`` samples at: ``steps``
+    evenly spaced indices into the reversed skipping grid (4 steps of 1000, 50: [999, 759, 499,
+    259]), cut to its first ``int(original_steps * strength)`` entries for image-to-image."""
     if not 1 <= steps <= original_steps:
         raise ValueError(f"an LCM samples in 1 to {original_steps} steps, got {steps}")
-    grid = skipping_grid(num_train_timesteps, original_steps)[0].flip(0)
+    kept = int(original_steps * strength)
+    if kept < steps:
+        raise ValueError(f"an LCM at strength {strength:g} has {kept} of its {original_steps} timesteps left, "
+                         f"fewer than {steps} steps: raise the strength or lower the steps")
+    grid = skipping_grid(num_train_timesteps, original_steps)[0][:kept].flip(0)
     return grid[np.floor(np.linspace(0, len(grid), num=steps, endpoint=False)).astype(np.int64)]
 
 

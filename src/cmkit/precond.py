@@ -144,9 +144,10 @@ class LCMFunction(VPConsistencyFunction):
 
     skip_on_vp_state = True
 
-    def default_levels(self, steps: int) -> torch.Tensor:
-        """The noise levels of ``LCMScheduler``'s ``steps``-step schedule (`lcm_timesteps`)."""
-        timesteps = lcm_timesteps(len(self.table.sigmas), steps)
+    def default_levels(self, steps: int, strength: float = 1.0) -> torch.Tensor:
+        """The noise levels of ``LCMScheduler``'s ``steps``-step schedule (`lcm_timesteps`; at
+        ``strength`` < 1, its image-to-image schedule)."""
+        timesteps = lcm_timesteps(len(self.table.sigmas), steps, strength=strength)
         return self.table.sigmas[timesteps].float()
 
 

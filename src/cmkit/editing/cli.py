@@ -17,7 +17,7 @@ import torch
 from ..errors import CmkitError
 
 def add_parser(sub, seed_type, sigma_list, class_spec, help: str) -> None:
-    from .tasks import TASKS
+    from .tasks import LATENT_TASKS, TASKS
 
     p = sub.add_parser("edit", help=help, description=f"Zero-shot editing: {', '.join(TASKS)}.")
     tasks = p.add_subparsers(dest="task", required=True, parser_class=type(p))
@@ -51,6 +51,12 @@ def add_parser(sub, seed_type, sigma_list, class_spec, help: str) -> None:
                                ("--steps levels of a Karras grid)" if task.steps else "5.38,2.24, the paper's)"))
         if task.steps:
             group.add_argument("--steps", type=int, default=10, help="levels of the default grid (default 10)")
+        if task.name == "stroke":  # image-to-image: the live canvas's settings
+            group.add_argument("--strength", type=float, help="instead of --sigmas: start at this fraction of the "
+                               "model's time axis (0-1; 1 is pure noise) and take --steps levels down from it")
+            t.add_argument("--steps", type=int, help="with --strength: consistency steps (default 1)")
+        if task.name in LATENT_TASKS:
+            t.add_argument("--prompt", help="a text-conditioned model's prompt (default the empty prompt)")
         if task.mask:
             where = t.add_mutually_exclusive_group(required=True)
             where.add_argument("--mask", help="mask image (white = fill in), the input's size")
@@ -163,7 +169,8 @@ def cmd_edit(args, device: str) -> None:
     result = tasks.run_task(run, task.name, inputs, mask=mask,
                             factor=getattr(args, "factor", None), sigma=getattr(args, "sigma", None),
                             n=getattr(args, "n", 1), seed=args.seed, sigmas=getattr(args, "sigmas", None),
-                            steps=getattr(args, "steps", None), class_labels=args.class_spec, guidance=args.guidance)
+                            steps=getattr(args, "steps", None), class_labels=args.class_spec, guidance=args.guidance,
+                            **{k: getattr(args, k) for k in ("strength", "prompt") if getattr(args, k, None) is not None})
     if task.factor:
         inputs = np.repeat(np.repeat(inputs, args.factor, 2), args.factor, 3)  # shown beside, enlarged
     _write_edits(inputs, result, getattr(args, "n", 1), out, title=_edit_title(args, run, task), mask=mask)
@@ -198,10 +205,14 @@ def _edit_title(args, run, task) -> str:
     parts = [what, f"{run.method}, seed {args.seed}"]
     if getattr(args, "sigmas", None):
         parts.append("sigmas " + ",".join(f"{v:g}" for v in args.sigmas))
+    elif getattr(args, "strength", None) is not None:
+        parts.append(f"strength {args.strength:g}, {args.steps or 1} step(s)")
     elif task.steps:
         parts.append(f"{args.steps} levels")
     if args.class_spec is not None:
         parts.append(f"class {args.class_spec}")
+    if getattr(args, "prompt", None):
+        parts.append(f"prompt {args.prompt!r}")
     if args.guidance is not None:
         parts.append(f"guidance {args.guidance:g}")
     return "; ".join(parts)

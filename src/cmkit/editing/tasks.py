@@ -7,6 +7,7 @@ them.
 
 from __future__ import annotations
 
+import inspect
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -91,15 +92,21 @@ def _check_batch(run, images: np.ndarray, task: str, channels: int | None = None
 
 
 def strength_levels(run, strength: float, steps: int = 1) -> list[float]:
-    """Image-to-image levels: ``steps`` levels evenly spaced on the run's time axis from the fraction
-    ``strength`` of it down (strength 1: pure noise; at steps k: u = strength (1 - i/k), i < k), as
-    diffusers' LCM img2img spaces its timesteps below ``strength`` x 1000. The axis is the
-    network's noise table where it has one (an LCM's DDPM table), else the Karras rho-axis
-    between sigma_min and sigma_max."""
+    """Image-to-image levels: ``steps`` levels from the fraction ``strength`` of the run's time axis
+    down (strength 1: pure noise). An LCM takes exactly what diffusers' LCM img2img pipeline
+    samples at (`LCMScheduler.set_timesteps(steps, strength=strength)`); any other network
+    ``steps`` levels evenly spaced below it (u = strength (1 - i/k), i < k) on its noise table, if
+    it has one, else on the Karras rho-axis between sigma_min and sigma_max."""
     if not 0 < strength <= 1:
         raise CmkitError(f"strength must be in (0, 1], got {strength}")
     if steps < 1:
         raise CmkitError(f"steps must be at least 1, got {steps}")
+    own = getattr(run.model, "default_levels", None)
+    if own is not None and "strength" in inspect.signature(own).parameters:
+        try:
+            return own(steps, strength=strength).tolist()
+        except ValueError as e:
+            raise CmkitError(str(e)) from None
     table = getattr(getattr(run.model, "table", None), "sigmas", None)
     fractions = [strength * (1 - i / steps) for i in range(steps)]
     if table is not None:
@@ -346,7 +353,8 @@ def run_task(run, name: str, images: np.ndarray, *, mask=None, factor: int | Non
     args = [images] + [value for wanted, value in ((task.mask, mask), (task.factor, factor), (task.sigma, sigma))
                        if wanted]
     options = {"class_labels": class_labels, "guidance": guidance, **options}  # a task's own (stroke: strength)
-    if task.variations:
+    if name == "stroke" and steps is not None:
+        options["steps"] = steps
         options.update(n=n, seed=seed)
     if task.levels and sigmas is not None:
         options["sigmas"] = sigmas
