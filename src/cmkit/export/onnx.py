@@ -6,8 +6,8 @@ writes
     cd.onnx      noise (B, *shape) float32 [, class_labels (B,) int64]  ->  samples in data units
                  (vectors: the data's units; images: 0..255 floats, NCHW)
     cd-f.onnx    x (B, *shape), sigma (B,) [, class_labels]  ->  f(x, sigma) in model units
-    cd.json      what a runtime needs besides: shapes, sigma_min/max, the data map, default levels,
-                 the precision and its check against fp32
+    cd.json      what a runtime needs besides: shapes, sigma_min/max and rho (the Karras axis), the
+                 data map, default levels, the precision and its check against fp32
 
 with a dynamic batch axis. ``--precision fp16|int8`` writes smaller graphs with the same float32
 inputs and outputs (`precision.py`), checked against fp32 before they are written.
@@ -124,7 +124,8 @@ def _export_fp32(run, folder: Path, with_f: bool, guidance: float | None) -> dic
         _export(ConsistencyStep(model).eval(), (noise, sigma, *labels), ["x", "sigma", *names[1:]],
                 folder / "fp32-f.onnx")
     return {"method": run.method, "shape": list(run.shape), "inputs": names, "sigma_min": run.noise_range.sigma_min,
-            "sigma_max": run.noise_range.sigma_max, "num_classes": run.num_classes, "class_names": run.class_names,
+            "sigma_max": run.noise_range.sigma_max, "rho": run.noise_range.rho, "num_classes": run.num_classes,
+            "class_names": run.class_names,
             "standardizer": run.config["standardizer"],
             "multistep_sigmas": {str(k): default_consistency_sigmas(k, run.noise_range, run.sampling_floor)
                                  for k in (2, 3, 4)}}

@@ -3,11 +3,15 @@
     cmkit export web --checkpoint runs/fm-ect --out runs/site/ [--precision int8] [--force]
 
 writes
-    site/index.html, site/cmkit.js   the page and its module (window.cmkit.generate for scripts)
-    site/model.onnx, model-f.onnx    the one-step generator and f(x, sigma) (two steps)
-    site/model.json                  what the page needs: shapes, levels, classes, precision
+    site/index.html, site/cmkit.js   the page and its module (window.cmkit.generate and .stroke for scripts)
+    site/model.onnx, model-f.onnx    the one-step generator and f(x, sigma) (two steps, the live canvas)
+    site/model.json                  what the page needs: shapes, levels and rho, classes, precision
     site/ort/                        onnxruntime-web's module and WebAssembly files, copied in
     site/_headers                    the cross-origin isolation headers, for hosts that read it
+
+The page generates a grid of samples and has a live canvas: what the visitor draws is edited by
+the model as they draw (stroke editing, `cmkit.editing.tasks.stroke` at a strength and 1 to 4
+steps, computed in the browser with f(x, sigma); docs/edge.md).
 
 Nothing is fetched from elsewhere: onnxruntime-web comes from the npm package pinned in the
 repository (web/package.json and its lockfile), and the page's Content-Security-Policy allows its
