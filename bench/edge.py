@@ -133,8 +133,7 @@ def measure(name: str, out: Path, browser, screenshot: Path | None) -> list[dict
                                                      "window.cmkit.ready.then(done, done);")
                         browser.save_screenshot(str(screenshot))
         finally:
-            server.shutdown()
-            server.server_close()
+            server.should_exit = True
         row["fd"] = fd_rows(site, meta, scorer, n)
         rows.append(row)
         print(json.dumps(row), flush=True)

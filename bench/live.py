@@ -12,8 +12,8 @@ by side in one run (CPU by default).
    - "abort": the page's way without a session, each new input closing the previous request's
      connection; what matters is the last request, sent when the input stops: its latency;
    - "kept": neither (every request is computed, as every server did before): latency grows with
-     the queue, and 503s once it is full; what is not answered within another --seconds is
-     abandoned (status "none").
+     the queue, and 503s once it is full; what is not answered within another --seconds (or
+     three single generations) is abandoned (status "none").
 2. Live canvas over the WebSocket (/api/live): a scripted drawing (a stroke growing by a few
    pixels per canvas, one canvas per 16 ms, 60 Hz) for pixel CD models of 32x32 Fashion-MNIST at
    the tiny and small presets and, with --latent, a latent text LCM (e.g. the one
@@ -121,7 +121,7 @@ def realtime(server: Server, n: int, steps: int, seconds: float, interval: float
         times = [(await post(server.port, {**body, "seed": i}))[1] for i in range(8)]
         return statistics.median(times[2:])
 
-    async def pattern(way: str):
+    async def pattern(way: str, drain: float):
         tasks_, pending = [], None
         stop, seed = time.monotonic() + seconds, 0
         while time.monotonic() < stop:
@@ -134,7 +134,7 @@ def realtime(server: Server, n: int, steps: int, seconds: float, interval: float
             await asyncio.sleep(interval)
         # A bounded drain: what is not answered within another window is abandoned (its
         # connection closes; the server drops it), so a growing queue shows as unanswered requests.
-        done, late = await asyncio.wait(tasks_, timeout=seconds)
+        done, late = await asyncio.wait(tasks_, timeout=drain)
         for t in late:
             t.cancel()
         await asyncio.gather(*late, return_exceptions=True)
@@ -145,7 +145,7 @@ def realtime(server: Server, n: int, steps: int, seconds: float, interval: float
     base = asyncio.run(single())
     for way in ("session", "abort", "kept"):
         samples_before = server.metric("cmkit_batch_size_sum", lane="generate")
-        results = asyncio.run(pattern(way))
+        results = asyncio.run(pattern(way, max(seconds, 3 * base)))
         time.sleep(0.5)
         computed = (server.metric("cmkit_batch_size_sum", lane="generate") - samples_before) / n
         if way == "abort":  # the requests the client itself aborted are not counted

@@ -217,8 +217,7 @@ def test_the_site_generates_in_chromium_what_onnxruntime_does(digits, tmp_path, 
     finally:
         browser.quit()
         for server in servers:
-            server.shutdown()
-            server.server_close()
+            server.should_exit = True
 
 
 def test_cmkit_serve_offers_the_in_browser_mode(digits, ort_web):
@@ -258,14 +257,14 @@ def test_hostile_requests_to_a_site_are_404s(digits, tmp_path, ort_web):
     server, url = serve_in_thread(site)
     try:
         for path in ("/%00", "/../secret.txt", "/%2e%2e/secret.txt", "/ort/", "/model.json%00.txt"):
-            connection = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=10)
+            port = int(url.rstrip("/").rsplit(":", 1)[1])
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
             connection.request("GET", path)
             response = connection.getresponse()
             assert response.status == 404 and b"not for the web" not in response.read(), path
             connection.close()
     finally:
-        server.shutdown()
-        server.server_close()
+        server.should_exit = True
     from cmkit.serve.app import create_app
     from helpers import local_client
     with local_client(create_app(cmkit.load_run(digits / "ect"), warmup=False)) as client:

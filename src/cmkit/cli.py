@@ -6,6 +6,7 @@ User mistakes end in one line on stderr ("cmkit: error: ...") and exit status 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -170,6 +171,24 @@ COMMAND_HELP = {
     "data": "inspect an image source, encode it into a latent data set, or pack a folder into tar shards",
     "train-classifier": "train the Fashion-MNIST feature classifier of the fd/pr metrics",
 }
+
+
+def _add_network_options(p: argparse.ArgumentParser, token_use: str, port_help: str = "TCP port (default 8000)"):
+    """The address, token and connection options `serve` and `serve-site` share (`_serve_access`)."""
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only; any other "
+                   "needs a token or --insecure)")
+    p.add_argument("--port", type=int, default=8000, help=port_help)
+    p.add_argument("--token-file", help=f"file holding the token (or set ${TOKEN_ENV}); {token_use}")
+    p.add_argument("--token", help="the token itself (visible to other users of this machine in the "
+                   "process list: prefer --token-file or $" + TOKEN_ENV + ")")
+    p.add_argument("--insecure", action="store_true", help="serve a non-loopback address without a token")
+    p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   help="a host name clients reach the server by (repeatable; '*': any); loopback names and "
+                   "the --host address are always allowed")
+    p.add_argument("--max-connections", type=int, default=256, help="open connections (default 256); at the limit a "
+                   "new one closes the oldest idle one")
+    p.add_argument("--header-timeout", type=float, default=10.0, help="seconds a client has to send a request's "
+                   "headers (default 10)")
 
 
 def _root_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
@@ -337,25 +356,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help=COMMAND_HELP["serve"])
     p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only; any other "
-                   "needs a token or --insecure)")
-    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    _add_network_options(p, "clients send 'Authorization: Bearer TOKEN', the page takes it as #token=TOKEN")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
-    p.add_argument("--token-file", help="file holding the API token (or set $" + TOKEN_ENV + "); clients send "
-                   "'Authorization: Bearer TOKEN', the page takes it as #token=TOKEN")
-    p.add_argument("--token", help="the API token itself (visible to other users of this machine in the "
-                   "process list: prefer --token-file or $" + TOKEN_ENV + ")")
-    p.add_argument("--insecure", action="store_true", help="serve a non-loopback address without a token")
-    p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
-                   help="a host name clients reach the server by (repeatable; '*': any); loopback names and "
-                   "the --host address are always allowed")
     p.add_argument("--max-n", type=int, default=64, help="largest n per request (default 64)")
     p.add_argument("--window-ms", type=float, default=5.0, help="micro-batching window (default 5 ms)")
     p.add_argument("--queue", type=int, default=64, help="requests that may wait per lane; more get 503 (default 64)")
-    p.add_argument("--max-connections", type=int, default=256, help="open connections (default 256); at the limit a "
-                   "new one closes the oldest idle one")
-    p.add_argument("--header-timeout", type=float, default=10.0, help="seconds a client has to send a request's "
-                   "headers (default 10)")
     p.add_argument("--idle-timeout", type=float, default=5.0, help="seconds an idle keep-alive connection stays "
                    "open (default 5)")
     p.add_argument("--read-timeout", type=float, default=30.0, help="seconds a request body may stall (default 30)")
@@ -366,8 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve-site", help=COMMAND_HELP["serve-site"])
     p.add_argument("site", help="the folder cmkit export web wrote")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
-    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    _add_network_options(p, "every file needs it: open /?token=TOKEN once (it sets a cookie) or send "
+                         "'Authorization: Bearer TOKEN'", port_help="TCP port (default 8000; 0: any free one)")
 
     p = sub.add_parser("eval", help=COMMAND_HELP["eval"])
     p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
@@ -616,30 +621,19 @@ def _serve_token(args) -> str | None:
     return token
 
 
-def cmd_serve(args) -> None:
+def _serve_access(args):
+    """The `Access` of `serve` and `serve-site`: the token (`_serve_token`) and the host names
+    answered besides loopback; a non-loopback --host needs a token or --insecure. Also checks the
+    connection options."""
     import ipaddress
-    try:
-        from .serve.app import create_app
-        from .serve.engine import Limits
-        from .serve.guard import Access
-        from .serve.server import serve
-    except ImportError as e:
-        raise CmkitError(f"cmkit serve needs its extra: pip install 'cmkit[serve]' ({e.name} is missing)") from None
-    from .run import load_run
-    from .validate import check_float, check_int
 
-    check_int("--port", args.port, 1, 65535)
-    check_int("--max-n", args.max_n, 1)
-    check_int("--queue", args.queue, 1)
+    from .serve.guard import Access
+    from .validate import check_float, check_int
     check_int("--max-connections", args.max_connections, 1)
-    check_float("--window-ms", args.window_ms, 0, 1000)
-    check_float("--read-timeout", args.read_timeout, 0.1)
     check_float("--header-timeout", args.header_timeout, 0.1)
-    check_float("--idle-timeout", args.idle_timeout, 0.1)
-    check_float("--drain-timeout", args.drain_timeout, 0)
     token = _serve_token(args)
     try:
-        address = ipaddress.ip_address(args.host)
+        address = ipaddress.ip_address(args.host.strip("[]"))
         loopback, wildcard = address.is_loopback, address.is_unspecified
     except ValueError:
         loopback, wildcard = args.host == "localhost", False
@@ -650,12 +644,40 @@ def cmd_serve(args) -> None:
     if wildcard and not args.allowed_host:
         print(f"cmkit: note: bound to {args.host}; clients must use a loopback name unless you add "
               "--allowed-host NAME for the names they reach this machine by", file=sys.stderr)
+    return Access(token, allowed)
+
+
+@contextlib.contextmanager
+def _serve_extra(command: str):
+    """Imports of the server's modules: a missing package is a one-line error."""
+    try:
+        yield
+    except ImportError as e:
+        raise CmkitError(f"cmkit {command} needs its extra: pip install 'cmkit[serve]' ({e.name} is missing)") from None
+
+
+def cmd_serve(args) -> None:
+    with _serve_extra("serve"):
+        from .serve.app import create_app
+        from .serve.engine import Limits
+        from .serve.server import serve
+    from .run import load_run
+    from .validate import check_float, check_int
+
+    check_int("--port", args.port, 1, 65535)
+    check_int("--max-n", args.max_n, 1)
+    check_int("--queue", args.queue, 1)
+    check_float("--window-ms", args.window_ms, 0, 1000)
+    check_float("--read-timeout", args.read_timeout, 0.1)
+    check_float("--idle-timeout", args.idle_timeout, 0.1)
+    check_float("--drain-timeout", args.drain_timeout, 0)
+    access = _serve_access(args)
     run = load_run(args.checkpoint, device=_device(args.device))
-    app = create_app(run, limits=Limits(max_n=args.max_n), access=Access(token, allowed), window=args.window_ms / 1000,
+    app = create_app(run, limits=Limits(max_n=args.max_n), access=access, window=args.window_ms / 1000,
                      max_queue=args.queue, read_timeout=args.read_timeout, docs=args.docs)
     where = f"http://{args.host}:{args.port}"
-    print(f"cmkit: serving {args.checkpoint} on {where}" + (f" (open {where}/#token=YOUR_TOKEN)" if token else ""),
-          file=sys.stderr)
+    print(f"cmkit: serving {args.checkpoint} on {where}" + (f" (open {where}/#token=YOUR_TOKEN)" if access.token
+                                                             else ""), file=sys.stderr)
     serve(app, host=args.host, port=args.port, drain_timeout=args.drain_timeout, max_connections=args.max_connections,
           header_timeout=args.header_timeout, idle_timeout=args.idle_timeout)
     _exit_now()
@@ -761,10 +783,15 @@ def cmd_demo(args) -> None:
 
 
 def cmd_serve_site(args) -> None:
-    from .serve.static_site import serve_site
-    if not 0 <= args.port < 65536:
-        raise CmkitError(f"--port must be in 0..65535, got {args.port}")
-    serve_site(args.site, args.host, args.port)
+    with _serve_extra("serve-site"):
+        from .serve.static_site import serve_site
+    from .validate import check_int
+
+    check_int("--port", args.port, 0, 65535)
+    access = _serve_access(args)
+    serve_site(args.site, args.host, args.port, access=access, max_connections=args.max_connections,
+               header_timeout=args.header_timeout)
+    _exit_now()
 
 
 COMMANDS = {"serve-site": cmd_serve_site, "train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "export": cmd_export, "tune-sigmas": cmd_tune_sigmas, "serve": cmd_serve, "train-classifier": cmd_train_classifier,

@@ -116,9 +116,10 @@ def error_body(message: str) -> bytes:
 class Guard:
     """``body_limit(path) -> bytes`` gives each route its largest body."""
 
-    def __init__(self, app, *, access: Access, body_limit, read_timeout: float, metrics=None):
+    def __init__(self, app, *, access: Access, body_limit, read_timeout: float, metrics=None, head_as_get: bool = True):
         self.app, self.access, self.body_limit = app, access, body_limit
         self.read_timeout, self.metrics = read_timeout, metrics
+        self.head_as_get = head_as_get  # False: the app answers HEAD itself (static files, without reading them)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "websocket":
@@ -126,7 +127,7 @@ class Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         start, status = time.perf_counter(), [None]  # the answer's status, once it has started
-        head = scope["method"] == "HEAD"
+        head = scope["method"] == "HEAD" and self.head_as_get
         if head:  # answered as the GET, without its body
             scope = {**scope, "method": "GET"}
 
