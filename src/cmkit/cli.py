@@ -358,6 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     _add_network_options(p, "clients send 'Authorization: Bearer TOKEN', the page takes it as #token=TOKEN")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--preview-vae", metavar="FOLDER", help="a latent run's live frames: encode and decode them with "
+                   "this small AutoencoderTiny (TAESD-style) folder instead of the run's VAE")
     p.add_argument("--max-n", type=int, default=64, help="largest n per request (default 64)")
     p.add_argument("--window-ms", type=float, default=5.0, help="micro-batching window (default 5 ms)")
     p.add_argument("--queue", type=int, default=64, help="requests that may wait per lane; more get 503 (default 64)")
@@ -673,6 +675,8 @@ def cmd_serve(args) -> None:
     check_float("--drain-timeout", args.drain_timeout, 0)
     access = _serve_access(args)
     run = load_run(args.checkpoint, device=_device(args.device))
+    if args.preview_vae:
+        run.use_preview(args.preview_vae)
     app = create_app(run, limits=Limits(max_n=args.max_n), access=access, window=args.window_ms / 1000,
                      max_queue=args.queue, read_timeout=args.read_timeout, docs=args.docs)
     where = f"http://{args.host}:{args.port}"

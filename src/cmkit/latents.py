@@ -9,10 +9,17 @@ config has one), as the pipelines do, so a latent model sees data of about unit 
 encoded once, so it stores the posterior's mean: a sampled latent would freeze one draw of the
 encoder's noise into every epoch anyway. The VAE runs in float32 unless the caller casts it.
 Grey images through a colour VAE are repeated to three channels and decoded back to their mean.
+
+A `PreviewCodec` does the same through a TAESD-style ``AutoencoderTiny`` (e.g. madebyollin/taesd):
+a fast, approximate decoder for live previews, in the units diffusers' pipelines give it when it
+replaces their ``vae`` (decode ``latents / scaling_factor + shift_factor``; encode
+``(latents - shift_factor) * scaling_factor``, where ``latents`` is ``vae.encode(x).latents``).
+TAESD's factors are 1.0 and 0.0: it takes and gives the SD-scaled latents a model works in.
 """
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from pathlib import Path
@@ -22,7 +29,7 @@ import torch
 from torch import nn
 
 from .errors import CmkitError
-from .safe_io import file_sha256
+from .safe_io import file_sha256, read_json
 from .text import refuse_pickles
 
 VAE_WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -31,8 +38,22 @@ VAE_WEIGHTS = "diffusion_pytorch_model.safetensors"
 PROGRESS_LINE_SECONDS = 10.0
 
 
+def _vae_class(folder: Path, wanted: str) -> str | None:
+    """The ``_class_name`` in a VAE folder's config.json (None where it names none), refusing a
+    folder without a config.json, or with one that is not a JSON object."""
+    if not (folder / "config.json").is_file():
+        raise CmkitError(f"{folder} has no config.json: not a diffusers {wanted} folder")
+    config = read_json(folder / "config.json", "VAE config")
+    if not isinstance(config, dict):
+        raise CmkitError(f"{folder}/config.json is not a JSON object: not a diffusers {wanted} folder")
+    name = config.get("_class_name")
+    return name if isinstance(name, str) else None
+
+
 class LatentCodec(nn.Module):
     """images (uint8, C channels) <-> latents (model units) through ``vae``."""
+
+    what = "the VAE"  # how messages name it
 
     def __init__(self, vae: nn.Module, image_channels: int | None = None):
         super().__init__()
@@ -43,17 +64,27 @@ class LatentCodec(nn.Module):
         self.vae_channels = int(config.in_channels)
         self.image_channels = image_channels or self.vae_channels
         if self.image_channels != self.vae_channels and not (self.image_channels == 1 and self.vae_channels == 3):
-            raise CmkitError(f"the VAE takes {self.vae_channels}-channel images, not {self.image_channels}-channel ones")
-        self.factor = 2 ** (len(config.block_out_channels) - 1)
+            raise CmkitError(f"{self.what} takes {self.vae_channels}-channel images, not {self.image_channels}-channel ones")
+        self.factor = self._factor(config)
         self.latent_channels = int(config.latent_channels)
+
+    @staticmethod
+    def _factor(config) -> int:
+        """How many pixels a latent cell covers along each side."""
+        return 2 ** (len(config.block_out_channels) - 1)
+
+    def _latents(self, x: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] -> the VAE's own (unscaled) latents: the posterior's mean."""
+        return self.vae.encode(x).latent_dist.mean
 
     @classmethod
     def from_folder(cls, folder: str | Path, image_channels: int | None = None) -> "LatentCodec":
         from diffusers import AutoencoderKL
 
         folder = Path(folder)
-        if not (folder / "config.json").is_file():
-            raise CmkitError(f"{folder} has no config.json: not a diffusers AutoencoderKL folder")
+        if _vae_class(folder, "AutoencoderKL") == "AutoencoderTiny":
+            raise CmkitError(f"{folder} holds an AutoencoderTiny (a TAESD-style preview decoder): cmkit uses one only "
+                             "for live previews (cmkit serve --preview-vae); encode and decode with the full AutoencoderKL")
         refuse_pickles(folder, VAE_WEIGHTS)
         try:
             vae = AutoencoderKL.from_pretrained(str(folder), use_safetensors=True, low_cpu_mem_usage=False)
@@ -100,8 +131,8 @@ class LatentCodec(nn.Module):
             x = batch.to(device).float() / 127.5 - 1
             if x.shape[1] != self.vae_channels:
                 x = x.expand(-1, self.vae_channels, -1, -1)
-            mean = self.vae.encode(x).latent_dist.mean
-            yield batch, ((mean - self.shift_factor) * self.scaling_factor).float().cpu()
+            latents = self._latents(x)
+            yield batch, ((latents - self.shift_factor) * self.scaling_factor).float().cpu()
             now = time.monotonic()
             if progress and not terminal and now - last_line >= PROGRESS_LINE_SECONDS:
                 print(f"encode: {done}/{len(batches)} batches, {now - began:.0f} s", file=sys.stderr, flush=True)
@@ -115,11 +146,85 @@ class LatentCodec(nn.Module):
         return x.mean(1, keepdim=True) if self.image_channels != self.vae_channels else x
 
 
+class PreviewCodec(LatentCodec):
+    """A TAESD-style ``AutoencoderTiny`` in `LatentCodec`'s place: the same interface and units, a
+    fraction of the full VAE's cost, approximate images (for live previews, never for eval).
+
+    Its encoder gives latents directly (``.latents``, no posterior): diffusers' img2img takes them
+    as they are (`retrieve_latents`), and so does this. Decoding applies the preview's own
+    ``scaling_factor`` and ``shift_factor`` as a pipeline with it as ``vae`` does (TAESD's: 1.0
+    and 0.0, so it decodes model units as they are)."""
+
+    what = "the preview VAE"
+
+    def __init__(self, vae: nn.Module, image_channels: int | None = None):
+        config = vae.config
+        if int(config.out_channels) != int(config.in_channels):
+            raise CmkitError(f"the preview VAE takes {config.in_channels}-channel images but gives "
+                             f"{config.out_channels}-channel ones; cmkit needs the same on both sides")
+        super().__init__(vae, image_channels)
+
+    @staticmethod
+    def _factor(config) -> int:
+        """The encoder's downsampling (a stride-2 convolution per block after the first), which
+        must equal the decoder's upsampling (``upsampling_scaling_factor`` per block but the last).
+        (diffusers' pipelines read ``block_out_channels``, the decoder's, and assume 2 per block.)"""
+        down = 2 ** (len(config.encoder_block_out_channels) - 1)
+        up = int(config.upsampling_scaling_factor) ** (len(config.decoder_block_out_channels) - 1)
+        if down != up:
+            raise CmkitError(f"the preview VAE's encoder downsamples by {down} but its decoder upsamples by {up}")
+        return down
+
+    def _latents(self, x: torch.Tensor) -> torch.Tensor:
+        return self.vae.encode(x).latents
+
+    @classmethod
+    def from_folder(cls, folder: str | Path, image_channels: int | None = None) -> "PreviewCodec":
+        """An ``AutoencoderTiny`` folder (config.json and safetensors weights, as diffusers'
+        ``save_pretrained`` writes it), refusing anything else, pickled weights and missing ones."""
+        from diffusers import AutoencoderTiny
+
+        folder = Path(folder)
+        name = _vae_class(folder, "AutoencoderTiny")
+        if name != "AutoencoderTiny":
+            raise CmkitError(f"{folder} holds {'an ' + name if name else 'no named model'}, not an AutoencoderTiny: a "
+                             "preview VAE is a TAESD-style folder (e.g. madebyollin/taesd saved locally)")
+        refuse_pickles(folder, VAE_WEIGHTS)
+        # AutoencoderTiny writes ``block_out_channels`` into its own config (for the pipelines'
+        # vae_scale_factor) and then warns, on every load, that its __init__ ignores it: noise.
+        config_log = logging.getLogger("diffusers.configuration_utils")
+        ignored = _Without("were passed to AutoencoderTiny, but are not expected")
+        config_log.addFilter(ignored)
+        try:
+            vae, info = AutoencoderTiny.from_pretrained(str(folder), use_safetensors=True, low_cpu_mem_usage=False,
+                                                        output_loading_info=True)
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+            raise CmkitError(f"cannot load the preview VAE in {folder}: {str(e).splitlines()[0]}") from None
+        finally:
+            config_log.removeFilter(ignored)
+        missing = sorted(info.get("missing_keys") or [])
+        if missing:
+            raise CmkitError(f"the preview VAE in {folder} lacks {len(missing)} weights ({missing[0]}, ...): "
+                             "its safetensors file does not match its config.json")
+        return cls(vae.float(), image_channels)
+
+
+class _Without(logging.Filter):
+    """Drops log records whose message contains ``text``."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
 class LatentScaler:
     """A latent run's data <-> model map (the ``standardizer`` of its config): model units are
     latents, data are the decoded images, (N, C, H, W) uint8."""
 
-    def __init__(self, state: dict, codec: LatentCodec):
+    def __init__(self, state: dict, codec: LatentCodec):  # or a PreviewCodec
         self.shape = tuple(state["shape"])  # the latents', what the model generates
         self.image_shape = tuple(state["image_shape"])
         self.codec = codec

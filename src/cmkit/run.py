@@ -20,7 +20,7 @@ from .condition import Condition, as_condition
 from .diffusers_runs import is_diffusers_folder, load_diffusers
 from .errors import CmkitError
 from .guidance import GuidanceInput, GuidedDenoiser, check_guidance_scale, default_guidance
-from .latents import LatentScaler
+from .latents import LatentScaler, PreviewCodec
 from .nets import build_backbone
 from .noise import NoiseConfig, append_zero, check_sigmas, karras_sigmas
 from .objectives import MethodSpec, get_method
@@ -148,6 +148,7 @@ class Run:
         self.path = Path(path)
         self.device = device
         self.codec = self.prompts = None  # a latent run's VAE; a text-conditioned run's prompt encoder
+        self.preview: LatentScaler | None = None  # a fast approximate decoder for live frames (`use_preview`)
         if is_diffusers_folder(self.path):  # a ConsistencyModelPipeline or UNet2DModel folder
             self.config, self.model = load_diffusers(self.path, device)
             self.method, self.noise_range = self.config["method"], noise_config(self.config)
@@ -287,6 +288,27 @@ class Run:
     @property
     def is_latent(self) -> bool:
         return self.config["standardizer"].get("kind") == "latent"
+
+    def use_preview(self, folder: str | Path) -> LatentScaler:
+        """Load a TAESD-style ``AutoencoderTiny`` folder as this latent run's preview decoder: a
+        `LatentScaler` through it (on the run's device), kept as ``self.preview`` and returned.
+        ``self.scaler`` stays the run's own VAE (sample and eval decode through it); the preview
+        is for frames that must be fast (cmkit serve's live mode). Refused: a run that is not
+        latent, and a preview whose latent channels or downsampling differ from the run's VAE.
+        (Which latent space a preview was distilled for is not recorded: TAESD for SD 1.x/2.x,
+        TAESDXL for SDXL; a wrong one passes these checks and decodes wrong colours.)"""
+        if not self.is_latent:
+            raise CmkitError(f"a preview VAE needs a latent run; {self.path} is {self.description}, which has no VAE")
+        full = self.scaler.codec
+        preview = PreviewCodec.from_folder(folder, image_channels=self.image_shape[0])
+        if preview.latent_channels != full.latent_channels:
+            raise CmkitError(f"the preview VAE in {folder} has {preview.latent_channels} latent channels; this run's "
+                             f"VAE has {full.latent_channels}")
+        if preview.factor != full.factor:
+            raise CmkitError(f"the preview VAE in {folder} downsamples by {preview.factor}; this run's VAE by "
+                             f"{full.factor}")
+        self.preview = LatentScaler(self.config["standardizer"], preview.to(self.device))
+        return self.preview
 
     @property
     def image_shape(self) -> tuple[int, ...]:

@@ -149,7 +149,8 @@ class Engine:
         _, guidance = self._labels_and_guidance(class_spec, 1, seed, guidance)
         prompt = self._prompt(prompt)
         scaler = self.preview if preview else None
-        levels = run.sigmas_for(sigmas=tasks.strength_levels(run, strength, steps)).tolist()
+        levels = run.sigmas_for(sigmas=tasks.strength_levels(run, strength, steps))  # checked, on the table
+        levels = levels[levels > 0].tolist()  # a teacher's Heun grid ends at 0; editing's levels do not
 
         def call(picture: np.ndarray, watch: tasks.Stopwatch):
             text = None if prompt is None else self._embedding(prompt, watch)
