@@ -1,7 +1,7 @@
 """`cmkit serve` live: the real-time request pattern, the live canvas, and idle connections, side
 by side in one run (CPU by default).
 
-    python bench/live.py [--seconds 20] [--interval-ms 30] [--latent RUN] [--parts realtime,canvas,idle]
+    python bench/live.py [--seconds 20] [--interval-ms 30] [--latent RUN] [--parts realtime,canvas,browser,idle]
 
 1. Real-time pattern: a client sends a new generation every --interval-ms for --seconds, each
    superseding the last, at n=4 (1 step) and n=16 (8 steps), three ways:
@@ -17,10 +17,14 @@ by side in one run (CPU by default).
 2. Live canvas over the WebSocket (/api/live): a scripted drawing (a stroke growing by a few
    pixels per canvas, one canvas per 16 ms, 60 Hz) for pixel CD models of 32x32 Fashion-MNIST at
    the tiny and small presets and, with --latent, a latent text LCM (e.g. the one
-   bench/latent_fmnist.py writes). Frames per second, p50/p95 latency (input sent -> frame
+   bench/latent_fmnist.py writes; also with a preview VAE of TAESD's layout, random weights: its
+   speed, not its pictures). Frames per second, p50/p95 latency (input sent -> frame
    received) and the server's time split per frame (text, decode_upload, encode, network, decode,
    png; transfer is the rest), against the network's own time for the same call in-process (the
    limit).
+   In the browser-only site (`cmkit export web`, `--parts browser`: Chromium, WebAssembly, 2
+   threads), the same drawing as pointer events on its canvas: frames per second and p50/p95 of
+   the in-page computation, against one `window.cmkit.stroke` call alone.
 3. Idle connections: 300 connections that never finish their headers, and the latency of a
    generation with them open against without.
 The pixel models' weights come from 1-step runs: timing does not depend on them.
@@ -236,13 +240,26 @@ def network_limit(run, settings: dict, strength: float = 0.6, repeats: int = 20)
     return 1000 * statistics.median(times[3:])
 
 
+def random_preview(run, folder: Path) -> Path:
+    """A random AutoencoderTiny in TAESD's layout (64 channels; 1, 3, 3, ... blocks) at the run's
+    latent shape and downsampling: its weights decode nothing useful, its speed is TAESD's."""
+    from diffusers import AutoencoderTiny
+    codec = run.codec
+    blocks = int(np.log2(codec.factor)) + 1
+    AutoencoderTiny(in_channels=codec.vae_channels, out_channels=codec.vae_channels,
+                    latent_channels=codec.latent_channels, encoder_block_out_channels=(64,) * blocks,
+                    num_encoder_blocks=(1,) + (3,) * (blocks - 1), decoder_block_out_channels=(64,) * blocks,
+                    num_decoder_blocks=(3,) * (blocks - 1) + (1,)).save_pretrained(str(folder))
+    return folder
+
+
 def canvas_rows(models: dict, seconds: float) -> list[tuple]:
     rows = []
-    for name, (checkpoint, settings) in models.items():
+    for name, (checkpoint, settings, *extra) in models.items():
         run = cmkit.load_run(checkpoint)
         limit = network_limit(run, settings)
         canvases = drawing(run.image_shape, 240)
-        server = Server(checkpoint)
+        server = Server(checkpoint, *extra)
         try:
             asyncio.run(live_session(server.url, settings, canvases, 2, 1 / 60))  # warm
             fps, latencies, split = asyncio.run(live_session(server.url, settings, canvases, seconds, 1 / 60))
@@ -262,6 +279,73 @@ def print_canvas(rows, seconds):
         print(f"| {name} | {steps} | {fps:.1f} | {1000 * pct(latencies, 0.5):.1f} | {1000 * pct(latencies, 0.95):.1f} | "
               + " | ".join(f"{split.get(p, 0):.1f}" for p in parts) +
               f" | {limit:.1f} | {1000 / limit:.0f} | {fps / (1000 / limit):.2f} |")
+
+
+BROWSER_DRAWING = """
+const [seconds, done] = arguments;
+(async () => {
+  await window.cmkit.ready;
+  const live = window.cmkit.live;
+  await live.idle();
+  const alone = await window.cmkit.benchmarkStroke(1, 20);
+  const canvas = document.getElementById('canvas'), box = canvas.getBoundingClientRect();
+  const at = (type, x, y) => canvas.dispatchEvent(new PointerEvent(type, {pointerId: 7, pointerType: 'pen',
+    isPrimary: true, clientX: box.left + x * box.width, clientY: box.top + y * box.height, bubbles: true,
+    button: 0, buttons: type === 'pointerup' ? 0 : 1}));
+  const first = live.frames, latencies = [];
+  let seen = live.frames, i = 0;
+  const start = performance.now();
+  at('pointerdown', 0.5, 0.5);
+  while (performance.now() - start < seconds * 1000) {
+    i += 1;
+    const angle = 0.35 * i, radius = 0.05 + 0.4 * (i % 60) / 60;
+    at('pointermove', 0.5 + radius * Math.cos(angle), 0.5 + radius * Math.sin(angle));
+    await new Promise((resolve) => setTimeout(resolve, 16));
+    if (live.frames > seen) { latencies.push(live.latencies[live.latencies.length - 1]); seen = live.frames; }
+  }
+  const frames = live.frames - first;
+  at('pointerup', 0.5, 0.5);
+  await live.idle();
+  return {fps: frames / seconds, latencies, alone};
+})().then(done, (e) => done({error: String(e)}));
+"""
+
+
+def browser_rows(models: dict, seconds: float) -> list[tuple]:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from helpers import chromium
+
+    from cmkit.serve.static_site import serve_in_thread
+    browser, reason = chromium()
+    if browser is None:
+        raise SystemExit(reason)
+    browser.set_script_timeout(600)
+    rows = []
+    try:
+        for name, checkpoint in models.items():
+            site = Path(tempfile.mkdtemp()) / "site"
+            assert cmkit_main(["export", "web", "--checkpoint", str(checkpoint), "--out", str(site), "--quiet"]) == 0
+            server, url = serve_in_thread(site)
+            try:
+                browser.get(f"{url}?threads=2&backend=wasm")
+                out = browser.execute_async_script(BROWSER_DRAWING, seconds)
+                if "error" in out:
+                    raise SystemExit(f"the page failed: {out['error']}")
+                rows.append((name, out["fps"], [v / 1000 for v in out["latencies"]], out["alone"]))
+            finally:
+                server.should_exit = True
+    finally:
+        browser.quit()
+    return rows
+
+
+def print_browser(rows, seconds):
+    print(f"\nLive canvas in the browser-only site (Chromium, WebAssembly, 2 threads): pointer events for {seconds:g} s")
+    print("| model | steps | frames/s | p50 ms | p95 ms | one stroke call alone ms | limit frames/s | frames/s / limit |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, fps, latencies, alone in rows:
+        print(f"| {name} | 1 | {fps:.1f} | {1000 * pct(latencies, 0.5):.1f} | {1000 * pct(latencies, 0.95):.1f} | "
+              f"{alone:.1f} | {1000 / alone:.0f} | {fps / (1000 / alone):.2f} |")
 
 
 def idle_rows(server: Server, count: int = 300) -> tuple[float, float]:
@@ -293,7 +377,7 @@ def main() -> None:
     p.add_argument("--canvas-seconds", type=float, default=10)
     p.add_argument("--latent", help="a latent text LCM run for the canvas rows")
     p.add_argument("--prompt", default="a photo of a sneaker")
-    p.add_argument("--parts", default="realtime,canvas,idle")
+    p.add_argument("--parts", default="realtime,canvas,browser,idle")
     args = p.parse_args()
     parts = set(args.parts.split(","))
     import torch
@@ -314,14 +398,22 @@ def main() -> None:
                           f"{1000 * crowded:.1f} ms with them open ({crowded / normal:.2f}x; target <= 2)")
             finally:
                 server.stop()
+        tiny = train_pixel_run(tmp / "tiny", "tiny") if parts & {"canvas", "browser"} else None
         if "canvas" in parts:
             models = {"small 32x32 (pixel CD)": (small, {"strength": 0.6, "steps": 1}),
-                      "tiny 32x32 (pixel CD)": (train_pixel_run(tmp / "tiny", "tiny"), {"strength": 0.6, "steps": 1})}
+                      "tiny 32x32 (pixel CD)": (tiny, {"strength": 0.6, "steps": 1})}
             if args.latent:
                 models["latent LCM (text)"] = (Path(args.latent), {"strength": 0.6, "steps": 1, "prompt": args.prompt})
                 models["latent LCM (text), 4 steps"] = (Path(args.latent), {"strength": 0.6, "steps": 4,
                                                                             "prompt": args.prompt})
+                preview = random_preview(cmkit.load_run(args.latent), tmp / "taesd")
+                models["latent LCM (text), TAESD-layout preview VAE"] = (
+                    Path(args.latent), {"strength": 0.6, "steps": 1, "prompt": args.prompt}, "--preview-vae",
+                    str(preview))
             print_canvas(canvas_rows(models, args.canvas_seconds), args.canvas_seconds)
+        if "browser" in parts:
+            rows = browser_rows({"small 32x32 (pixel CD)": small, "tiny 32x32 (pixel CD)": tiny}, args.canvas_seconds)
+            print_browser(rows, args.canvas_seconds)
 
 
 if __name__ == "__main__":
