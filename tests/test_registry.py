@@ -90,7 +90,8 @@ def test_the_editing_tasks_are_one_table():
         options = {o for a in edit.choices[name]._actions for o in a.option_strings}
         assert ("--mask" in options) == task.mask and ("--factor" in options) == task.factor
         assert ("--sigma" in options) == task.sigma and ("--n" in options) == task.variations
-        assert ("--steps" in options) == task.steps and ("--sigmas" in options) == task.levels
+        assert ("--steps" in options) == (task.steps or task.strength) and ("--sigmas" in options) == task.levels
+        assert ("--strength" in options) == task.strength
 
 
 def test_export_formats_follow_the_wrapper():

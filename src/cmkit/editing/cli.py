@@ -51,7 +51,7 @@ def add_parser(sub, seed_type, sigma_list, class_spec, help: str) -> None:
                                ("--steps levels of a Karras grid)" if task.steps else "5.38,2.24, the paper's)"))
         if task.steps:
             group.add_argument("--steps", type=int, default=10, help="levels of the default grid (default 10)")
-        if task.name == "stroke":  # image-to-image: the live canvas's settings
+        if task.strength:  # image-to-image: the live canvas's settings
             group.add_argument("--strength", type=float, help="instead of --sigmas: start at this fraction of the "
                                "model's time axis (0-1; 1 is pure noise) and take --steps levels down from it")
             t.add_argument("--steps", type=int, help="with --strength: consistency steps (default 1)")

@@ -312,6 +312,7 @@ class EditTask:
     mask         takes a mask (True = fill in)          factor  takes an upscaling factor
     sigma        takes the input noise's sigma          levels  takes noise levels (sigmas)
     steps        takes a number of levels of the default grid
+    strength     takes a strength and a number of steps instead (image-to-image, `strength_levels`)
     variations   makes ``n`` variations per input from ``seed``
     grey_input   accepts grey inputs for an RGB model (colorization)
     """
@@ -325,6 +326,7 @@ class EditTask:
     sigma: bool = False
     levels: bool = True
     steps: bool = True
+    strength: bool = False
     variations: bool = True
     grey_input: bool = False
 
@@ -333,7 +335,8 @@ TASKS = {task.name: task for task in (
     EditTask("inpaint", "fill the white pixels of a mask (or a box)", inpaint, mask=True),
     EditTask("colorize", "colour grey images (RGB models)", colorize, grey_input=True),
     EditTask("superres", "make --factor times larger images whose patch means are the input", superres, factor=True),
-    EditTask("stroke", "turn a stroke painting into a realistic image (SDEdit)", stroke, steps=False),
+    EditTask("stroke", "turn a stroke painting into a realistic image (SDEdit)", stroke, steps=False,
+             strength=True),
     EditTask("denoise", "remove Gaussian noise of a known --sigma", denoise, sigma=True, levels=False, steps=False,
              variations=False),
     EditTask("interpolate", "one-step samples along the great circle between two seeds' noises", interpolate,
@@ -353,7 +356,7 @@ def run_task(run, name: str, images: np.ndarray, *, mask=None, factor: int | Non
     args = [images] + [value for wanted, value in ((task.mask, mask), (task.factor, factor), (task.sigma, sigma))
                        if wanted]
     options = {"class_labels": class_labels, "guidance": guidance, **options}  # a task's own (stroke: strength)
-    if name == "stroke" and steps is not None:
+    if task.strength and steps is not None:
         options["steps"] = steps
         options.update(n=n, seed=seed)
     if task.levels and sigmas is not None:
