@@ -356,11 +356,10 @@ def run_task(run, name: str, images: np.ndarray, *, mask=None, factor: int | Non
     args = [images] + [value for wanted, value in ((task.mask, mask), (task.factor, factor), (task.sigma, sigma))
                        if wanted]
     options = {"class_labels": class_labels, "guidance": guidance, **options}  # a task's own (stroke: strength)
-    if task.strength and steps is not None:
-        options["steps"] = steps
+    if task.variations:
         options.update(n=n, seed=seed)
     if task.levels and sigmas is not None:
         options["sigmas"] = sigmas
-    if task.steps and steps is not None:
+    if (task.steps or task.strength) and steps is not None:
         options["steps"] = steps
     return task.function(run, *args, **options)
