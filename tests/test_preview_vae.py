@@ -137,6 +137,7 @@ def test_a_colour_preview_on_grey_images_works_as_the_colour_vae_does(tmp_path):
         PreviewCodec.from_folder(tmp_path / "grey", image_channels=3)
 
 
+@pytest.mark.slow  # trains a toy preview for 500 steps
 def test_a_trained_preview_decodes_near_the_full_vae_and_a_random_one_far(sd, tmp_path, one_thread):
     """(b) Against the full VAE, through `Run.use_preview` and the run's own scaler, on held-out
     latents. The test trains the tiny AutoencoderTiny's decoder (500 Adam steps, about 5 s on one

@@ -76,6 +76,7 @@ class _Unrounded:
     to_data = staticmethod(lambda x: ((x + 1) * 127.5).clamp(0, 255).double().numpy())
 
 
+@pytest.mark.slow  # its fixture trains and exports a model: the quick loop keeps under 3 minutes
 def test_the_transcription_is_cmkits_stroke_editing(site, monkeypatch):
     """On the torch model with the same noise (torch.randn replaced for the call), tasks.stroke at
     strength_levels gives what the ONNX transcription gives; model.json carries rho."""
