@@ -151,11 +151,11 @@ def add_live_route(app, *, engine, generations, edits, limits, metrics, encode_p
 
     @app.websocket("/api/live")
     async def live_channel(websocket: WebSocket):
-        if len(open_sessions) >= limits.max_live_sessions:
-            await websocket.close(1013, "too many live connections; retry shortly")
-            return
         offered = websocket.scope.get("subprotocols", [])
         await websocket.accept(subprotocol=PROTOCOL if PROTOCOL in offered else None)
+        if len(open_sessions) >= limits.max_live_sessions:  # after accepting: a refused handshake has no code
+            await websocket.close(1013, "too many live connections; retry shortly")
+            return
         session = f"live-{id(websocket)}"
         live, rate = LiveInput(), RateLimit(limits.max_live_rate)
         open_sessions.add(session)
