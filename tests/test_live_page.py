@@ -168,6 +168,16 @@ def _expected_stroke(run, state, **cond) -> np.ndarray:
                         seed=state["seed"], **cond)[0, 0]
 
 
+def _keep_drawing(browser, label, stats):
+    """Draw for 1.5 s: the readout shows a frame rate, nothing errs; print what the page showed."""
+    scribbled = _scribble(browser)
+    assert STATS.search(scribbled["text"]) and scribbled["fps"] >= 1, scribbled
+    _settle(browser)
+    _no_page_errors(browser)
+    print(f"\n{label}: {stats['text']}\n  after drawing for 1.5 s ({scribbled['moves']} pointer moves): "
+          f"{scribbled['text']}")
+
+
 def _no_page_errors(browser) -> None:
     assert browser.find_element("id", "error").text == ""
     uncaught = [e for e in browser.get_log("browser") if "Uncaught" in e["message"]]
@@ -230,12 +240,7 @@ def test_drawing_streams_the_librarys_frames(browser, pixel):
     want = np.asarray(Image.open(io.BytesIO(base64.b64decode(sample.get_attribute("src").split(",", 1)[1]))))
     assert np.array_equal(_grey(loaded["canvas"], loaded["shape"])[0, 0], want)
     assert loaded["errors"] == 0
-    scribbled = _scribble(browser)
-    assert STATS.search(scribbled["text"]) and scribbled["fps"] >= 1, scribbled
-    _settle(browser)
-    _no_page_errors(browser)
-    print(f"\npixel model (8x8 digits CD, tiny), page readout after a mouse stroke: {stats['text']}\n"
-          f"  after drawing for 1.5 s ({scribbled['moves']} pointer moves): {scribbled['text']}")
+    _keep_drawing(browser, "pixel model (8x8 digits CD, tiny), page readout after a mouse stroke", stats)
 
 
 def test_generations_carry_the_tabs_session_and_a_burst_shows_no_error(browser, pixel):
@@ -286,9 +291,4 @@ def test_the_prompt_steers_a_text_models_canvas(browser, text_model):
     assert np.array_equal(_frame(prompted["frame"], prompted["shape"]),
                           _expected_stroke(run, prompted, prompt=PROMPT))
     assert "text" in browser.execute_script("return window.cmkitLive.stats.split")
-    scribbled = _scribble(browser)
-    assert STATS.search(scribbled["text"]) and scribbled["fps"] >= 1, scribbled
-    _settle(browser)
-    _no_page_errors(browser)
-    print(f"\nlatent text model (tiny SD teacher, 8x8), page readout after a stroke: {stats['text']}\n"
-          f"  after drawing for 1.5 s ({scribbled['moves']} pointer moves): {scribbled['text']}")
+    _keep_drawing(browser, "latent text model (tiny SD teacher, 8x8), page readout after a stroke", stats)
